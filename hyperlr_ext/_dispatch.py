@@ -1,0 +1,61 @@
+"""The one place that decides which implementation of an algorithm runs.
+
+Every functional entry point (``sgd_hd``, ``adam_hd``, ...) asks :func:`choose_implementation`
+for ``"single"`` (the for-loop reference), ``"foreach"`` (``torch._foreach_*`` over lists) or
+``"fused"`` (a compiled kernel from :mod:`hyperlr_ext._ops`). The optimizer classes call
+:func:`check_fused_request` at construction so that an impossible ``fused=True`` fails early.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["FUSED_ALGORITHMS", "check_fused_request", "choose_implementation"]
+
+# Algorithms that have a fused kernel in this build. The HD kernels arrive with the fused-kernel
+# work (csrc/cuda/*_hd.cu); until then the pure-PyTorch paths serve every device.
+FUSED_ALGORITHMS: frozenset[str] = frozenset()
+
+
+def _fused_unavailable_reason(algorithm: str) -> str | None:
+    from hyperlr_ext import _ops
+
+    if not _ops.EXTENSION_AVAILABLE:
+        return (
+            f"fused=True needs the compiled extension hyperlr_ext._C, which is unavailable: "
+            f"{_ops.EXTENSION_ERROR}. Reinstall with `pip install --no-build-isolation .` "
+            f"or use foreach=True (the pure-PyTorch path)."
+        )
+    if algorithm not in FUSED_ALGORITHMS:
+        return (
+            f"fused=True: this build has no fused kernel for {algorithm}; "
+            f"use foreach=True (the pure-PyTorch path)."
+        )
+    return None
+
+
+def check_fused_request(algorithm: str, foreach: bool | None, fused: bool | None) -> None:
+    """Raise a clear error when ``fused=True`` cannot be honoured (called by constructors)."""
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if fused:
+        reason = _fused_unavailable_reason(algorithm)
+        if reason is not None:
+            raise RuntimeError(reason)
+
+
+def choose_implementation(
+    params: list[Tensor], *, foreach: bool | None, fused: bool | None, algorithm: str
+) -> str:
+    """Return ``"fused"``, ``"foreach"`` or ``"single"`` for this call.
+
+    ``fused=True`` is honoured or refused (never silently downgraded); ``foreach=False`` selects
+    the for-loop; the default is foreach, whose ops run on every device torch supports.
+    """
+    if fused:
+        check_fused_request(algorithm, foreach, fused)
+        return "fused"
+    if foreach is False or torch.jit.is_scripting():
+        return "single"
+    return "foreach"

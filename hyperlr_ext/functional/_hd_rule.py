@@ -1,0 +1,123 @@
+"""The hypergradient-descent (HD) learning-rate rule, shared by every HD optimizer.
+
+Notation (DESIGN.md §2): the step is ``w_{t+1} = w_t - s_t * eta_t * d_t``, where ``eta_t`` is the
+learned LR, ``s_t`` the scheduler scale and ``d_t`` the update direction. The hypergradient of the
+objective E at ``w_t`` with respect to the LR of the previous step is
+
+    dE(w_t)/d eta_{t-1} = -<g_hat_t, s_{t-1} d_{t-1}> = -h_t,
+
+and the LR moves against it:
+
+    additive:        eta_t = max(eta_{t-1} + beta * h_t, 0)
+    multiplicative:  eta_t = max(eta_{t-1} * (1 + beta * h_t / (|g_hat_t| |s_{t-1} d_{t-1}|)), 0)
+
+One LR "slot" serves either a whole param group (the default) or one tensor (``per_tensor=True``);
+the reduction over every tensor of a slot completes before the slot's LR changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "apply_steps_",
+    "hd_rule_",
+    "per_slot_sums",
+    "slot_of",
+    "tensor_dots",
+    "tensor_sq_norms",
+]
+
+
+def slot_of(index: int, num_tensors: int, num_slots: int) -> int:
+    """LR slot used by tensor ``index``: its own slot when there is one per tensor, else slot 0."""
+    return index if num_slots == num_tensors else 0
+
+
+def per_slot_sums(values: list[Tensor], num_slots: int) -> list[Tensor]:
+    """Reduce per-tensor 0-dim values to one value per LR slot, in a fixed order."""
+    if num_slots == len(values):
+        return values
+    if not values:
+        raise ValueError("per_slot_sums needs at least one value")
+    return [torch.stack(values).sum()]
+
+
+def tensor_dots(a: list[Tensor], b: list[Tensor | None], acc_dtype: torch.dtype) -> list[Tensor]:
+    """Per-tensor inner products <a_i, b_i> accumulated in ``acc_dtype``; a missing b_i gives 0."""
+    out = []
+    for x, y in zip(a, b):
+        if y is None:
+            out.append(torch.zeros((), dtype=acc_dtype, device=x.device))
+        else:
+            out.append(torch.dot(x.reshape(-1).to(acc_dtype), y.reshape(-1).to(acc_dtype)))
+    return out
+
+
+def tensor_sq_norms(a: list[Tensor | None], acc_dtype: torch.dtype, device) -> list[Tensor]:
+    """Per-tensor squared L2 norms in ``acc_dtype``; a missing tensor gives 0."""
+    out = []
+    for x in a:
+        if x is None:
+            out.append(torch.zeros((), dtype=acc_dtype, device=device))
+        else:
+            flat = x.reshape(-1).to(acc_dtype)
+            out.append(torch.dot(flat, flat))
+    return out
+
+
+def hd_rule_(
+    lrs: list[Tensor],
+    hypergrads: list[Tensor],
+    dots: list[Tensor],
+    grad_sq: list[Tensor] | None,
+    dir_sq: list[Tensor] | None,
+    *,
+    hyper_lr: float,
+    multiplicative: bool,
+    prev_lr_scale: float,
+) -> None:
+    """Update every LR slot in place from its reduced sums; all arguments are per slot.
+
+    ``dots`` holds <g_hat_t, d_{t-1}> (unscaled), ``grad_sq``/``dir_sq`` the squared norms of
+    g_hat_t and d_{t-1} (needed by the multiplicative rule only); ``prev_lr_scale`` is s_{t-1}.
+    ``hypergrads`` receives dE/d eta = -h_t.
+    """
+    for i, (lr, hypergrad, dot) in enumerate(zip(lrs, hypergrads, dots)):
+        h = dot * prev_lr_scale
+        if multiplicative:
+            # |g||s d| as a product of square roots: the product of squares can overflow fp32.
+            norms = grad_sq[i].sqrt() * dir_sq[i].sqrt() * abs(prev_lr_scale)
+            cosine = h / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+            new_lr = lr * (1.0 + hyper_lr * cosine)
+        else:
+            new_lr = lr + hyper_lr * h
+        lr.copy_(new_lr.clamp_min(0.0))
+        hypergrad.copy_(-h)
+
+
+def apply_steps_(
+    params: list[Tensor], directions: list[Tensor], steps: list[Tensor], foreach: bool
+) -> None:
+    """``param -= step * direction`` for every tensor; ``steps`` has one LR or one per tensor.
+
+    The product is formed in the LR's precision (fp32 or fp64), so a bf16/fp16 parameter is
+    updated from fp32 math and rounded once.
+    """
+    if not params:
+        return
+    per_tensor = steps if len(steps) == len(params) else steps * len(params)
+    if foreach and all(p.dtype == s.dtype for p, s in zip(params, per_tensor)):
+        scaled = (
+            torch._foreach_mul(directions, steps[0])
+            if len(steps) == 1
+            else torch._foreach_mul(directions, per_tensor)
+        )
+        torch._foreach_sub_(params, scaled)
+        return
+    for param, direction, step in zip(params, directions, per_tensor):
+        if param.dtype == step.dtype:
+            param.sub_(direction * step)
+        else:
+            param.copy_(param.to(step.dtype) - direction.to(step.dtype) * step)

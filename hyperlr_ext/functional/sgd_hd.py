@@ -1,0 +1,266 @@
+"""SGD with hypergradient descent on the learning rate (SGD-HD, SGDN-HD).
+
+Inner dynamics are exactly ``torch.optim.SGD`` (momentum, dampening, nesterov, L2 weight decay,
+maximize); the update direction d_t is the decayed gradient, the momentum buffer, or for Nesterov
+``g + momentum * buffer``. With momentum and no Nesterov the buffer *is* d_{t-1}; otherwise
+d_{t-1} is kept in ``prev_directions``.
+
+Two implementations share one signature: ``_single_tensor_sgd_hd`` (a plain loop, the readable
+truth) and ``_foreach_sgd_hd`` (``torch._foreach_*`` over the lists). ``sgd_hd`` picks one through
+:mod:`hyperlr_ext._dispatch`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hyperlr_ext._dispatch import choose_implementation
+from hyperlr_ext.functional._hd_rule import (
+    apply_steps_,
+    hd_rule_,
+    per_slot_sums,
+    slot_of,
+    tensor_dots,
+    tensor_sq_norms,
+)
+
+__all__ = ["sgd_hd"]
+
+
+def _objective_grads(grads, objective_grads, maximize):
+    if objective_grads is None:
+        return grads
+    return [torch.neg(g) if maximize else g for g in objective_grads]
+
+
+def _update_hd_lrs(
+    objective, previous, lrs, hypergrads, *, hyper_lr, multiplicative, prev_lr_scale, lr_lag
+):
+    """Reduce <g_hat, d_{t-1}> per slot, update the LRs, return the LRs this step applies."""
+    acc_dtype = lrs[0].dtype
+    device = lrs[0].device
+    applied = [lr.clone() for lr in lrs] if lr_lag else lrs
+    dots = per_slot_sums(tensor_dots(objective, previous, acc_dtype), len(lrs))
+    grad_sq = dir_sq = None
+    if multiplicative:
+        grad_sq = per_slot_sums(tensor_sq_norms(objective, acc_dtype, device), len(lrs))
+        dir_sq = per_slot_sums(tensor_sq_norms(previous, acc_dtype, device), len(lrs))
+    hd_rule_(
+        lrs,
+        hypergrads,
+        dots,
+        grad_sq,
+        dir_sq,
+        hyper_lr=hyper_lr,
+        multiplicative=multiplicative,
+        prev_lr_scale=prev_lr_scale,
+    )
+    return applied
+
+
+def _previous_directions(momentum_buffers, prev_directions, has_previous, momentum, nesterov):
+    keeps_buffer_as_direction = momentum != 0 and not nesterov
+    source = momentum_buffers if keeps_buffer_as_direction else prev_directions
+    return [d if ok else None for d, ok in zip(source, has_previous)]
+
+
+def _store_direction(prev_directions, i, direction):
+    if prev_directions[i] is None:
+        prev_directions[i] = direction.detach().clone()
+    else:
+        prev_directions[i].copy_(direction)
+
+
+def _single_tensor_sgd_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    prev_directions: list[Tensor | None],
+    has_previous: list[bool],
+    lrs: list[Tensor],
+    hypergrads: list[Tensor],
+    effective_lrs: list[Tensor],
+    objective_grads: list[Tensor] | None,
+    *,
+    lr_scale: float,
+    prev_lr_scale: float,
+    hyper_lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    multiplicative: bool,
+    lr_lag: int,
+    maximize: bool,
+) -> None:
+    # 1. The training gradient with L2 decay (the objective when there is no validation loss).
+    decayed = []
+    for param, grad in zip(params, grads):
+        grad = -grad if maximize else grad
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        decayed.append(grad)
+    objective = _objective_grads(decayed, objective_grads, maximize)
+
+    # 2. The LR: reduce over every tensor of a slot first, then update it.
+    previous = _previous_directions(
+        momentum_buffers, prev_directions, has_previous, momentum, nesterov
+    )
+    applied = _update_hd_lrs(
+        objective,
+        previous,
+        lrs,
+        hypergrads,
+        hyper_lr=hyper_lr,
+        multiplicative=multiplicative,
+        prev_lr_scale=prev_lr_scale,
+        lr_lag=lr_lag,
+    )
+    for effective, lr in zip(effective_lrs, applied):
+        effective.copy_(lr * lr_scale)
+
+    # 3. torch.optim.SGD's step with the learned LR.
+    for i, param in enumerate(params):
+        grad = decayed[i]
+        direction = grad
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = torch.clone(grad).detach()
+                momentum_buffers[i] = buf
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            direction = grad.add(buf, alpha=momentum) if nesterov else buf
+        if momentum == 0 or nesterov:
+            _store_direction(prev_directions, i, direction)
+        step = effective_lrs[slot_of(i, len(params), len(lrs))]
+        apply_steps_([param], [direction], [step], foreach=False)
+
+
+def _foreach_sgd_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    prev_directions: list[Tensor | None],
+    has_previous: list[bool],
+    lrs: list[Tensor],
+    hypergrads: list[Tensor],
+    effective_lrs: list[Tensor],
+    objective_grads: list[Tensor] | None,
+    *,
+    lr_scale: float,
+    prev_lr_scale: float,
+    hyper_lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    multiplicative: bool,
+    lr_lag: int,
+    maximize: bool,
+) -> None:
+    if not params:
+        return
+    decayed = torch._foreach_neg(grads) if maximize else list(grads)
+    if weight_decay != 0:
+        decayed = torch._foreach_add(decayed, params, alpha=weight_decay)
+    objective = _objective_grads(decayed, objective_grads, maximize)
+
+    previous = _previous_directions(
+        momentum_buffers, prev_directions, has_previous, momentum, nesterov
+    )
+    applied = _update_hd_lrs(
+        objective,
+        previous,
+        lrs,
+        hypergrads,
+        hyper_lr=hyper_lr,
+        multiplicative=multiplicative,
+        prev_lr_scale=prev_lr_scale,
+        lr_lag=lr_lag,
+    )
+    torch._foreach_copy_(effective_lrs, torch._foreach_mul(applied, lr_scale))
+
+    directions = decayed
+    if momentum != 0:
+        new = [i for i, b in enumerate(momentum_buffers) if b is None]
+        old = [i for i, b in enumerate(momentum_buffers) if b is not None]
+        if old:
+            bufs = [momentum_buffers[i] for i in old]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, [decayed[i] for i in old], alpha=1 - dampening)
+        for i in new:
+            momentum_buffers[i] = torch.clone(decayed[i]).detach()
+        directions = (
+            torch._foreach_add(decayed, momentum_buffers, alpha=momentum)
+            if nesterov
+            else list(momentum_buffers)
+        )
+    if momentum == 0 or nesterov:
+        missing = [i for i, d in enumerate(prev_directions) if d is None]
+        present = [i for i, d in enumerate(prev_directions) if d is not None]
+        if present:
+            torch._foreach_copy_(
+                [prev_directions[i] for i in present], [directions[i] for i in present]
+            )
+        for i in missing:
+            prev_directions[i] = directions[i].detach().clone()
+    apply_steps_(params, directions, effective_lrs, foreach=True)
+
+
+def sgd_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    prev_directions: list[Tensor | None],
+    has_previous: list[bool],
+    lrs: list[Tensor],
+    hypergrads: list[Tensor],
+    effective_lrs: list[Tensor],
+    objective_grads: list[Tensor] | None = None,
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    lr_scale: float,
+    prev_lr_scale: float,
+    hyper_lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    multiplicative: bool,
+    lr_lag: int,
+    maximize: bool,
+) -> None:
+    """One SGD-HD step over a list of tensors that share ``lrs`` (one slot, or one per tensor).
+
+    Mutates ``params``, the buffers, ``lrs`` (the learned LRs eta), ``hypergrads`` (dE/d eta) and
+    ``effective_lrs`` (the LR each slot applied: ``lr_scale * eta``). ``momentum_buffers`` and
+    ``prev_directions`` entries that are ``None`` are created. ``has_previous[i]`` says whether
+    tensor i moved at the previous step (otherwise its d_{t-1} is 0). ``objective_grads`` are the
+    validation gradients for the First-order (Val) variant, else the training gradient is used.
+    """
+    impl = choose_implementation(params, foreach=foreach, fused=fused, algorithm="sgd_hd")
+    func = {"single": _single_tensor_sgd_hd, "foreach": _foreach_sgd_hd}[impl]
+    func(
+        params,
+        grads,
+        momentum_buffers,
+        prev_directions,
+        has_previous,
+        lrs,
+        hypergrads,
+        effective_lrs,
+        objective_grads,
+        lr_scale=lr_scale,
+        prev_lr_scale=prev_lr_scale,
+        hyper_lr=hyper_lr,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        multiplicative=multiplicative,
+        lr_lag=lr_lag,
+        maximize=maximize,
+    )

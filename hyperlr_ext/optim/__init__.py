@@ -1,0 +1,6 @@
+"""Optimizer classes: argument checks, state and param groups over the functional algorithms."""
+
+from hyperlr_ext.optim.adam_hd import AdamHD
+from hyperlr_ext.optim.sgd_hd import SGDHD
+
+__all__ = ["SGDHD", "AdamHD"]

@@ -1,0 +1,56 @@
+"""Argument checks shared by the optimizer constructors: each failure names the argument and
+the accepted range, and begins like torch.optim's message for the same case where one exists."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["check_bool", "check_choice", "check_number", "check_optional_bool"]
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float = 0.0,
+    high: float = math.inf,
+    high_inclusive: bool = False,
+    label: str | None = None,
+) -> float:
+    """Return ``value`` as a float if it is a real number in [low, high) (or [low, high])."""
+    prefix = f"Invalid {label or name} value: {value!r}"
+    closing = "]" if high_inclusive else ")"
+    accepted = f"{name} must be a finite number in [{low}, {high}{closing}"
+    if isinstance(value, Tensor):
+        raise ValueError(
+            f"{prefix}; {accepted}. Tensor values are not accepted: hyperlr_ext keeps the "
+            f"learned LR as a device tensor itself, so pass a Python float."
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{prefix}; {accepted}, got type {type(value).__name__}")
+    value = float(value)
+    above = value > high if high_inclusive else value >= high
+    if not math.isfinite(value) or value < low or above:
+        raise ValueError(f"{prefix}; {accepted}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name} value: {value!r}; {name} must be True or False")
+    return value
+
+
+def check_optional_bool(name: str, value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"Invalid {name} value: {value!r}; {name} must be None, True or False")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> Any:
+    if isinstance(value, bool) or value not in choices:
+        raise ValueError(f"Invalid {name} value: {value!r}; {name} must be one of {choices}")
+    return value

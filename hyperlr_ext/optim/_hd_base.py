@@ -1,0 +1,276 @@
+"""Shared machinery of the HD optimizers: argument checks, the learned-LR state, the scheduler
+scale, validation gradients and a lossless state_dict.
+
+Where things live (DESIGN.md §3):
+
+- ``group["lr"]`` keeps its torch.optim meaning, a float that schedulers write. The step uses
+  ``effective LR = learned LR * group["lr"] / group["initial_lr"]`` (scale 1 when initial_lr is 0).
+- Per group: ``learned_lr`` (0-dim, or one entry per tensor with ``per_tensor=True``),
+  ``hypergrad`` (dE/d eta of the last step) and ``effective_lr`` (the LR the last step applied), all
+  device tensors in float32 (float64 for float64 parameters); ``hd_prev_scale`` (s_{t-1}) and
+  ``hd_stale`` (indices of tensors that were skipped at the last step, whose d_{t-1} is 0).
+- Per parameter: the inner optimizer's buffers, as in torch.optim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from hyperlr_ext._dispatch import check_fused_request
+from hyperlr_ext.optim._checks import check_bool, check_choice, check_number, check_optional_bool
+
+__all__ = ["HDOptimizer"]
+
+_GROUP_TENSORS = ("learned_lr", "hypergrad", "effective_lr")
+
+
+def check_hd_arguments(
+    *,
+    lr: float,
+    hyper_lr: float,
+    weight_decay: float,
+    multiplicative: bool,
+    per_tensor: bool,
+    lr_lag: int,
+    maximize: bool,
+    foreach: bool | None,
+    fused: bool | None,
+    differentiable: bool,
+    capturable: bool,
+    algorithm: str,
+) -> None:
+    """Checks common to every HD optimizer; run before ``params`` is touched."""
+    check_number("lr", lr, label="learning rate")
+    check_number("hyper_lr", hyper_lr)
+    check_number("weight_decay", weight_decay)
+    check_bool("multiplicative", multiplicative)
+    check_bool("per_tensor", per_tensor)
+    check_choice("lr_lag", lr_lag, (0, 1))
+    check_bool("maximize", maximize)
+    check_optional_bool("foreach", foreach)
+    check_optional_bool("fused", fused)
+    check_bool("capturable", capturable)
+    if check_bool("differentiable", differentiable):
+        raise ValueError(
+            "Invalid differentiable value: True; differentiable must be False: hyperlr_ext "
+            "optimizers learn the LR online and do not support differentiating through step()"
+        )
+    check_fused_request(algorithm, foreach, fused)
+
+
+def _lr_scale(group: dict[str, Any]) -> float:
+    """s_t = group["lr"] / group["initial_lr"]: how much a scheduler scales the learned LR."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        raise TypeError(
+            "param_group['lr'] became a Tensor; hyperlr_ext optimizers need it to stay a float "
+            "(the learned LR is already a device tensor)"
+        )
+    initial = group.get("initial_lr", lr)
+    return 1.0 if initial == 0 else lr / initial
+
+
+class HDOptimizer(Optimizer):
+    """Base class of the HD optimizers. Subclasses implement ``_step_group``."""
+
+    _algorithm = "hd"
+
+    def __init__(self, params, defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ param groups and state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._check_group(group)
+        group.setdefault("initial_lr", group["lr"])
+        self._init_hyper_state(group)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Check settings a param group may override, and that its params share one device."""
+        check_number("lr", group["lr"], label="learning rate")
+        check_number("hyper_lr", group["hyper_lr"])
+        check_choice("lr_lag", group["lr_lag"], (0, 1))
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(
+                f"all parameters of a param group must be on one device (its learned LR lives "
+                f"there), got {sorted(str(d) for d in devices)}; put them in separate groups"
+            )
+
+    @staticmethod
+    def _hyper_device_dtype(group: dict[str, Any]) -> tuple[torch.device, torch.dtype]:
+        params = group["params"]
+        device = params[0].device if params else torch.device("cpu")
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        return device, dtype
+
+    def _init_hyper_state(self, group: dict[str, Any]) -> None:
+        device, dtype = self._hyper_device_dtype(group)
+        shape = (len(group["params"]),) if group["per_tensor"] else ()
+        lr = float(group["initial_lr"]) if group["initial_lr"] != 0 else float(group["lr"])
+        group["learned_lr"] = torch.full(shape, lr, dtype=dtype, device=device)
+        group["hypergrad"] = torch.zeros(shape, dtype=dtype, device=device)
+        group["effective_lr"] = torch.full(shape, float(group["lr"]), dtype=dtype, device=device)
+        group["hd_prev_scale"] = 1.0
+        group["hd_stale"] = []
+
+    def _ensure_hyper_state(self, group: dict[str, Any]) -> None:
+        """Create missing hyper-state and keep it on the params' device (no value is read)."""
+        if any(key not in group for key in _GROUP_TENSORS):
+            group.setdefault("initial_lr", group["lr"])
+            self._init_hyper_state(group)
+            return
+        device, _ = self._hyper_device_dtype(group)
+        expected = (len(group["params"]),) if group["per_tensor"] else ()
+        for key in _GROUP_TENSORS:
+            value = group[key]
+            if tuple(value.shape) != expected:
+                raise ValueError(
+                    f"param_group[{key!r}] has shape {tuple(value.shape)} but per_tensor="
+                    f"{group['per_tensor']} with {len(group['params'])} params needs {expected}"
+                )
+            if value.device != device:
+                group[key] = value.to(device)
+        group.setdefault("hd_prev_scale", 1.0)
+        group.setdefault("hd_stale", [])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's load, then hyper-state put back on the params' devices in its own dtype.
+
+        torch casts floating per-parameter state to the parameter's dtype and, for fused or
+        capturable groups, ``step`` to float32; our ``step`` counts stay in the LR's dtype.
+        """
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for param_id, param in zip(saved_ids, params):
+            saved = saved_state.get(param_id, {})
+            step = saved.get("step")
+            if isinstance(step, Tensor):
+                self.state[param]["step"] = step.to(device=param.device, dtype=step.dtype, copy=True)
+        for group in self.param_groups:
+            self._ensure_hyper_state(group)
+
+    # ------------------------------------------------------------------ the step
+    def _validation_grads(
+        self, val_closure: Callable[[], Tensor] | None
+    ) -> dict[Tensor, Tensor] | None:
+        """Gradients of the validation objective E at the current weights, keyed by param."""
+        if val_closure is None:
+            return None
+        params = [
+            p for g in self.param_groups for p in g["params"] if p.grad is not None and p.requires_grad
+        ]
+        with torch.enable_grad():
+            val_loss = val_closure()
+        if not isinstance(val_loss, Tensor) or val_loss.numel() != 1:
+            raise ValueError(
+                "val_closure must return the validation loss as a scalar tensor, got "
+                f"{type(val_loss).__name__}"
+                + (f" of shape {tuple(val_loss.shape)}" if isinstance(val_loss, Tensor) else "")
+            )
+        if not val_loss.requires_grad:
+            raise ValueError(
+                "val_closure returned a loss that does not require grad; compute it from the "
+                "parameters with autograd enabled and do not call backward() on it"
+            )
+        with torch.enable_grad():
+            grads = torch.autograd.grad(val_loss.reshape(()), params, allow_unused=True)
+        return {
+            p: (torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)
+        }
+
+    def _check_grads(self) -> None:
+        """Reject what the step cannot do before anything is modified."""
+        for group in self.param_groups:
+            _lr_scale(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients"
+                    )
+                if torch.is_complex(p) or torch.is_complex(p.grad):
+                    raise ValueError(
+                        f"{type(self).__name__} does not support complex parameters or "
+                        "gradients; optimise torch.view_as_real(param) instead"
+                    )
+
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        val_closure: Callable[[], Tensor] | None = None,
+    ) -> Any:
+        """Take one optimisation step.
+
+        Args:
+            closure: optional; re-evaluates the model and returns the loss (it may call backward,
+                as Lightning's and accelerate's closures do); called before gradients are read.
+            val_closure: optional; returns a validation loss (no backward) whose gradient at the
+                current weights replaces the training gradient in the hypergradient: the
+                "First-order (Val)" variant.
+        Returns:
+            the closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        objective_grads = self._validation_grads(val_closure)
+        for group in self.param_groups:
+            self._step_group(group, objective_grads)
+        return loss
+
+    def _gather(self, group: dict[str, Any]) -> tuple[list[int], list[Tensor]]:
+        """Indices and params of the group that have a gradient this step."""
+        indices = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+        return indices, [group["params"][i] for i in indices]
+
+    def _slots(self, group: dict[str, Any], indices: list[int]):
+        """(lrs, hypergrads, effective_lrs) as lists of 0-dim views for the stepped tensors."""
+        self._ensure_hyper_state(group)
+        if not group["per_tensor"]:
+            return [group["learned_lr"]], [group["hypergrad"]], [group["effective_lr"]]
+        return tuple(
+            [views[i] for i in indices]
+            for views in (group[key].unbind(0) for key in _GROUP_TENSORS)
+        )
+
+    def _has_previous(self, group: dict[str, Any], indices: list[int], fresh: list[bool]):
+        stale = set(group.get("hd_stale", []))
+        return [not new and i not in stale for i, new in zip(indices, fresh)]
+
+    def _finish_group(self, group: dict[str, Any], indices: list[int], lr_scale: float) -> None:
+        group["hd_prev_scale"] = lr_scale
+        stepped = set(indices)
+        group["hd_stale"] = [
+            i
+            for i, p in enumerate(group["params"])
+            if i not in stepped and len(self.state.get(p, {})) > 0
+        ]
+
+    def _step_group(self, group: dict[str, Any], objective_grads) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _objective_list(self, objective_grads, params: list[Tensor]) -> list[Tensor] | None:
+        if objective_grads is None:
+            return None
+        return [
+            objective_grads[p] if p in objective_grads else torch.zeros_like(p) for p in params
+        ]

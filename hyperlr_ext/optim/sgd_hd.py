@@ -1,0 +1,153 @@
+"""``SGDHD``: torch.optim.SGD whose learning rate is learned online by hypergradient descent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hyperlr_ext.functional.sgd_hd import sgd_hd
+from hyperlr_ext.optim._checks import check_bool, check_number
+from hyperlr_ext.optim._hd_base import HDOptimizer, _lr_scale, check_hd_arguments
+
+__all__ = ["SGDHD"]
+
+
+class SGDHD(HDOptimizer):
+    r"""SGD (with momentum / Nesterov) plus hypergradient descent on the LR: SGD-HD, SGDN-HD.
+
+    The inner step is exactly ``torch.optim.SGD``'s, ``w <- w - s_t * eta_t * d_t``, with d_t the
+    (decayed) gradient, the momentum buffer, or ``g + momentum * buffer`` for Nesterov. Before
+    stepping, the learned LR eta moves along the hypergradient (Baydin et al. 2018):
+
+    .. math::
+        h_t = \langle \hat g_t, s_{t-1} d_{t-1} \rangle,\qquad
+        \eta_t = \max(\eta_{t-1} + \beta h_t, 0)\ \text{(additive)},\qquad
+        \eta_t = \eta_{t-1}\bigl(1 + \beta \tfrac{h_t}{\|\hat g_t\| \|s_{t-1} d_{t-1}\|}\bigr)
+        \ \text{(multiplicative)}
+
+    where :math:`\hat g_t` is the gradient of the objective (the L2-decayed training gradient, or
+    the validation gradient when ``step(val_closure=...)`` is used) and ``s_t`` the scheduler scale
+    ``group["lr"] / group["initial_lr"]``.
+
+    Args:
+        params: parameters or param groups.
+        lr: initial learning rate eta_0 (float >= 0).
+        hyper_lr: beta, the hypergradient step size (float >= 0; 0 gives torch.optim.SGD).
+        momentum, dampening, nesterov, weight_decay, maximize: as in ``torch.optim.SGD``.
+        multiplicative: use the multiplicative rule instead of the additive one.
+        per_tensor: learn one LR per parameter tensor instead of one per group.
+        lr_lag: 0 = exact (the LR learned at step t is used at step t); 1 = the step uses the LR
+            learned up to step t-1 (one step of delay; one pass in the fused kernels).
+        foreach, fused: implementation choice (see ``hyperlr_ext._dispatch``).
+        differentiable: must be False. capturable: accepted; every path is already sync-free.
+
+    Each param group exposes ``effective_lr`` (the LR the last step applied) and ``hypergrad``
+    (dE/d eta of the last step) as device tensors; reading them is your sync, never ours.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = SGDHD(model.parameters(), lr=0.01, hyper_lr=1e-3, momentum=0.9, nesterov=True)
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward()
+        >>> _ = opt.step()
+    """
+
+    _algorithm = "sgd_hd"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.01,
+        hyper_lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        multiplicative: bool = False,
+        per_tensor: bool = False,
+        lr_lag: int = 0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
+        capturable: bool = False,
+    ) -> None:
+        check_hd_arguments(
+            lr=lr,
+            hyper_lr=hyper_lr,
+            weight_decay=weight_decay,
+            multiplicative=multiplicative,
+            per_tensor=per_tensor,
+            lr_lag=lr_lag,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            differentiable=differentiable,
+            capturable=capturable,
+            algorithm=self._algorithm,
+        )
+        check_number("momentum", momentum)
+        check_number("dampening", dampening, high=1.0, high_inclusive=True)
+        if check_bool("nesterov", nesterov) and (momentum <= 0 or dampening != 0):
+            raise ValueError(
+                "Nesterov momentum requires a momentum and zero dampening "
+                f"(got momentum={momentum}, dampening={dampening})"
+            )
+        defaults = dict(
+            lr=lr,
+            hyper_lr=hyper_lr,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            multiplicative=multiplicative,
+            per_tensor=per_tensor,
+            lr_lag=lr_lag,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            differentiable=differentiable,
+            capturable=capturable,
+        )
+        super().__init__(params, defaults)
+
+    def _step_group(self, group: dict[str, Any], objective_grads) -> None:
+        indices, params = self._gather(group)
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        states = [self.state[p] for p in params]
+        fresh = [len(s) == 0 for s in states]
+        momentum_buffers = [s.get("momentum_buffer") for s in states]
+        prev_directions = [s.get("prev_direction") for s in states]
+        lrs, hypergrads, effective_lrs = self._slots(group, indices)
+        lr_scale = _lr_scale(group)
+        sgd_hd(
+            params,
+            grads,
+            momentum_buffers,
+            prev_directions,
+            self._has_previous(group, indices, fresh),
+            lrs,
+            hypergrads,
+            effective_lrs,
+            self._objective_list(objective_grads, params),
+            foreach=group["foreach"],
+            fused=group["fused"],
+            lr_scale=lr_scale,
+            prev_lr_scale=group["hd_prev_scale"],
+            hyper_lr=group["hyper_lr"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"],
+            multiplicative=group["multiplicative"],
+            lr_lag=group["lr_lag"],
+            maximize=group["maximize"],
+        )
+        for state, buf, direction in zip(states, momentum_buffers, prev_directions):
+            if buf is not None:
+                state["momentum_buffer"] = buf
+            if direction is not None:
+                state["prev_direction"] = direction
+        self._finish_group(group, indices, lr_scale)
+
