@@ -1,0 +1,117 @@
+"""The optimizer table, in the style of PyTorch's OptimizerInfo: one row per optimizer class with
+its sample configurations. Generic tests iterate the rows; a new optimizer gets the whole suite by
+adding a row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import hyperlr_ext as hx
+
+
+@dataclass(frozen=True)
+class OptimizerRow:
+    cls: type
+    configs: list[dict[str, Any]]
+    # torch.optim class and the kwargs mapping used to reproduce the trajectory with hyper_lr=0
+    torch_equivalents: list[tuple[type, dict[str, Any]]] = field(default_factory=list)
+    # invalid constructor arguments: (kwargs, argument name the message must contain)
+    invalid: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.cls.__name__
+
+
+COMMON_INVALID = [
+    (dict(lr=-1.0), "lr"),
+    (dict(lr=float("nan")), "lr"),
+    (dict(lr=torch.tensor(0.1)), "lr"),
+    (dict(hyper_lr=-1e-3), "hyper_lr"),
+    (dict(hyper_lr=float("inf")), "hyper_lr"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(lr_lag=2), "lr_lag"),
+    (dict(lr_lag=True), "lr_lag"),
+    (dict(multiplicative="yes"), "multiplicative"),
+    (dict(per_tensor=1), "per_tensor"),
+    (dict(maximize=None), "maximize"),
+    (dict(foreach="yes"), "foreach"),
+    (dict(differentiable=True), "differentiable"),
+]
+
+SGD_ROW = OptimizerRow(
+    cls=hx.SGDHD,
+    configs=[
+        dict(lr=0.05, hyper_lr=0.01),
+        dict(lr=0.05, hyper_lr=0.01, momentum=0.9, weight_decay=0.01),
+        dict(lr=0.05, hyper_lr=0.01, momentum=0.9, nesterov=True, per_tensor=True),
+        dict(lr=0.05, hyper_lr=0.1, multiplicative=True, momentum=0.5, dampening=0.2),
+        dict(lr=0.05, hyper_lr=0.01, momentum=0.9, lr_lag=1, maximize=True),
+    ],
+    torch_equivalents=[
+        (torch.optim.SGD, dict(lr=0.05)),
+        (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+        (torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.02)),
+        (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.02)),
+        (torch.optim.SGD, dict(lr=0.05, weight_decay=0.1, maximize=True)),
+        (torch.optim.SGD, dict(lr=0.05, momentum=0.7, maximize=True, nesterov=True)),
+    ],
+    invalid=COMMON_INVALID
+    + [
+        (dict(momentum=-0.5), "momentum"),
+        (dict(dampening=1.5), "dampening"),
+        (dict(nesterov=True, momentum=0.0), "Nesterov"),
+        (dict(nesterov=True, momentum=0.9, dampening=0.1), "Nesterov"),
+    ],
+)
+
+ADAM_ROW = OptimizerRow(
+    cls=hx.AdamHD,
+    configs=[
+        dict(lr=0.01, hyper_lr=1e-3),
+        dict(lr=0.01, hyper_lr=1e-3, weight_decay=0.01, amsgrad=True),
+        dict(lr=0.01, hyper_lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True, per_tensor=True),
+        dict(lr=0.01, hyper_lr=0.1, multiplicative=True, lr_lag=1),
+        dict(lr=0.01, hyper_lr=1e-3, maximize=True, betas=(0.8, 0.9)),
+    ],
+    torch_equivalents=[
+        (torch.optim.Adam, dict(lr=0.01)),
+        (torch.optim.Adam, dict(lr=0.01, weight_decay=0.05, amsgrad=True)),
+        (torch.optim.Adam, dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, maximize=True)),
+        (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
+        (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05, amsgrad=True)),
+    ],
+    invalid=COMMON_INVALID
+    + [
+        (dict(betas=(1.0, 0.999)), "beta"),
+        (dict(betas=(0.9, -0.1)), "beta"),
+        (dict(betas=0.9), "betas"),
+        (dict(eps=-1e-8), "eps"),
+        (dict(amsgrad=None), "amsgrad"),
+        (dict(decoupled_weight_decay=1), "decoupled_weight_decay"),
+    ],
+)
+
+ROWS = [SGD_ROW, ADAM_ROW]
+ROW_CONFIGS = [(row, cfg) for row in ROWS for cfg in row.configs]
+ROW_CONFIG_IDS = [f"{row.name}-{i}" for row in ROWS for i, _ in enumerate(row.configs)]
+
+
+def make_model(dtype=torch.float64, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).to(dtype)
+
+
+def train(model, opt, steps: int, seed: int = 0, **step_kwargs) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    for _ in range(steps):
+        x = torch.randn(8, 5, generator=gen, dtype=torch.float64).to(dtype)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step(**step_kwargs)
