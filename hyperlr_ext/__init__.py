@@ -4,7 +4,7 @@
 >>> opt = hx.SGDHD(model.parameters(), lr=0.01, hyper_lr=1e-3)  # doctest: +SKIP
 """
 
-from hyperlr_ext import _ops
+from hyperlr_ext import _ops  # noqa: F401  (loads the compiled ops when present)
 from hyperlr_ext._ops import multi_tensor_dot
 from hyperlr_ext.optim import SGDHD, AdamHD
 

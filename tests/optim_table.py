@@ -73,7 +73,9 @@ ADAM_ROW = OptimizerRow(
     configs=[
         dict(lr=0.01, hyper_lr=1e-3),
         dict(lr=0.01, hyper_lr=1e-3, weight_decay=0.01, amsgrad=True),
-        dict(lr=0.01, hyper_lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True, per_tensor=True),
+        dict(
+            lr=0.01, hyper_lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True, per_tensor=True
+        ),
         dict(lr=0.01, hyper_lr=0.1, multiplicative=True, lr_lag=1),
         dict(lr=0.01, hyper_lr=1e-3, maximize=True, betas=(0.8, 0.9)),
     ],
@@ -102,9 +104,9 @@ ROW_CONFIG_IDS = [f"{row.name}-{i}" for row in ROWS for i, _ in enumerate(row.co
 
 def make_model(dtype=torch.float64, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
-    ).to(dtype)
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).to(
+        dtype
+    )
 
 
 def train(model, opt, steps: int, seed: int = 0, **step_kwargs) -> None:

@@ -11,9 +11,9 @@ import itertools
 
 import pytest
 import torch
+from oracles.hd import HDSlotOracle
 
 import hyperlr_ext as hx
-from oracles.hd import HDSlotOracle
 
 SGD_CONFIGS = [
     dict(hyper_lr=0.02),
@@ -42,7 +42,10 @@ STEPS = 12
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3), torch.nn.Tanh(),
+        torch.nn.Linear(6, 5),
+        torch.nn.Tanh(),
+        torch.nn.Linear(5, 3),
+        torch.nn.Tanh(),
         torch.nn.Linear(3, 1),
     ).double()
 
@@ -63,7 +66,11 @@ def _run(kind, cfg, *, per_tensor, lr_lag, validation, schedule, foreach):
     cls = hx.SGDHD if kind == "sgd" else hx.AdamHD
     opt = cls(
         [{"params": groups[0]}, {"params": groups[1], "lr": base_lrs[1]}],
-        lr=base_lrs[0], per_tensor=per_tensor, lr_lag=lr_lag, foreach=foreach, **cfg,
+        lr=base_lrs[0],
+        per_tensor=per_tensor,
+        lr_lag=lr_lag,
+        foreach=foreach,
+        **cfg,
     )
     shadow_groups = _groups(shadow)
     slots = []  # (group index, [shadow tensors], oracle)
@@ -103,9 +110,7 @@ def _run(kind, cfg, *, per_tensor, lr_lag, validation, schedule, foreach):
                     p.copy_(new[offset : offset + p.numel()].view_as(p))
                     offset += p.numel()
 
-        applied = [
-            e for g in opt.param_groups for e in g["effective_lr"].reshape(-1).tolist()
-        ]
+        applied = [e for g in opt.param_groups for e in g["effective_lr"].reshape(-1).tolist()]
         hypergrads = [h for g in opt.param_groups for h in g["hypergrad"].reshape(-1).tolist()]
         expected_applied = [o.applied for _, _, o in slots]
         expected_hg = [o.hypergrad for _, _, o in slots]
@@ -122,7 +127,12 @@ def _run(kind, cfg, *, per_tensor, lr_lag, validation, schedule, foreach):
 @pytest.mark.parametrize("per_tensor,lr_lag", list(itertools.product([False, True], [0, 1])))
 def test_matches_oracle(kind, cfg, per_tensor, lr_lag):
     learned, initial = _run(
-        kind, cfg, per_tensor=per_tensor, lr_lag=lr_lag, validation=False, schedule=False,
+        kind,
+        cfg,
+        per_tensor=per_tensor,
+        lr_lag=lr_lag,
+        validation=False,
+        schedule=False,
         foreach=None,
     )
     # The test is only meaningful if HD moved the LR.

@@ -8,9 +8,8 @@ import pickle
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from optim_table import ROW_CONFIG_IDS, ROW_CONFIGS, ROWS, make_model, train
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROW_IDS = [row.name for row in ROWS]
 
@@ -108,8 +107,10 @@ def test_param_groups_are_independent(row, cfg):
             for o in opts:
                 o.step()
     torch.testing.assert_close(list(model.parameters()), list(twin.parameters()), rtol=0, atol=0)
-    assert torch.equal(together.param_groups[1]["learned_lr"].reshape(-1)[0], torch.tensor(
-        cfg["lr"] * 3, dtype=torch.float64))
+    assert torch.equal(
+        together.param_groups[1]["learned_lr"].reshape(-1)[0],
+        torch.tensor(cfg["lr"] * 3, dtype=torch.float64),
+    )
     torch.testing.assert_close(
         together.param_groups[0]["learned_lr"], separate[0].param_groups[0]["learned_lr"]
     )
@@ -151,8 +152,10 @@ def test_for_loop_equals_foreach(row, cfg):
         list(models[0].parameters()), list(models[1].parameters()), rtol=1e-13, atol=1e-15
     )
     torch.testing.assert_close(
-        opts[0].param_groups[0]["learned_lr"], opts[1].param_groups[0]["learned_lr"],
-        rtol=1e-13, atol=0,
+        opts[0].param_groups[0]["learned_lr"],
+        opts[1].param_groups[0]["learned_lr"],
+        rtol=1e-13,
+        atol=0,
     )
 
 
@@ -202,8 +205,10 @@ def test_frozen_zero_size_and_non_contiguous_params(row, cfg):
     torch.testing.assert_close(non_contiguous, contiguous, rtol=1e-14, atol=0)
     if not cfg.get("per_tensor"):
         torch.testing.assert_close(
-            opt_a.param_groups[0]["learned_lr"], opt_b.param_groups[0]["learned_lr"],
-            rtol=1e-14, atol=0,
+            opt_a.param_groups[0]["learned_lr"],
+            opt_b.param_groups[0]["learned_lr"],
+            rtol=1e-14,
+            atol=0,
         )
 
 
@@ -331,7 +336,9 @@ def test_closure_runs_first_and_skipped_batch_is_noop(row, cfg):
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     after = opt.state_dict()
     assert after["param_groups"][0]["hd_prev_scale"] == snapshot["param_groups"][0]["hd_prev_scale"]
-    assert torch.equal(after["param_groups"][0]["learned_lr"], snapshot["param_groups"][0]["learned_lr"])
+    assert torch.equal(
+        after["param_groups"][0]["learned_lr"], snapshot["param_groups"][0]["learned_lr"]
+    )
 
 
 @pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)

@@ -160,7 +160,9 @@ class HDOptimizer(Optimizer):
             saved = saved_state.get(param_id, {})
             step = saved.get("step")
             if isinstance(step, Tensor):
-                self.state[param]["step"] = step.to(device=param.device, dtype=step.dtype, copy=True)
+                self.state[param]["step"] = step.to(
+                    device=param.device, dtype=step.dtype, copy=True
+                )
         for group in self.param_groups:
             self._ensure_hyper_state(group)
 
@@ -172,7 +174,10 @@ class HDOptimizer(Optimizer):
         if val_closure is None:
             return None
         params = [
-            p for g in self.param_groups for p in g["params"] if p.grad is not None and p.requires_grad
+            p
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None and p.requires_grad
         ]
         with torch.enable_grad():
             val_loss = val_closure()
@@ -189,9 +194,7 @@ class HDOptimizer(Optimizer):
             )
         with torch.enable_grad():
             grads = torch.autograd.grad(val_loss.reshape(()), params, allow_unused=True)
-        return {
-            p: (torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)
-        }
+        return {p: (torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)}
 
     def _check_grads(self) -> None:
         """Reject what the step cannot do before anything is modified."""
@@ -201,9 +204,7 @@ class HDOptimizer(Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients"
-                    )
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 if torch.is_complex(p) or torch.is_complex(p.grad):
                     raise ValueError(
                         f"{type(self).__name__} does not support complex parameters or "
@@ -271,6 +272,4 @@ class HDOptimizer(Optimizer):
     def _objective_list(self, objective_grads, params: list[Tensor]) -> list[Tensor] | None:
         if objective_grads is None:
             return None
-        return [
-            objective_grads[p] if p in objective_grads else torch.zeros_like(p) for p in params
-        ]
+        return [objective_grads[p] if p in objective_grads else torch.zeros_like(p) for p in params]

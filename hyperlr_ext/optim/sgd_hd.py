@@ -150,4 +150,3 @@ class SGDHD(HDOptimizer):
             if direction is not None:
                 state["prev_direction"] = direction
         self._finish_group(group, indices, lr_scale)
-
