@@ -50,12 +50,16 @@ def choose_implementation(
 ) -> str:
     """Return ``"fused"``, ``"foreach"`` or ``"single"`` for this call.
 
-    ``fused=True`` is honoured or refused (never silently downgraded); ``foreach=False`` selects
-    the for-loop; the default is foreach, whose ops run on every device torch supports.
+    ``fused=True`` is honoured or refused (never silently downgraded). ``foreach=True`` or
+    ``False`` is obeyed. The default follows torch.optim: foreach when every tensor is on a CUDA
+    device (one launch per op instead of one per tensor), the for-loop elsewhere (torch's CPU
+    ``_foreach_*`` ops are per-tensor loops with extra temporaries, slower than the loop).
     """
     if fused:
         check_fused_request(algorithm, foreach, fused)
         return "fused"
-    if foreach is False or torch.jit.is_scripting():
+    if foreach is None:
+        foreach = bool(params) and all(p.device.type == "cuda" for p in params)
+    if not foreach or torch.jit.is_scripting():
         return "single"
     return "foreach"

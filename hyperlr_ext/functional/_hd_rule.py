@@ -118,6 +118,7 @@ def apply_steps_(
         return
     for param, direction, step in zip(params, directions, per_tensor):
         if param.dtype == step.dtype:
-            param.sub_(direction * step)
+            # One pass, no temporary the size of the parameter.
+            param.addcmul_(direction, -step)
         else:
             param.copy_(param.to(step.dtype) - direction.to(step.dtype) * step)
