@@ -1,0 +1,124 @@
+// The op schemas of the hyperlr_ext library, their input checks, a device-generic fallback kernel,
+// and the Python module hyperlr_ext._C whose import registers all of them.
+// Kernels: csrc/<op>_cpu.cpp (CPU) and csrc/cuda/<op>.cu (CUDA), one file per op.
+#include "ops.h"
+
+#include <ATen/Functions.h>
+#include <c10/util/Exception.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace hyperlr {
+
+namespace {
+
+bool is_supported_float(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+         dtype == at::kHalf;
+}
+
+std::string arg_name(const char* list, size_t index) {
+  return std::string(list) + "[" + std::to_string(index) + "]";
+}
+
+}  // namespace
+
+void check_multi_tensor_dot_args(at::TensorList a, at::TensorList b) {
+  TORCH_CHECK(a.size() == b.size(),
+              "multi_tensor_dot: a and b must have the same length, but a has ", a.size(),
+              " tensors and b has ", b.size());
+  if (a.empty()) {
+    return;
+  }
+  const at::Tensor& first = a[0];
+  for (size_t i = 0; i < a.size(); ++i) {
+    for (const char* list : {"a", "b"}) {
+      const at::Tensor& t = (list[0] == 'a') ? a[i] : b[i];
+      TORCH_CHECK(t.defined(), "multi_tensor_dot: ", arg_name(list, i), " is an undefined tensor");
+      TORCH_CHECK(t.layout() == at::kStrided, "multi_tensor_dot: ", arg_name(list, i),
+                  " must be a dense (strided) tensor, got layout ", t.layout());
+      TORCH_CHECK(is_supported_float(t.scalar_type()), "multi_tensor_dot: ", arg_name(list, i),
+                  " has dtype ", t.scalar_type(),
+                  ", but only float32, float64, bfloat16 and float16 are supported");
+      TORCH_CHECK(t.scalar_type() == first.scalar_type(),
+                  "multi_tensor_dot: all tensors must have one dtype, but a[0] is ",
+                  first.scalar_type(), " and ", arg_name(list, i), " is ", t.scalar_type());
+      TORCH_CHECK(t.device() == first.device(),
+                  "multi_tensor_dot: all tensors must be on one device, but a[0] is on ",
+                  first.device(), " and ", arg_name(list, i), " is on ", t.device());
+    }
+    TORCH_CHECK(a[i].numel() == b[i].numel(), "multi_tensor_dot: ", arg_name("a", i), " and ",
+                arg_name("b", i), " must have the same number of elements, but ",
+                arg_name("a", i), " has ", a[i].numel(), " and ", arg_name("b", i), " has ",
+                b[i].numel());
+  }
+}
+
+at::ScalarType dot_result_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::vector<at::Tensor> contiguous_list(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    out.push_back(t.contiguous());
+  }
+  return out;
+}
+
+namespace {
+
+// For devices without a kernel of ours (and for empty lists, which carry no device): the same
+// result type, built from ATen ops, in list order. Not bit-identical to the CPU/CUDA kernels.
+at::Tensor multi_tensor_dot_composite(at::TensorList a, at::TensorList b) {
+  check_multi_tensor_dot_args(a, b);
+  if (a.empty()) {
+    return at::zeros({}, at::TensorOptions().dtype(at::kFloat));
+  }
+  const at::ScalarType acc_dtype = dot_result_dtype(a[0].scalar_type());
+  at::Tensor total = at::zeros({}, a[0].options().dtype(acc_dtype));
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].numel() == 0) {
+      continue;
+    }
+    total = at::add(total, at::dot(a[i].reshape({-1}).to(acc_dtype), b[i].reshape({-1}).to(acc_dtype)));
+  }
+  return total;
+}
+
+}  // namespace
+}  // namespace hyperlr
+
+TORCH_LIBRARY(hyperlr_ext, m) {
+  // sum_i <a[i], b[i]> as a 0-dim tensor on the inputs' device: float32 accumulation and result
+  // (float64 for float64 inputs), fixed reduction order (deterministic).
+  m.def("multi_tensor_dot(Tensor[] a, Tensor[] b) -> Tensor", {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(hyperlr_ext, CompositeExplicitAutograd, m) {
+  m.impl("multi_tensor_dot", &hyperlr::multi_tensor_dot_composite);
+}
+
+#ifndef HYPERLR_TORCH_VERSION
+#define HYPERLR_TORCH_VERSION TORCH_VERSION
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "hyperlr_ext compiled ops; importing this module registers torch.ops.hyperlr_ext.*";
+  m.def(
+      "cuda_compiled",
+      []() {
+#if defined(HYPERLR_WITH_CUDA)
+        return true;
+#else
+        return false;
+#endif
+      },
+      "True if the CUDA kernels were compiled into this extension.");
+  m.def(
+      "built_with_torch", []() { return std::string(HYPERLR_TORCH_VERSION); },
+      "The torch version (torch.__version__) this extension was compiled against.");
+}

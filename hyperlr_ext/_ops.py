@@ -1,0 +1,206 @@
+"""The compiled ops of hyperlr_ext, and what to do without them.
+
+Importing this module never fails. It tries ``hyperlr_ext._C`` (whose import registers the ops as
+``torch.ops.hyperlr_ext.*``) and records the outcome:
+
+- ``EXTENSION_AVAILABLE``: the compiled module loaded and its ops are registered;
+- ``EXTENSION_ERROR``: why not (not built, or the ImportError/OSError of a broken build, such as
+  one compiled against another torch), else ``None``;
+- ``CUDA_COMPILED``: the extension contains the CUDA kernels (not only the CPU ones);
+- ``BUILT_WITH_TORCH``: the ``torch.__version__`` it was compiled against, else ``None``.
+
+Each public op here calls the compiled op when the extension is loaded and otherwise a pure-PyTorch
+fallback with the same semantics, so callers need no branch of their own. Code that must have the
+compiled kernels (a ``fused=True`` path) calls :func:`require_extension` first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BUILT_WITH_TORCH",
+    "CUDA_COMPILED",
+    "EXTENSION_AVAILABLE",
+    "EXTENSION_ERROR",
+    "multi_tensor_dot",
+    "require_extension",
+]
+
+_REINSTALL_HINT = (
+    "Reinstall with `pip install --no-build-isolation .` from the source tree "
+    "(torch must be installed first; `make install` does both)"
+)
+
+
+def _load_extension() -> tuple[ModuleType | None, str | None]:
+    try:
+        # import_module, not `from hyperlr_ext import _C`: that turns a missing module into a
+        # vague "cannot import name" ImportError.
+        _C = importlib.import_module("hyperlr_ext._C")
+    except ModuleNotFoundError as exc:
+        if exc.name == "hyperlr_ext._C":
+            return None, (
+                "hyperlr_ext._C is not built (this hyperlr_ext has no compiled module: it was "
+                "installed without compiling, or is imported from the source tree)"
+            )
+        return None, f"importing hyperlr_ext._C failed: {type(exc).__name__}: {exc}"
+    except (ImportError, OSError) as exc:
+        # An undefined symbol or a missing library: the usual sign of a build against another torch.
+        return None, (
+            f"importing hyperlr_ext._C failed ({type(exc).__name__}: {exc}); it was probably "
+            f"compiled against a torch other than the installed {torch.__version__}"
+        )
+    if not hasattr(torch.ops.hyperlr_ext, "multi_tensor_dot"):
+        return None, "hyperlr_ext._C loaded but did not register torch.ops.hyperlr_ext"
+    return _C, None
+
+
+_C, EXTENSION_ERROR = _load_extension()
+EXTENSION_AVAILABLE: bool = _C is not None
+CUDA_COMPILED: bool = bool(_C is not None and _C.cuda_compiled())
+BUILT_WITH_TORCH: str | None = _C.built_with_torch() if _C is not None else None
+
+if BUILT_WITH_TORCH is not None and BUILT_WITH_TORCH != torch.__version__:
+    warnings.warn(
+        f"hyperlr_ext._C was compiled against torch {BUILT_WITH_TORCH} but torch "
+        f"{torch.__version__} is installed; if its ops misbehave, {_REINSTALL_HINT}.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def require_extension(what: str, *, cuda: bool = False) -> None:
+    """Raise RuntimeError unless the compiled extension (with CUDA kernels if ``cuda``) is loaded.
+
+    >>> require_extension("SGDHD(fused=True)")  # doctest: +SKIP
+    """
+    if not EXTENSION_AVAILABLE:
+        raise RuntimeError(
+            f"{what} needs the compiled extension hyperlr_ext._C, which is unavailable: "
+            f"{EXTENSION_ERROR}. {_REINSTALL_HINT}, or use the pure-PyTorch path."
+        )
+    if cuda and not CUDA_COMPILED:
+        raise RuntimeError(
+            f"{what} needs the CUDA kernels of hyperlr_ext._C, but it was built CPU-only (torch "
+            f"without CUDA, no nvcc found, or HYPERLR_CUDA=0 at build time). {_REINSTALL_HINT} "
+            f"on a machine with nvcc, or use the pure-PyTorch path."
+        )
+
+
+# ---- multi_tensor_dot ----------------------------------------------------------------------------
+
+_DOT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _dot_result_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_dot_args(a: Sequence[Tensor], b: Sequence[Tensor]) -> None:
+    """The checks of csrc/ops.cpp, same messages (RuntimeError, like TORCH_CHECK)."""
+    if len(a) != len(b):
+        raise RuntimeError(
+            f"multi_tensor_dot: a and b must have the same length, but a has {len(a)} tensors "
+            f"and b has {len(b)}"
+        )
+    if not a:
+        return
+    first = a[0]
+    for i in range(len(a)):
+        for name, t in (("a", a[i]), ("b", b[i])):
+            if t.layout != torch.strided:
+                raise RuntimeError(
+                    f"multi_tensor_dot: {name}[{i}] must be a dense (strided) tensor, got layout "
+                    f"{t.layout}"
+                )
+            if t.dtype not in _DOT_DTYPES:
+                raise RuntimeError(
+                    f"multi_tensor_dot: {name}[{i}] has dtype {t.dtype}, but only float32, "
+                    f"float64, bfloat16 and float16 are supported"
+                )
+            if t.dtype != first.dtype:
+                raise RuntimeError(
+                    f"multi_tensor_dot: all tensors must have one dtype, but a[0] is "
+                    f"{first.dtype} and {name}[{i}] is {t.dtype}"
+                )
+            if t.device != first.device:
+                raise RuntimeError(
+                    f"multi_tensor_dot: all tensors must be on one device, but a[0] is on "
+                    f"{first.device} and {name}[{i}] is on {t.device}"
+                )
+        torch._check(
+            a[i].numel() == b[i].numel(),
+            lambda i=i: (
+                f"multi_tensor_dot: a[{i}] and b[{i}] must have the same number of elements, "
+                f"but a[{i}] has {a[i].numel()} and b[{i}] has {b[i].numel()}"
+            ),
+        )
+
+
+def _multi_tensor_dot_fallback(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Pure-PyTorch multi_tensor_dot: same result type and device, differentiable."""
+    _check_dot_args(a, b)
+    if not a:
+        return torch.zeros((), dtype=torch.float32)
+    acc_dtype = _dot_result_dtype(a[0].dtype)
+    total = torch.zeros((), dtype=acc_dtype, device=a[0].device)
+    for x, y in zip(a, b):
+        if x.numel() > 0:
+            total = total + torch.dot(x.reshape(-1).to(acc_dtype), y.reshape(-1).to(acc_dtype))
+    return total
+
+
+def multi_tensor_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    r"""Sum of dot products :math:`\sum_i \langle a_i, b_i \rangle` as a 0-dim tensor.
+
+    ``a[i]`` and ``b[i]`` may have any shapes with equal ``numel()``; all tensors share one
+    dtype (float32, float64, bfloat16 or float16) and one device. Accumulates and returns float32
+    (float64 for float64 inputs) on the inputs' device, without a host sync. The compiled kernels
+    reduce in a fixed order: the result is deterministic, independent of the thread count, and the
+    CPU and CUDA kernels agree bit for bit. Empty lists give ``tensor(0.)`` on the CPU.
+
+    >>> multi_tensor_dot([torch.ones(3)], [torch.full((3,), 2.0)])
+    tensor(6.)
+    """
+    a, b = list(a), list(b)
+    if EXTENSION_AVAILABLE:
+        return torch.ops.hyperlr_ext.multi_tensor_dot(a, b)
+    return _multi_tensor_dot_fallback(a, b)
+
+
+def _multi_tensor_dot_fake(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    _check_dot_args(a, b)
+    if not a:
+        return torch.empty((), dtype=torch.float32)
+    return a[0].new_empty((), dtype=_dot_result_dtype(a[0].dtype))
+
+
+def _multi_tensor_dot_setup_context(ctx, inputs, output) -> None:
+    a, b = inputs
+    ctx.num_tensors = len(a)
+    ctx.save_for_backward(*a, *b)
+
+
+def _multi_tensor_dot_backward(ctx, grad: Tensor):
+    saved = ctx.saved_tensors
+    a, b = saved[: ctx.num_tensors], saved[ctx.num_tensors :]
+    # d/da_i sum_j <a_j, b_j> = b_i (and symmetrically), in each input's shape and dtype.
+    grad_a = [(grad * y.to(grad.dtype)).reshape(x.shape).to(x.dtype) for x, y in zip(a, b)]
+    grad_b = [(grad * x.to(grad.dtype)).reshape(y.shape).to(y.dtype) for x, y in zip(a, b)]
+    return grad_a, grad_b
+
+
+if EXTENSION_AVAILABLE:
+    torch.library.register_fake("hyperlr_ext::multi_tensor_dot")(_multi_tensor_dot_fake)
+    torch.library.register_autograd(
+        "hyperlr_ext::multi_tensor_dot",
+        _multi_tensor_dot_backward,
+        setup_context=_multi_tensor_dot_setup_context,
+    )
