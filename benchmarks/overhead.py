@@ -1,0 +1,296 @@
+"""Overhead benchmark: optimizer step time of SGDHD/AdamHD against torch.optim SGD/Adam.
+
+For each total size (fp32 parameters) split into N equal tensors, every variant steps the same
+parameters with the same fixed random gradients. Variants are timed round-robin (a few steps
+each, again and again), so torch's baseline and ours are measured side by side under the same
+machine load; the reported time is the median step. Achieved bandwidth counts the minimal bytes of
+DESIGN.md §5 (reads + writes per element: torch SGD-momentum 5, Adam 7; HD exact adds a
+dot-product pass of 2 (SGD) or 3 (Adam) elements, ``lr_lag=1`` adds nothing).
+
+    python -m benchmarks.overhead --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+SIZES = (1_000_000, 10_000_000, 50_000_000)
+COUNTS = (10, 1000)
+BASELINE = {"sgd": "torch SGD", "adam": "torch Adam"}
+# foreach and fused as asked for; the for-loop is what both torch and hyperlr_ext default to on CPU.
+IMPLS: dict[str, dict[str, bool]] = {
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+    "for-loop": {"foreach": False},
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One optimizer to time; ``impl`` is a key of ``IMPLS``; ``bytes_per_elem``: DESIGN.md §5."""
+
+    name: str
+    family: str
+    impl: str
+    bytes_per_elem: int
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
+def variants() -> list[Variant]:
+    """torch SGD(momentum=0.9)/Adam, SGDHD(momentum=0.9)/AdamHD exact and lr_lag=1, per ``IMPLS``.
+
+    The hyper-LRs are tiny so that weights stay finite over thousands of steps with a fixed
+    gradient; the step does the same work whatever their value.
+    """
+    import hyperlr_ext as hx
+
+    out = []
+    for impl, flag in IMPLS.items():
+        out += [
+            Variant(
+                "torch SGD",
+                "sgd",
+                impl,
+                5,
+                lambda p, f=flag: torch.optim.SGD(p, lr=1e-4, momentum=0.9, **f),
+            ),
+            Variant(
+                "SGDHD",
+                "sgd",
+                impl,
+                7,
+                lambda p, f=flag: hx.SGDHD(p, lr=1e-4, hyper_lr=1e-14, momentum=0.9, **f),
+            ),
+            Variant(
+                "SGDHD lag=1",
+                "sgd",
+                impl,
+                5,
+                lambda p, f=flag: hx.SGDHD(p, lr=1e-4, hyper_lr=1e-14, momentum=0.9, lr_lag=1, **f),
+            ),
+            Variant(
+                "torch Adam", "adam", impl, 7, lambda p, f=flag: torch.optim.Adam(p, lr=1e-4, **f)
+            ),
+            Variant(
+                "AdamHD",
+                "adam",
+                impl,
+                10,
+                lambda p, f=flag: hx.AdamHD(p, lr=1e-4, hyper_lr=1e-14, **f),
+            ),
+            Variant(
+                "AdamHD lag=1",
+                "adam",
+                impl,
+                7,
+                lambda p, f=flag: hx.AdamHD(p, lr=1e-4, hyper_lr=1e-14, lr_lag=1, **f),
+            ),
+        ]
+    return out
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Device name, CPU model, thread count, torch and hyperlr_ext versions, date."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(
+                (
+                    line.split(":", 1)[1].strip()
+                    for line in cpuinfo
+                    if line.startswith("model name")
+                ),
+                cpu,
+            )
+    except OSError:
+        pass
+    try:
+        import hyperlr_ext as hx
+
+        hx_version = str(getattr(hx, "__version__", "unknown"))
+    except ImportError as error:
+        hx_version = f"not importable: {error}"
+    return {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu,
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "hyperlr_ext_version": hx_version,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+class Timer:
+    """Wall time of one call: perf_counter on CPU, CUDA events and a synchronize on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        start_s = time.perf_counter()
+        fn()
+        return time.perf_counter() - start_s
+
+
+def copy_bandwidth(numel: int, device: torch.device, repeats: int = 5) -> float:
+    """Reference bandwidth in GB/s of ``dst.copy_(src)`` (4 bytes read + 4 written per element)."""
+    src, dst = torch.rand(numel, device=device), torch.empty(numel, device=device)
+    timer = Timer(device)
+    dst.copy_(src)
+    return (
+        8 * numel / statistics.median(timer(lambda: dst.copy_(src)) for _ in range(repeats)) / 1e9
+    )
+
+
+def time_config(
+    total: int,
+    count: int,
+    device: torch.device,
+    min_time_s: float,
+    max_steps: int,
+    steps_per_round: int = 2,
+    warmup: int = 2,
+) -> list[dict[str, Any]]:
+    """Time every variant on ``count`` tensors holding ``total`` parameters; one row per variant."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    sizes = [total // count + (i < total % count) for i in range(count)]
+    params = [torch.zeros(n, device=device, requires_grad=True) for n in sizes]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=gen)
+    timer = Timer(device)
+    rows, timed = [], []
+    for v in variants():
+        row = {
+            "total_params": total,
+            "n_tensors": count,
+            "variant": v.name,
+            "family": v.family,
+            "impl": v.impl,
+            "bytes_per_elem": v.bytes_per_elem,
+        }
+        try:
+            opt = v.make(params)
+            for _ in range(warmup):
+                opt.step()
+        except (RuntimeError, ValueError, NotImplementedError, TypeError) as error:
+            row["unsupported"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            rows.append(row)
+            continue
+        rows.append(row)
+        timed.append((row, opt, []))
+    start = time.perf_counter()
+    while (
+        timed
+        and (len(timed[0][2]) < max_steps)
+        and (time.perf_counter() - start < min_time_s or len(timed[0][2]) < 3 * steps_per_round)
+    ):
+        for _, opt, times in timed:  # round-robin: every variant sees the same machine state
+            times += [timer(opt.step) for _ in range(steps_per_round)]
+    for row, opt, times in timed:
+        row["ms"] = 1e3 * statistics.median(times)
+        row["ms_min"] = 1e3 * min(times)
+        row["steps_timed"] = len(times)
+        row["gb_per_s"] = total * 4 * row["bytes_per_elem"] / (row["ms"] / 1e3) / 1e9
+    for row in rows:
+        base = next(
+            r for r in rows if r["variant"] == BASELINE[row["family"]] and r["impl"] == row["impl"]
+        )
+        if "ms" in row and "ms" in base:
+            row["ratio_vs_torch"] = row["ms"] / base["ms"]
+    del timed, params
+    gc.collect()
+    return rows
+
+
+def run_overhead(
+    device: str = "cpu",
+    sizes: tuple[int, ...] = SIZES,
+    counts: tuple[int, ...] = COUNTS,
+    min_time_s: float = 4.0,
+    max_steps: int = 200,
+    skip: tuple[tuple[int, int], ...] = (),
+) -> dict[str, Any]:
+    """Time every (size, count) configuration not in ``skip``; return the JSON-ready results."""
+    dev = torch.device(device)
+    configs = [(s, c) for s in sizes for c in counts if (s, c) not in skip]
+    result: dict[str, Any] = {
+        "environment": environment(device),
+        "method": {
+            "timing": "median step over round-robin rounds after warm-up",
+            "min_time_s_per_config": min_time_s,
+            "max_steps": max_steps,
+            "dtype": "float32",
+            "grads": "fixed, N(0, 1)",
+            "bytes_per_elem": "DESIGN.md §5 minimal reads + writes per element",
+        },
+        "copy_numel": max(sizes),
+        "copy_bandwidth_gb_per_s": copy_bandwidth(max(sizes), dev),
+        "skipped": [
+            {"total_params": s, "n_tensors": c, "reason": "CPU time budget"} for s, c in skip
+        ],
+        "rows": [],
+    }
+    for total, count in tqdm(configs, desc="overhead", unit="config", dynamic_ncols=True):
+        result["rows"] += time_config(total, count, dev, min_time_s, max_steps)
+    return result
+
+
+def _parse_sizes(text: str) -> tuple[int, ...]:
+    return tuple(
+        int(float(s.rstrip("Mm")) * 1e6) if s[-1] in "Mm" else int(s) for s in text.split(",")
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m benchmarks.overhead [--device cuda] [--sizes 1M,10M] ...``."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--sizes", type=_parse_sizes, default=SIZES, help="total parameters, e.g. 1M,10M,50M"
+    )
+    parser.add_argument(
+        "--counts",
+        type=lambda s: tuple(map(int, s.split(","))),
+        default=COUNTS,
+        help="tensors per size, e.g. 10,1000",
+    )
+    parser.add_argument(
+        "--min-time", type=float, default=4.0, help="seconds of timed rounds per configuration"
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    from benchmarks.overhead_report import write_overhead
+
+    result = run_overhead(args.device, args.sizes, args.counts, args.min_time)
+    for path in write_overhead(result, args.out):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Markdown and JSON output of the overhead benchmark (``overhead_<device>.md`` / ``.json``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n / 1e6:g}M"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The ``overhead_<device>.md`` text: ms/step, ratio vs torch and GB/s per configuration."""
+    env, rows = result["environment"], result["rows"]
+    configs = list(dict.fromkeys((r["total_params"], r["n_tensors"]) for r in rows))
+    names = list(dict.fromkeys((r["variant"], r["impl"]) for r in rows))
+    lines = [
+        f"# Optimizer step overhead on {env['device']} ({env['device_name']})",
+        "",
+        f"torch {env['torch_version']}, hyperlr_ext {env['hyperlr_ext_version']}, "
+        f"{env['torch_threads']} threads, {env['date']}. fp32, fixed random gradients; median step "
+        "time of steps timed round-robin across variants. Ratio = ours / torch.optim with the same "
+        "implementation (foreach, fused or for-loop), measured side by side. GB/s = DESIGN.md §5 "
+        f"minimal bytes / time; `copy_` of {_fmt_size(result['copy_numel'])} floats reaches "
+        f"{result['copy_bandwidth_gb_per_s']:.1f} GB/s here.",
+    ]
+    if result["skipped"]:
+        skipped = ", ".join(
+            f"{_fmt_size(s['total_params'])}×{s['n_tensors']} ({s['reason']})"
+            for s in result["skipped"]
+        )
+        lines += ["", f"Skipped: {skipped}."]
+    unsupported = {(r["variant"], r["impl"]): r["unsupported"] for r in rows if "unsupported" in r}
+    for message in dict.fromkeys(unsupported.values()):
+        who = ", ".join(f"{n} ({i})" for (n, i), m in unsupported.items() if m == message)
+        short = message if len(message) <= 120 else message[:120] + "…"
+        lines += ["", f"Not available here: {who}: `{short}`"]
+    header = (
+        "| optimizer | impl | bytes/elem | "
+        + " | ".join(f"{_fmt_size(s)} × {c}" for s, c in configs)
+        + " |"
+    )
+    rule = "|---|---|---|" + "---|" * len(configs)
+    for title, cell in (
+        ("ms per step (ratio vs torch)", lambda r: f"{r['ms']:.2f} ({r['ratio_vs_torch']:.2f}×)"),
+        ("achieved bandwidth, GB/s", lambda r: f"{r['gb_per_s']:.1f}"),
+    ):
+        lines += ["", f"## {title}", "", header, rule]
+        for name, impl in names:
+            if (name, impl) in unsupported:
+                continue
+            by_config = {
+                (r["total_params"], r["n_tensors"]): r
+                for r in rows
+                if r["variant"] == name and r["impl"] == impl
+            }
+            bpe = next(iter(by_config.values()))["bytes_per_elem"]
+            cells = [cell(by_config[c]) if "ms" in by_config.get(c, {}) else "—" for c in configs]
+            lines.append(f"| {name} | {impl} | {bpe} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_overhead(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``overhead_<device>.json`` and ``.md`` into ``out_dir``; return the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = result["environment"]["device"].split(":")[0]
+    json_path, md_path = out_dir / f"overhead_{tag}.json", out_dir / f"overhead_{tag}.md"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path.write_text(markdown(result))
+    return [json_path, md_path]
