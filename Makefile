@@ -1,0 +1,49 @@
+# The two commands of the README: `make test` and `make bench`. Each creates .venv if missing,
+# installs torch and this package into it (compiling csrc/, CUDA kernels included when nvcc is
+# found), then runs. Incremental: the CMake build tree lives in build/ and is reused.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_SPEC ?= torch==2.14.1
+NPROC := $(shell nproc 2>/dev/null || echo 2)
+# What `make bench` passes to `python -m benchmarks`, e.g. make bench BENCH_ARGS="--help".
+BENCH_ARGS ?=
+
+# Runs module $(1) with the repo root at the END of sys.path: `python -m` from here would put the
+# source tree first and import its hyperlr_ext, which has no compiled _C (the fallback path).
+RUN_MODULE = $(PY) -c "import os, runpy, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())] + [os.getcwd()]; runpy.run_module('$(1)', run_name='__main__', alter_sys=True)"
+
+.PHONY: venv install test bench lint clean distclean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch and the build tools, only when missing (a repeat run costs one interpreter start).
+venv: $(PY)
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'scikit_build_core', 'pybind11', 'ninja', 'cmake')))" \
+	  || $(PIP) install "$(TORCH_SPEC)" scikit-build-core pybind11 ninja "cmake>=3.26"
+
+install: venv
+	CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) $(PIP) install --no-build-isolation ".[test,bench]"
+
+# .venv/bin/pytest does not put the working directory on sys.path: the tests import the installed
+# package (with its compiled _C), not the source tree.
+test: install
+	HYPERLR_REQUIRE_EXTENSION=1 $(VENV)/bin/pytest -q
+
+bench: install
+	$(call RUN_MODULE,benchmarks) $(BENCH_ARGS)
+
+lint:
+	@if [ -x $(VENV)/bin/ruff ]; then $(VENV)/bin/ruff check .; \
+	elif command -v ruff >/dev/null 2>&1; then ruff check .; \
+	else echo "ruff is not installed: lint skipped"; fi
+
+clean:
+	rm -rf build/ *.egg-info .pytest_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+	find hyperlr_ext -name '*.so' -delete
+
+distclean: clean
+	rm -rf $(VENV)
