@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -50,12 +52,19 @@ def main(argv: list[str] | None = None) -> None:
     """Run the selected benchmarks and write JSON, markdown and PNGs under ``--out``."""
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.device == "cpu" and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        print(
+            f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other work "
+            "is running, CPU timings will be noisy",
+            file=sys.stderr,
+        )
     start = time.perf_counter()
     written: list[Path] = []
     if args.only in (None, "quality"):
         cfg = quality.QUICK if args.quick else quality.QualityConfig()
+        env = overhead.environment(args.device)
         results = quality.run_quality(cfg, args.device)
-        results["environment"] = overhead.environment(args.device)
+        results["environment"] = {**env, "load_average_at_end": os.getloadavg()}
         path = args.out / "quality.json"
         path.write_text(json.dumps(results) + "\n")
         written += [path, *write_quality_report(results, args.out)]

@@ -133,7 +133,7 @@ def environment(device: str) -> dict[str, Any]:
         "hyperlr_ext_version": hx_version,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "load_average_at_start": os.getloadavg(),
     }
 
 
@@ -166,63 +166,69 @@ def copy_bandwidth(numel: int, device: torch.device, repeats: int = 5) -> float:
     )
 
 
+def _time_round_robin(
+    timed: list[tuple[dict[str, Any], torch.optim.Optimizer, list[float]]],
+    timer: Timer,
+    min_time_s: float,
+    min_rounds: int,
+    max_rounds: int,
+) -> None:
+    """Step every optimizer once per round, round after round, appending each step's time."""
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < min_time_s):
+        for _, optimizer, times in timed:  # every variant sees the same machine state
+            times.append(timer(optimizer.step))
+        rounds += 1
+
+
 def time_config(
     total: int,
     count: int,
     device: torch.device,
     min_time_s: float,
-    max_steps: int,
-    steps_per_round: int = 2,
-    warmup: int = 2,
+    min_rounds: int = 5,
+    max_rounds: int = 100,
+    warmup: int = 1,
 ) -> list[dict[str, Any]]:
-    """Time every variant on ``count`` tensors holding ``total`` parameters; one row per variant."""
+    """Time every variant on ``count`` tensors holding ``total`` parameters; one row per variant.
+
+    One family (SGD, then Adam) at a time, to hold only that family's optimizer states in memory.
+    """
     gen = torch.Generator(device=device).manual_seed(0)
     sizes = [total // count + (i < total % count) for i in range(count)]
     params = [torch.zeros(n, device=device, requires_grad=True) for n in sizes]
     for p in params:
         p.grad = torch.randn(p.shape, device=device, generator=gen)
     timer = Timer(device)
-    rows, timed = [], []
-    for v in variants():
-        row = {
-            "total_params": total,
-            "n_tensors": count,
-            "variant": v.name,
-            "family": v.family,
-            "impl": v.impl,
-            "bytes_per_elem": v.bytes_per_elem,
-        }
-        try:
-            opt = v.make(params)
-            for _ in range(warmup):
-                opt.step()
-        except (RuntimeError, ValueError, NotImplementedError, TypeError) as error:
-            row["unsupported"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    rows: list[dict[str, Any]] = []
+    for family in BASELINE:
+        timed = []
+        for v in (v for v in variants() if v.family == family):
+            row = {"total_params": total, "n_tensors": count, "variant": v.name}
+            row.update(family=family, impl=v.impl, bytes_per_elem=v.bytes_per_elem)
             rows.append(row)
-            continue
-        rows.append(row)
-        timed.append((row, opt, []))
-    start = time.perf_counter()
-    while (
-        timed
-        and (len(timed[0][2]) < max_steps)
-        and (time.perf_counter() - start < min_time_s or len(timed[0][2]) < 3 * steps_per_round)
-    ):
-        for _, opt, times in timed:  # round-robin: every variant sees the same machine state
-            times += [timer(opt.step) for _ in range(steps_per_round)]
-    for row, opt, times in timed:
-        row["ms"] = 1e3 * statistics.median(times)
-        row["ms_min"] = 1e3 * min(times)
-        row["steps_timed"] = len(times)
-        row["gb_per_s"] = total * 4 * row["bytes_per_elem"] / (row["ms"] / 1e3) / 1e9
+            try:
+                optimizer = v.make(params)
+                for _ in range(warmup):  # allocates the state; HD's first step has h_0 = 0
+                    optimizer.step()
+            except (RuntimeError, ValueError, NotImplementedError, TypeError) as error:
+                row["unsupported"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                continue
+            timed.append((row, optimizer, []))
+        _time_round_robin(timed, timer, min_time_s, min_rounds, max_rounds)
+        for row, _, times in timed:
+            row["ms"] = 1e3 * statistics.median(times)
+            row["ms_min"] = 1e3 * min(times)
+            row["steps_timed"] = len(times)
+            row["gb_per_s"] = total * 4 * row["bytes_per_elem"] / (row["ms"] / 1e3) / 1e9
+        del timed
+        gc.collect()
     for row in rows:
         base = next(
             r for r in rows if r["variant"] == BASELINE[row["family"]] and r["impl"] == row["impl"]
         )
         if "ms" in row and "ms" in base:
             row["ratio_vs_torch"] = row["ms"] / base["ms"]
-    del timed, params
-    gc.collect()
     return rows
 
 
@@ -230,8 +236,7 @@ def run_overhead(
     device: str = "cpu",
     sizes: tuple[int, ...] = SIZES,
     counts: tuple[int, ...] = COUNTS,
-    min_time_s: float = 4.0,
-    max_steps: int = 200,
+    min_time_s: float = 3.0,
     skip: tuple[tuple[int, int], ...] = (),
 ) -> dict[str, Any]:
     """Time every (size, count) configuration not in ``skip``; return the JSON-ready results."""
@@ -240,9 +245,10 @@ def run_overhead(
     result: dict[str, Any] = {
         "environment": environment(device),
         "method": {
-            "timing": "median step over round-robin rounds after warm-up",
-            "min_time_s_per_config": min_time_s,
-            "max_steps": max_steps,
+            "timing": "median step of round-robin rounds (one step per variant) after warm-up",
+            "min_time_s_per_family_and_config": min_time_s,
+            "min_rounds": 5,
+            "warmup_steps": 1,
             "dtype": "float32",
             "grads": "fixed, N(0, 1)",
             "bytes_per_elem": "DESIGN.md §5 minimal reads + writes per element",
@@ -255,7 +261,8 @@ def run_overhead(
         "rows": [],
     }
     for total, count in tqdm(configs, desc="overhead", unit="config", dynamic_ncols=True):
-        result["rows"] += time_config(total, count, dev, min_time_s, max_steps)
+        result["rows"] += time_config(total, count, dev, min_time_s)
+    result["environment"]["load_average_at_end"] = os.getloadavg()
     return result
 
 
@@ -281,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         help="tensors per size, e.g. 10,1000",
     )
     parser.add_argument(
-        "--min-time", type=float, default=4.0, help="seconds of timed rounds per configuration"
+        "--min-time", type=float, default=3.0, help="seconds of timed rounds per configuration"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)

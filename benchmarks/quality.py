@@ -92,7 +92,7 @@ class QualityConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 20
     batch_size: int = 128
-    log_every: int = 4  # train loss averaged, and effective LR sampled, every this many steps
+    log_every: int = 8  # train loss averaged, and effective LR sampled, every this many steps
 
 
 QUICK = QualityConfig(seeds=(0,), epochs=2, log_every=2)

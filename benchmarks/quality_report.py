@@ -72,6 +72,14 @@ def markdown(results: dict[str, Any]) -> str:
         "applied (`effective_lr` for HD). Time per epoch is relative to SGD on the same model "
         "(median epoch, warm-up epoch left out) and includes reading loss and LR back each step.",
     ]
+    env = results.get("environment")
+    if env:
+        lines.append(
+            f"torch {env['torch_version']}, hyperlr_ext {env['hyperlr_ext_version']}, "
+            f"{env['device_name']}, {env['torch_threads']} threads, {env['date']}; load average "
+            f"(1 min) {env['load_average_at_start'][0]:.2f} at start, "
+            f"{env['load_average_at_end'][0]:.2f} at end."
+        )
     for model, rows in summarize(results).items():
         sgd_time = next(
             (r["epoch_time_s"][0] for r in rows if r["name"] == "SGD"), rows[0]["epoch_time_s"][0]
