@@ -4,8 +4,10 @@
 #include "ops.h"
 
 #include <ATen/Functions.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <pybind11/pybind11.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <string>
@@ -89,6 +91,52 @@ at::Tensor multi_tensor_dot_composite(at::TensorList a, at::TensorList b) {
   return total;
 }
 
+at::Tensor call_multi_tensor_dot(at::TensorList a, at::TensorList b) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("hyperlr_ext::multi_tensor_dot", "")
+                             .typed<at::Tensor(at::TensorList, at::TensorList)>();
+  return op.call(a, b);
+}
+
+// d/da_i sum_j <a_j, b_j> = b_i and d/db_i = a_i, in each input's shape and dtype. A C++ autograd
+// kernel (not torch.library.register_autograd) keeps the Autograd dispatch key cheap: calls under
+// no_grad, as in an optimizer step, pay no Python.
+class MultiTensorDotFunction : public torch::autograd::Function<MultiTensorDotFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::TensorList a,
+                            at::TensorList b) {
+    std::vector<at::Tensor> inputs(a.begin(), a.end());
+    inputs.insert(inputs.end(), b.begin(), b.end());
+    ctx->save_for_backward(inputs);
+    ctx->saved_data["num_tensors"] = static_cast<int64_t>(a.size());
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_multi_tensor_dot(a, b);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const std::vector<at::Tensor> inputs = ctx->get_saved_variables();
+    const size_t n = static_cast<size_t>(ctx->saved_data["num_tensors"].toInt());
+    const at::Tensor& grad = grad_outputs[0];
+    torch::autograd::variable_list grads(2 * n);
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& a_i = inputs[i];
+      const at::Tensor& b_i = inputs[n + i];
+      grads[i] = grad.mul(b_i.to(grad.scalar_type()))
+                     .reshape_symint(a_i.sym_sizes())
+                     .to(a_i.scalar_type());
+      grads[n + i] = grad.mul(a_i.to(grad.scalar_type()))
+                         .reshape_symint(b_i.sym_sizes())
+                         .to(b_i.scalar_type());
+    }
+    return grads;
+  }
+};
+
+at::Tensor multi_tensor_dot_autograd(at::TensorList a, at::TensorList b) {
+  return MultiTensorDotFunction::apply(a, b);
+}
+
 }  // namespace
 }  // namespace hyperlr
 
@@ -100,6 +148,10 @@ TORCH_LIBRARY(hyperlr_ext, m) {
 
 TORCH_LIBRARY_IMPL(hyperlr_ext, CompositeExplicitAutograd, m) {
   m.impl("multi_tensor_dot", &hyperlr::multi_tensor_dot_composite);
+}
+
+TORCH_LIBRARY_IMPL(hyperlr_ext, Autograd, m) {
+  m.impl("multi_tensor_dot", &hyperlr::multi_tensor_dot_autograd);
 }
 
 #ifndef HYPERLR_TORCH_VERSION

@@ -70,7 +70,8 @@ BUILT_WITH_TORCH: str | None = _C.built_with_torch() if _C is not None else None
 if BUILT_WITH_TORCH is not None and BUILT_WITH_TORCH != torch.__version__:
     warnings.warn(
         f"hyperlr_ext._C was compiled against torch {BUILT_WITH_TORCH} but torch "
-        f"{torch.__version__} is installed; if its ops misbehave, {_REINSTALL_HINT}.",
+        f"{torch.__version__} is installed, and torch has no stable C++ ABI across versions. "
+        f"{_REINSTALL_HINT}.",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -182,25 +183,6 @@ def _multi_tensor_dot_fake(a: list[Tensor], b: list[Tensor]) -> Tensor:
     return a[0].new_empty((), dtype=_dot_result_dtype(a[0].dtype))
 
 
-def _multi_tensor_dot_setup_context(ctx, inputs, output) -> None:
-    a, b = inputs
-    ctx.num_tensors = len(a)
-    ctx.save_for_backward(*a, *b)
-
-
-def _multi_tensor_dot_backward(ctx, grad: Tensor):
-    saved = ctx.saved_tensors
-    a, b = saved[: ctx.num_tensors], saved[ctx.num_tensors :]
-    # d/da_i sum_j <a_j, b_j> = b_i (and symmetrically), in each input's shape and dtype.
-    grad_a = [(grad * y.to(grad.dtype)).reshape(x.shape).to(x.dtype) for x, y in zip(a, b)]
-    grad_b = [(grad * x.to(grad.dtype)).reshape(y.shape).to(y.dtype) for x, y in zip(a, b)]
-    return grad_a, grad_b
-
-
 if EXTENSION_AVAILABLE:
+    # Autograd is registered in C++ (csrc/ops.cpp), so a call under no_grad stays in C++.
     torch.library.register_fake("hyperlr_ext::multi_tensor_dot")(_multi_tensor_dot_fake)
-    torch.library.register_autograd(
-        "hyperlr_ext::multi_tensor_dot",
-        _multi_tensor_dot_backward,
-        setup_context=_multi_tensor_dot_setup_context,
-    )

@@ -29,6 +29,10 @@ needs_extension = pytest.mark.skipif(
     reason=f"compiled extension unavailable: {_ops.EXTENSION_ERROR}",
 )
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# test_cuda_kernel_compiled fails for a CPU-only build on a GPU machine; the rest skip.
+needs_cuda_kernels = pytest.mark.skipif(
+    not _ops.CUDA_COMPILED, reason="hyperlr_ext._C was built without its CUDA kernels"
+)
 
 
 def dot_op(a, b):
@@ -392,6 +396,7 @@ def test_cuda_kernel_compiled():
 @pytest.mark.gpu
 @needs_cuda
 @needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("dtype,name", sample_params())
 def test_opcheck_cuda(dtype, name):
     a, b = get_sample(name, device="cuda", dtype=dtype)
@@ -401,6 +406,7 @@ def test_opcheck_cuda(dtype, name):
 @pytest.mark.gpu
 @needs_cuda
 @needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("dtype,name", sample_params())
 def test_cuda_matches_fp64_and_cpu_bitwise(dtype, name):
     seed = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh data every run
@@ -418,6 +424,7 @@ def test_cuda_matches_fp64_and_cpu_bitwise(dtype, name):
 @pytest.mark.gpu
 @needs_cuda
 @needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_cuda_many_launches(dtype):
     """More tensors and chunks than one launch holds, a tensor split across launches."""
@@ -435,6 +442,7 @@ def test_cuda_many_launches(dtype):
 @pytest.mark.gpu
 @needs_cuda
 @needs_extension
+@needs_cuda_kernels
 def test_cuda_graph_capture():
     """No host synchronisation: the op can be captured and replayed in a CUDA graph."""
     a = [torch.randn(100_000, device="cuda"), torch.randn(7, device="cuda")]
