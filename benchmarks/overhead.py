@@ -121,8 +121,9 @@ def environment(device: str) -> dict[str, Any]:
         import hyperlr_ext as hx
 
         hx_version = str(getattr(hx, "__version__", "unknown"))
+        extension = bool(getattr(getattr(hx, "_ops", None), "EXTENSION_AVAILABLE", False))
     except ImportError as error:
-        hx_version = f"not importable: {error}"
+        hx_version, extension = f"not importable: {error}", False
     return {
         "device": device,
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu,
@@ -131,6 +132,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "hyperlr_ext_version": hx_version,
+        "hyperlr_ext_compiled_extension": extension,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_at_start": os.getloadavg(),

@@ -20,7 +20,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Optimizer step overhead on {env['device']} ({env['device_name']})",
         "",
-        f"torch {env['torch_version']}, hyperlr_ext {env['hyperlr_ext_version']}, "
+        f"torch {env['torch_version']}, hyperlr_ext {env['hyperlr_ext_version']} "
+        f"(compiled extension {'loaded' if env['hyperlr_ext_compiled_extension'] else 'absent'}), "
         f"{env['torch_threads']} threads, {env['date']}. fp32, fixed random gradients; median step "
         "time of steps timed round-robin across variants. Ratio = ours / torch.optim with the same "
         "implementation (foreach, fused or for-loop), measured side by side. GB/s = DESIGN.md §5 "
