@@ -18,31 +18,20 @@ __all__ = ["FUSED_ALGORITHMS", "check_fused_request", "choose_implementation"]
 FUSED_ALGORITHMS: frozenset[str] = frozenset()
 
 
-def _fused_unavailable_reason(algorithm: str) -> str | None:
-    from hyperlr_ext import _ops
-
-    if not _ops.EXTENSION_AVAILABLE:
-        return (
-            f"fused=True needs the compiled extension hyperlr_ext._C, which is unavailable: "
-            f"{_ops.EXTENSION_ERROR}. Reinstall with `pip install --no-build-isolation .` "
-            f"or use foreach=True (the pure-PyTorch path)."
-        )
-    if algorithm not in FUSED_ALGORITHMS:
-        return (
-            f"fused=True: this build has no fused kernel for {algorithm}; "
-            f"use foreach=True (the pure-PyTorch path)."
-        )
-    return None
-
-
 def check_fused_request(algorithm: str, foreach: bool | None, fused: bool | None) -> None:
     """Raise a clear error when ``fused=True`` cannot be honoured (called by constructors)."""
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    if fused:
-        reason = _fused_unavailable_reason(algorithm)
-        if reason is not None:
-            raise RuntimeError(reason)
+    if not fused:
+        return
+    from hyperlr_ext import _ops
+
+    _ops.require_extension(f"fused=True ({algorithm})")
+    if algorithm not in FUSED_ALGORITHMS:
+        raise RuntimeError(
+            f"fused=True: this build has no fused kernel for {algorithm}; "
+            f"use foreach=True (the pure-PyTorch path)."
+        )
 
 
 def choose_implementation(
