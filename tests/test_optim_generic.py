@@ -361,3 +361,50 @@ def test_val_closure_errors_are_clear(row):
         opt.step(val_closure=lambda: model(torch.randn(2, 5, dtype=torch.float64)))
     with pytest.raises(ValueError, match="require grad"):
         opt.step(val_closure=lambda: torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+def test_messages_begin_like_torch(row):
+    """Where torch.optim has a message for a case, ours starts the same way."""
+    p = [torch.zeros(2, requires_grad=True)]
+    cases = [
+        (dict(lr=-1.0), r"^Invalid learning rate: -1.0"),
+        (dict(weight_decay=-0.1), r"^Invalid weight_decay value: -0.1"),
+        (dict(lr=torch.tensor([1e-3, 1e-3])), r"^Tensor lr must be 1-element"),
+        (dict(lr=torch.tensor(1e-3)), r"^lr as a Tensor is not supported"),
+        (
+            dict(lr=torch.tensor(1e-3), foreach=True),
+            r"^lr as a Tensor is not supported for capturable=False and foreach=True",
+        ),
+    ]
+    if row.name == "SGDHD":
+        cases.append((dict(momentum=-0.5), r"^Invalid momentum value: -0.5"))
+    else:
+        cases += [
+            (dict(betas=(1.0, 0.0)), r"^Invalid beta parameter at index 0: 1.0"),
+            (dict(betas=(0.9, -0.1)), r"^Invalid beta parameter at index 1: -0.1"),
+            (dict(eps=-1.0), r"^Invalid epsilon value: -1.0"),
+            (dict(betas=(0.9, torch.tensor(0.99))), r"both floats or both Tensors"),
+            (dict(betas=(torch.tensor(0.9), torch.tensor(0.99))), r"^betas\[0\] as a Tensor"),
+        ]
+    for kwargs, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            row.cls(p, **kwargs)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+def test_load_state_dict_with_python_number_step(row):
+    """Checkpoints from torch < 1.12 keep "step" as a Python number."""
+    model, twin = make_model(), make_model()
+    opt = row.cls(model.parameters(), **row.configs[0])
+    train(model, opt, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    for state in saved["state"].values():
+        if "step" in state:
+            state["step"] = float(state["step"])
+    twin.load_state_dict(model.state_dict())
+    opt2 = row.cls(twin.parameters(), **row.configs[0])
+    opt2.load_state_dict(saved)
+    train(model, opt, 2, seed=9)
+    train(twin, opt2, 2, seed=9)
+    assert _params_equal(model, twin)

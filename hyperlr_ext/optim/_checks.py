@@ -8,7 +8,13 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["check_bool", "check_choice", "check_number", "check_optional_bool"]
+__all__ = [
+    "check_bool",
+    "check_choice",
+    "check_number",
+    "check_optional_bool",
+    "check_tensor_lr",
+]
 
 
 def check_number(
@@ -20,14 +26,18 @@ def check_number(
     high_inclusive: bool = False,
     label: str | None = None,
 ) -> float:
-    """Return ``value`` as a float if it is a real number in [low, high) (or [low, high])."""
-    prefix = f"Invalid {label or name} value: {value!r}"
+    """Return ``value`` as a float if it is a real number in [low, high) (or [low, high]).
+
+    The message starts as torch.optim's does (``label`` defaults to ``"<name> value"``, so
+    ``Invalid weight_decay value: -1``; pass ``"learning rate"`` for ``Invalid learning rate: -1``)
+    and goes on to name the argument and the accepted range.
+    """
+    prefix = f"Invalid {label or name + ' value'}: {value}"
     closing = "]" if high_inclusive else ")"
     accepted = f"{name} must be a finite number in [{low}, {high}{closing}"
     if isinstance(value, Tensor):
         raise ValueError(
-            f"{prefix}; {accepted}. Tensor values are not accepted: hyperlr_ext keeps the "
-            f"learned LR as a device tensor itself, so pass a Python float."
+            f"{prefix}; {accepted}. {name} as a Tensor is not supported: pass a Python float"
         )
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{prefix}; {accepted}, got type {type(value).__name__}")
@@ -36,6 +46,20 @@ def check_number(
     if not math.isfinite(value) or value < low or above:
         raise ValueError(f"{prefix}; {accepted}")
     return value
+
+
+def check_tensor_lr(lr: Any, *, foreach: bool | None, capturable: bool) -> None:
+    """Refuse a Tensor ``lr`` with torch.optim's wording: the learned LR is already a device
+    tensor, and ``group["lr"]`` must stay the float that schedulers scale it by."""
+    if not isinstance(lr, Tensor):
+        return
+    if lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    where = " for capturable=False and foreach=True" if foreach and not capturable else ""
+    raise ValueError(
+        f"lr as a Tensor is not supported{where} by hyperlr_ext optimizers: they learn the LR "
+        f"as a device tensor themselves; pass lr as a Python float"
+    )
 
 
 def check_bool(name: str, value: Any) -> bool:

@@ -22,7 +22,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from hyperlr_ext._dispatch import check_fused_request
-from hyperlr_ext.optim._checks import check_bool, check_choice, check_number, check_optional_bool
+from hyperlr_ext.optim._checks import (
+    check_bool,
+    check_choice,
+    check_number,
+    check_optional_bool,
+    check_tensor_lr,
+)
 
 __all__ = ["HDOptimizer"]
 
@@ -45,6 +51,7 @@ def check_hd_arguments(
     algorithm: str,
 ) -> None:
     """Checks common to every HD optimizer; run before ``params`` is touched."""
+    check_tensor_lr(lr, foreach=foreach, capturable=capturable)
     check_number("lr", lr, label="learning rate")
     check_number("hyper_lr", hyper_lr)
     check_number("weight_decay", weight_decay)
@@ -93,6 +100,7 @@ class HDOptimizer(Optimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Check settings a param group may override, and that its params share one device."""
+        check_tensor_lr(group["lr"], foreach=group["foreach"], capturable=group["capturable"])
         check_number("lr", group["lr"], label="learning rate")
         check_number("hyper_lr", group["hyper_lr"])
         check_choice("lr_lag", group["lr_lag"], (0, 1))
@@ -141,10 +149,18 @@ class HDOptimizer(Optimizer):
         group.setdefault("hd_stale", [])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Fill in settings missing from older state_dicts; a Python-number ``step`` (as saved
+        by torch < 1.12) becomes a device tensor in the LR's dtype."""
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+            _, dtype = self._hyper_device_dtype(group)
+            for p in group["params"]:
+                param_state = self.state.get(p, {})
+                step = param_state.get("step")
+                if step is not None and not isinstance(step, Tensor):
+                    param_state["step"] = torch.tensor(float(step), dtype=dtype, device=p.device)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's load, then hyper-state put back on the params' devices in its own dtype.

@@ -75,9 +75,17 @@ class AdamHD(HDOptimizer):
         )
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas value: {betas!r}; betas must be a pair of floats")
-        check_number("betas[0]", betas[0], high=1.0, label="beta parameter at index 0")
-        check_number("betas[1]", betas[1], high=1.0, label="beta parameter at index 1")
-        check_number("eps", eps, label="epsilon")
+        tensor_betas = [isinstance(b, torch.Tensor) for b in betas]
+        if any(tensor_betas) and not all(tensor_betas):
+            raise ValueError("betas must be either both floats or both Tensors")
+        if all(tensor_betas):
+            where = " for capturable=False and foreach=True" if foreach and not capturable else ""
+            raise ValueError(
+                f"betas[0] as a Tensor is not supported{where} by AdamHD; pass betas as floats"
+            )
+        for i, beta in enumerate(betas):
+            check_number(f"betas[{i}]", beta, high=1.0, label=f"beta parameter at index {i}")
+        check_number("eps", eps, label="epsilon value")
         check_bool("decoupled_weight_decay", decoupled_weight_decay)
         check_bool("amsgrad", amsgrad)
         defaults = dict(
