@@ -22,6 +22,7 @@ from torch import Tensor
 
 __all__ = [
     "apply_steps_",
+    "decayed_grads",
     "hd_rule_",
     "per_slot_sums",
     "slot_of",
@@ -122,3 +123,16 @@ def apply_steps_(
             param.addcmul_(direction, -step)
         else:
             param.copy_(param.to(step.dtype) - direction.to(step.dtype) * step)
+
+
+def decayed_grads(
+    grads: list[Tensor], params: list[Tensor], weight_decay: float, maximize: bool, foreach: bool
+) -> list[Tensor]:
+    """torch.optim's gradient preprocessing: negate for ``maximize``, then add L2 decay."""
+    if foreach:
+        out = torch._foreach_neg(grads) if maximize else list(grads)
+        return torch._foreach_add(out, params, alpha=weight_decay) if weight_decay != 0 else out
+    out = [torch.neg(g) for g in grads] if maximize else list(grads)
+    if weight_decay != 0:
+        out = [g.add(p, alpha=weight_decay) for g, p in zip(out, params)]
+    return out

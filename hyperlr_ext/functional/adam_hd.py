@@ -21,6 +21,7 @@ from torch import Tensor
 from hyperlr_ext._dispatch import choose_implementation
 from hyperlr_ext.functional._hd_rule import (
     apply_steps_,
+    decayed_grads,
     hd_rule_,
     per_slot_sums,
     slot_of,
@@ -82,9 +83,8 @@ def _adam_hd_impl(
     second_moments = max_exp_avg_sqs if amsgrad else exp_avg_sqs
 
     # 1. Gradients: training (with L2 decay unless decoupled) and the objective's.
-    grads = [torch.neg(g) for g in grads] if maximize else list(grads)
-    if weight_decay != 0 and not decoupled_weight_decay:
-        grads = [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)]
+    l2 = 0.0 if decoupled_weight_decay else weight_decay
+    grads = decayed_grads(grads, params, l2, maximize, foreach)
     if objective_grads is None:
         objective = grads
     else:

@@ -18,9 +18,9 @@ from torch import Tensor
 from hyperlr_ext._dispatch import choose_implementation
 from hyperlr_ext.functional._hd_rule import (
     apply_steps_,
+    decayed_grads,
     hd_rule_,
     per_slot_sums,
-    slot_of,
     tensor_dots,
     tensor_sq_norms,
 )
@@ -72,7 +72,55 @@ def _store_direction(prev_directions, i, direction):
         prev_directions[i].copy_(direction)
 
 
-def _single_tensor_sgd_hd(
+def _directions_for_loop(decayed, momentum_buffers, prev_directions, momentum, dampening, nesterov):
+    """torch.optim.SGD's update directions, one tensor at a time; updates the buffers."""
+    directions = []
+    for i, grad in enumerate(decayed):
+        direction = grad
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = torch.clone(grad).detach()
+                momentum_buffers[i] = buf
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            direction = grad.add(buf, alpha=momentum) if nesterov else buf
+        if momentum == 0 or nesterov:
+            _store_direction(prev_directions, i, direction)
+        directions.append(direction)
+    return directions
+
+
+def _directions_foreach(decayed, momentum_buffers, prev_directions, momentum, dampening, nesterov):
+    """The same directions with ``torch._foreach_*`` calls over the lists."""
+    directions = decayed
+    if momentum != 0:
+        new = [i for i, b in enumerate(momentum_buffers) if b is None]
+        old = [i for i, b in enumerate(momentum_buffers) if b is not None]
+        if old:
+            bufs = [momentum_buffers[i] for i in old]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, [decayed[i] for i in old], alpha=1 - dampening)
+        for i in new:
+            momentum_buffers[i] = torch.clone(decayed[i]).detach()
+        directions = (
+            torch._foreach_add(decayed, momentum_buffers, alpha=momentum)
+            if nesterov
+            else list(momentum_buffers)
+        )
+    if momentum == 0 or nesterov:
+        present = [i for i, d in enumerate(prev_directions) if d is not None]
+        if present:
+            torch._foreach_copy_(
+                [prev_directions[i] for i in present], [directions[i] for i in present]
+            )
+        for i, d in enumerate(prev_directions):
+            if d is None:
+                prev_directions[i] = directions[i].detach().clone()
+    return directions
+
+
+def _sgd_hd_impl(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
@@ -83,6 +131,7 @@ def _single_tensor_sgd_hd(
     effective_lrs: list[Tensor],
     objective_grads: list[Tensor] | None,
     *,
+    foreach: bool,
     lr_scale: float,
     prev_lr_scale: float,
     hyper_lr: float,
@@ -94,13 +143,10 @@ def _single_tensor_sgd_hd(
     lr_lag: int,
     maximize: bool,
 ) -> None:
+    if not params:
+        return
     # 1. The training gradient with L2 decay (the objective when there is no validation loss).
-    decayed = []
-    for param, grad in zip(params, grads):
-        grad = -grad if maximize else grad
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
-        decayed.append(grad)
+    decayed = decayed_grads(grads, params, weight_decay, maximize, foreach)
     objective = _objective_grads(decayed, objective_grads, maximize)
 
     # 2. The LR: reduce over every tensor of a slot first, then update it.
@@ -121,92 +167,21 @@ def _single_tensor_sgd_hd(
         effective.copy_(lr * lr_scale)
 
     # 3. torch.optim.SGD's step with the learned LR.
-    for i, param in enumerate(params):
-        grad = decayed[i]
-        direction = grad
-        if momentum != 0:
-            buf = momentum_buffers[i]
-            if buf is None:
-                buf = torch.clone(grad).detach()
-                momentum_buffers[i] = buf
-            else:
-                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-            direction = grad.add(buf, alpha=momentum) if nesterov else buf
-        if momentum == 0 or nesterov:
-            _store_direction(prev_directions, i, direction)
-        step = effective_lrs[slot_of(i, len(params), len(lrs))]
-        apply_steps_([param], [direction], [step], foreach=False)
-
-
-def _foreach_sgd_hd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    prev_directions: list[Tensor | None],
-    has_previous: list[bool],
-    lrs: list[Tensor],
-    hypergrads: list[Tensor],
-    effective_lrs: list[Tensor],
-    objective_grads: list[Tensor] | None,
-    *,
-    lr_scale: float,
-    prev_lr_scale: float,
-    hyper_lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    multiplicative: bool,
-    lr_lag: int,
-    maximize: bool,
-) -> None:
-    if not params:
-        return
-    decayed = torch._foreach_neg(grads) if maximize else list(grads)
-    if weight_decay != 0:
-        decayed = torch._foreach_add(decayed, params, alpha=weight_decay)
-    objective = _objective_grads(decayed, objective_grads, maximize)
-
-    previous = _previous_directions(
-        momentum_buffers, prev_directions, has_previous, momentum, nesterov
+    find_directions = _directions_foreach if foreach else _directions_for_loop
+    directions = find_directions(
+        decayed, momentum_buffers, prev_directions, momentum, dampening, nesterov
     )
-    applied = _update_hd_lrs(
-        objective,
-        previous,
-        lrs,
-        hypergrads,
-        hyper_lr=hyper_lr,
-        multiplicative=multiplicative,
-        prev_lr_scale=prev_lr_scale,
-        lr_lag=lr_lag,
-    )
-    torch._foreach_copy_(effective_lrs, torch._foreach_mul(applied, lr_scale))
+    apply_steps_(params, directions, effective_lrs, foreach=foreach)
 
-    directions = decayed
-    if momentum != 0:
-        new = [i for i, b in enumerate(momentum_buffers) if b is None]
-        old = [i for i, b in enumerate(momentum_buffers) if b is not None]
-        if old:
-            bufs = [momentum_buffers[i] for i in old]
-            torch._foreach_mul_(bufs, momentum)
-            torch._foreach_add_(bufs, [decayed[i] for i in old], alpha=1 - dampening)
-        for i in new:
-            momentum_buffers[i] = torch.clone(decayed[i]).detach()
-        directions = (
-            torch._foreach_add(decayed, momentum_buffers, alpha=momentum)
-            if nesterov
-            else list(momentum_buffers)
-        )
-    if momentum == 0 or nesterov:
-        missing = [i for i, d in enumerate(prev_directions) if d is None]
-        present = [i for i, d in enumerate(prev_directions) if d is not None]
-        if present:
-            torch._foreach_copy_(
-                [prev_directions[i] for i in present], [directions[i] for i in present]
-            )
-        for i in missing:
-            prev_directions[i] = directions[i].detach().clone()
-    apply_steps_(params, directions, effective_lrs, foreach=True)
+
+def _single_tensor_sgd_hd(*args, **kwargs) -> None:
+    """For-loop SGD-HD (the readable reference); same signature as :func:`_foreach_sgd_hd`."""
+    _sgd_hd_impl(*args, foreach=False, **kwargs)
+
+
+def _foreach_sgd_hd(*args, **kwargs) -> None:
+    """SGD-HD with the buffer updates and the step as ``torch._foreach_*`` calls."""
+    _sgd_hd_impl(*args, foreach=True, **kwargs)
 
 
 def sgd_hd(

@@ -59,7 +59,7 @@ class AdamHD(HDOptimizer):
         differentiable: bool = False,
         capturable: bool = False,
     ) -> None:
-        check_hd_arguments(
+        hd_settings = dict(
             lr=lr,
             hyper_lr=hyper_lr,
             weight_decay=weight_decay,
@@ -71,8 +71,8 @@ class AdamHD(HDOptimizer):
             fused=fused,
             differentiable=differentiable,
             capturable=capturable,
-            algorithm=self._algorithm,
         )
+        check_hd_arguments(algorithm=self._algorithm, **hd_settings)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas value: {betas!r}; betas must be a pair of floats")
         tensor_betas = [isinstance(b, torch.Tensor) for b in betas]
@@ -89,21 +89,11 @@ class AdamHD(HDOptimizer):
         check_bool("decoupled_weight_decay", decoupled_weight_decay)
         check_bool("amsgrad", amsgrad)
         defaults = dict(
-            lr=lr,
-            hyper_lr=hyper_lr,
+            hd_settings,
             betas=tuple(float(b) for b in betas),
             eps=eps,
-            weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
             amsgrad=amsgrad,
-            multiplicative=multiplicative,
-            per_tensor=per_tensor,
-            lr_lag=lr_lag,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-            differentiable=differentiable,
-            capturable=capturable,
         )
         super().__init__(params, defaults)
 

@@ -71,7 +71,7 @@ class SGDHD(HDOptimizer):
         differentiable: bool = False,
         capturable: bool = False,
     ) -> None:
-        check_hd_arguments(
+        hd_settings = dict(
             lr=lr,
             hyper_lr=hyper_lr,
             weight_decay=weight_decay,
@@ -83,8 +83,8 @@ class SGDHD(HDOptimizer):
             fused=fused,
             differentiable=differentiable,
             capturable=capturable,
-            algorithm=self._algorithm,
         )
+        check_hd_arguments(algorithm=self._algorithm, **hd_settings)
         check_number("momentum", momentum)
         check_number("dampening", dampening, high=1.0, high_inclusive=True)
         if check_bool("nesterov", nesterov) and (momentum <= 0 or dampening != 0):
@@ -92,22 +92,7 @@ class SGDHD(HDOptimizer):
                 "Nesterov momentum requires a momentum and zero dampening "
                 f"(got momentum={momentum}, dampening={dampening})"
             )
-        defaults = dict(
-            lr=lr,
-            hyper_lr=hyper_lr,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            multiplicative=multiplicative,
-            per_tensor=per_tensor,
-            lr_lag=lr_lag,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-            differentiable=differentiable,
-            capturable=capturable,
-        )
+        defaults = dict(hd_settings, momentum=momentum, dampening=dampening, nesterov=nesterov)
         super().__init__(params, defaults)
 
     def _step_group(self, group: dict[str, Any], objective_grads) -> None:
