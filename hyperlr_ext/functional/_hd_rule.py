@@ -23,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "apply_steps_",
     "decayed_grads",
+    "update_learned_lrs_",
     "hd_rule_",
     "per_slot_sums",
     "slot_of",
@@ -136,3 +137,41 @@ def decayed_grads(
     if weight_decay != 0:
         out = [g.add(p, alpha=weight_decay) for g, p in zip(out, params)]
     return out
+
+
+def update_learned_lrs_(
+    objective: list[Tensor],
+    previous: list[Tensor | None],
+    lrs: list[Tensor],
+    hypergrads: list[Tensor],
+    effective_lrs: list[Tensor],
+    *,
+    hyper_lr: float,
+    multiplicative: bool,
+    prev_lr_scale: float,
+    lr_scale: float,
+    lr_lag: int,
+) -> None:
+    """The HD half of a step: reduce <g_hat, d_{t-1}> (and the norms) over every tensor of each
+    slot, update the learned LRs, and write into ``effective_lrs`` the LR this step applies
+    (``lr_scale`` times eta_t, or eta_{t-1} with ``lr_lag=1``). A ``None`` in ``previous`` is a
+    tensor without d_{t-1}."""
+    acc_dtype, device, num_slots = lrs[0].dtype, lrs[0].device, len(lrs)
+    applied = [lr.clone() for lr in lrs] if lr_lag else lrs
+    dots = per_slot_sums(tensor_dots(objective, previous, acc_dtype), num_slots)
+    grad_sq = dir_sq = None
+    if multiplicative:
+        grad_sq = per_slot_sums(tensor_sq_norms(objective, acc_dtype, device), num_slots)
+        dir_sq = per_slot_sums(tensor_sq_norms(previous, acc_dtype, device), num_slots)
+    hd_rule_(
+        lrs,
+        hypergrads,
+        dots,
+        grad_sq,
+        dir_sq,
+        hyper_lr=hyper_lr,
+        multiplicative=multiplicative,
+        prev_lr_scale=prev_lr_scale,
+    )
+    for effective, lr in zip(effective_lrs, applied):
+        effective.copy_(lr * lr_scale)

@@ -22,11 +22,8 @@ from hyperlr_ext._dispatch import choose_implementation
 from hyperlr_ext.functional._hd_rule import (
     apply_steps_,
     decayed_grads,
-    hd_rule_,
-    per_slot_sums,
     slot_of,
-    tensor_dots,
-    tensor_sq_norms,
+    update_learned_lrs_,
 )
 
 __all__ = ["adam_hd"]
@@ -79,7 +76,6 @@ def _adam_hd_impl(
     if not params:
         return
     n, num_slots = len(params), len(lrs)
-    acc_dtype, device = lrs[0].dtype, lrs[0].device
     second_moments = max_exp_avg_sqs if amsgrad else exp_avg_sqs
 
     # 1. Gradients: training (with L2 decay unless decoupled) and the objective's.
@@ -108,25 +104,19 @@ def _adam_hd_impl(
         else None
         for i in range(n)
     ]
-    applied = [lr.clone() for lr in lrs] if lr_lag else lrs
-    dots = per_slot_sums(tensor_dots(objective, previous, acc_dtype), num_slots)
-    grad_sq = dir_sq = None
-    if multiplicative:
-        grad_sq = per_slot_sums(tensor_sq_norms(objective, acc_dtype, device), num_slots)
-        dir_sq = per_slot_sums(tensor_sq_norms(previous, acc_dtype, device), num_slots)
-    del previous
-    hd_rule_(
+    update_learned_lrs_(
+        objective,
+        previous,
         lrs,
         hypergrads,
-        dots,
-        grad_sq,
-        dir_sq,
+        effective_lrs,
         hyper_lr=hyper_lr,
         multiplicative=multiplicative,
         prev_lr_scale=prev_lr_scale,
+        lr_scale=lr_scale,
+        lr_lag=lr_lag,
     )
-    for effective, lr in zip(effective_lrs, applied):
-        effective.copy_(lr * lr_scale)
+    del previous
 
     # 3. torch.optim.Adam's moment updates and step with the learned LR.
     if foreach:

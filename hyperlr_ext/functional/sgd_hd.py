@@ -16,14 +16,7 @@ import torch
 from torch import Tensor
 
 from hyperlr_ext._dispatch import choose_implementation
-from hyperlr_ext.functional._hd_rule import (
-    apply_steps_,
-    decayed_grads,
-    hd_rule_,
-    per_slot_sums,
-    tensor_dots,
-    tensor_sq_norms,
-)
+from hyperlr_ext.functional._hd_rule import apply_steps_, decayed_grads, update_learned_lrs_
 
 __all__ = ["sgd_hd"]
 
@@ -32,31 +25,6 @@ def _objective_grads(grads, objective_grads, maximize):
     if objective_grads is None:
         return grads
     return [torch.neg(g) if maximize else g for g in objective_grads]
-
-
-def _update_hd_lrs(
-    objective, previous, lrs, hypergrads, *, hyper_lr, multiplicative, prev_lr_scale, lr_lag
-):
-    """Reduce <g_hat, d_{t-1}> per slot, update the LRs, return the LRs this step applies."""
-    acc_dtype = lrs[0].dtype
-    device = lrs[0].device
-    applied = [lr.clone() for lr in lrs] if lr_lag else lrs
-    dots = per_slot_sums(tensor_dots(objective, previous, acc_dtype), len(lrs))
-    grad_sq = dir_sq = None
-    if multiplicative:
-        grad_sq = per_slot_sums(tensor_sq_norms(objective, acc_dtype, device), len(lrs))
-        dir_sq = per_slot_sums(tensor_sq_norms(previous, acc_dtype, device), len(lrs))
-    hd_rule_(
-        lrs,
-        hypergrads,
-        dots,
-        grad_sq,
-        dir_sq,
-        hyper_lr=hyper_lr,
-        multiplicative=multiplicative,
-        prev_lr_scale=prev_lr_scale,
-    )
-    return applied
 
 
 def _previous_directions(momentum_buffers, prev_directions, has_previous, momentum, nesterov):
@@ -153,18 +121,18 @@ def _sgd_hd_impl(
     previous = _previous_directions(
         momentum_buffers, prev_directions, has_previous, momentum, nesterov
     )
-    applied = _update_hd_lrs(
+    update_learned_lrs_(
         objective,
         previous,
         lrs,
         hypergrads,
+        effective_lrs,
         hyper_lr=hyper_lr,
         multiplicative=multiplicative,
         prev_lr_scale=prev_lr_scale,
+        lr_scale=lr_scale,
         lr_lag=lr_lag,
     )
-    for effective, lr in zip(effective_lrs, applied):
-        effective.copy_(lr * lr_scale)
 
     # 3. torch.optim.SGD's step with the learned LR.
     find_directions = _directions_foreach if foreach else _directions_for_loop
