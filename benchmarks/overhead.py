@@ -17,6 +17,7 @@ import datetime
 import gc
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -168,6 +169,11 @@ def copy_bandwidth(numel: int, device: torch.device, repeats: int = 5) -> float:
     )
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (fresh memory touched: temporaries per step)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _time_round_robin(
     timed: list[tuple[dict[str, Any], torch.optim.Optimizer, list[float]]],
     timer: Timer,
@@ -175,11 +181,17 @@ def _time_round_robin(
     min_rounds: int,
     max_rounds: int,
 ) -> None:
-    """Step every optimizer once per round, round after round, appending each step's time."""
+    """Step every optimizer once per round, round after round, appending each step's time.
+
+    Also counts the page faults of each step: an optimizer that allocates full-size temporaries
+    every step pays for them here (the CPU allocator returns large blocks to the OS).
+    """
     start, rounds = time.perf_counter(), 0
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < min_time_s):
-        for _, optimizer, times in timed:  # every variant sees the same machine state
+        for row, optimizer, times in timed:  # every variant sees the same machine state
+            faults = _minor_faults()
             times.append(timer(optimizer.step))
+            row["page_faults"] = row.get("page_faults", 0) + _minor_faults() - faults
         rounds += 1
 
 
@@ -222,6 +234,7 @@ def time_config(
             row["ms"] = 1e3 * statistics.median(times)
             row["ms_min"] = 1e3 * min(times)
             row["steps_timed"] = len(times)
+            row["page_faults_per_step"] = row.pop("page_faults") / len(times)
             row["gb_per_s"] = total * 4 * row["bytes_per_elem"] / (row["ms"] / 1e3) / 1e9
         del timed
         gc.collect()

@@ -50,6 +50,10 @@ def markdown(result: dict[str, Any]) -> str:
     for title, cell in (
         ("ms per step (ratio vs torch)", lambda r: f"{r['ms']:.2f} ({r['ratio_vs_torch']:.2f}×)"),
         ("achieved bandwidth, GB/s", lambda r: f"{r['gb_per_s']:.1f}"),
+        (
+            "memory newly mapped per step, MB (page faults × 4 KiB: per-step temporaries)",
+            lambda r: f"{r['page_faults_per_step'] * 4096 / 1e6:.1f}",
+        ),
     ):
         lines += ["", f"## {title}", "", header, rule]
         for name, impl in names:
