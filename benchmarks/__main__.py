@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     written: list[Path] = []
     if args.only in (None, "quality"):
         cfg = quality.QUICK if args.quick else quality.QualityConfig()
-        env = overhead.environment(args.device)
+        env, other_load = overhead.environment(args.device), overhead.OtherLoad()
         results = quality.run_quality(cfg, args.device)
-        results["environment"] = {**env, "load_average_at_end": os.getloadavg()}
+        results["environment"] = {**env, "other_processes_cores": other_load.cores()}
         path = args.out / "quality.json"
         path.write_text(json.dumps(results) + "\n")
         written += [path, *write_quality_report(results, args.out)]

@@ -136,8 +136,35 @@ def environment(device: str) -> dict[str, Any]:
         "hyperlr_ext_compiled_extension": extension,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_at_start": os.getloadavg(),
+        "load_average_1min_at_start": os.getloadavg()[0],
     }
+
+
+class OtherLoad:
+    """CPU used by *other* processes while a benchmark runs: machine busy time minus our own.
+
+    The load average cannot tell, since it counts this process too. ``cores()`` is the average
+    number of cores other work kept busy since construction (0 on an idle machine; Linux only).
+    """
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        try:
+            with open("/proc/stat") as stat:
+                user, nice, system, _, _, irq, softirq = map(int, stat.readline().split()[1:8])
+            busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError):
+            busy = float("nan")
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter(), busy, own.ru_utime + own.ru_stime
+
+    def cores(self) -> float:
+        """Average number of cores busy with other processes so far."""
+        (wall0, busy0, own0), (wall1, busy1, own1) = self.start, self._sample()
+        return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
 
 
 class Timer:
@@ -256,6 +283,7 @@ def run_overhead(
 ) -> dict[str, Any]:
     """Time every (size, count) configuration not in ``skip``; return the JSON-ready results."""
     dev = torch.device(device)
+    other_load = OtherLoad()
     configs = [(s, c) for s in sizes for c in counts if (s, c) not in skip]
     result: dict[str, Any] = {
         "environment": environment(device),
@@ -277,7 +305,7 @@ def run_overhead(
     }
     for total, count in tqdm(configs, desc="overhead", unit="config", dynamic_ncols=True):
         result["rows"] += time_config(total, count, dev, min_time_s)
-    result["environment"]["load_average_at_end"] = os.getloadavg()
+    result["environment"]["other_processes_cores"] = other_load.cores()
     return result
 
 

@@ -14,7 +14,6 @@ def _fmt_size(n: int) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """The ``overhead_<device>.md`` text: ms/step, ratio vs torch and GB/s per configuration."""
     env, rows = result["environment"], result["rows"]
-    load_start, load_end = env["load_average_at_start"][0], env["load_average_at_end"][0]
     configs = list(dict.fromkeys((r["total_params"], r["n_tensors"]) for r in rows))
     names = list(dict.fromkeys((r["variant"], r["impl"]) for r in rows))
     lines = [
@@ -26,9 +25,9 @@ def markdown(result: dict[str, Any]) -> str:
         "time of steps timed round-robin across variants. Ratio = ours / torch.optim with the same "
         "implementation (foreach, fused or for-loop), measured side by side. GB/s = DESIGN.md §5 "
         f"minimal bytes / time; `copy_` of {_fmt_size(result['copy_numel'])} floats reaches "
-        f"{result['copy_bandwidth_gb_per_s']:.1f} GB/s here. Load average (1 min) at start "
-        f"{load_start:.2f}, at end {load_end:.2f} "
-        f"on {env['cpu_count']} cores (other work running makes CPU timings noisy).",
+        f"{result['copy_bandwidth_gb_per_s']:.1f} GB/s here. Other processes kept "
+        f"{env['other_processes_cores']:.2f} of {env['cpu_count']} cores busy on average during "
+        "the run (anything above ~0.1 makes CPU timings noisy).",
     ]
     if result["skipped"]:
         skipped = ", ".join(

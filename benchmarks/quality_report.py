@@ -76,9 +76,9 @@ def markdown(results: dict[str, Any]) -> str:
     if env:
         lines.append(
             f"torch {env['torch_version']}, hyperlr_ext {env['hyperlr_ext_version']}, "
-            f"{env['device_name']}, {env['torch_threads']} threads, {env['date']}; load average "
-            f"(1 min) {env['load_average_at_start'][0]:.2f} at start, "
-            f"{env['load_average_at_end'][0]:.2f} at end."
+            f"{env['device_name']}, {env['torch_threads']} threads, {env['date']}; other processes "
+            f"kept {env['other_processes_cores']:.2f} of {env['cpu_count']} cores busy on average "
+            "during the run (timings are noisy above ~0.1)."
         )
     for model, rows in summarize(results).items():
         sgd_time = next(
