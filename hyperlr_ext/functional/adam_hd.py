@@ -30,11 +30,11 @@ __all__ = ["adam_hd"]
 
 
 def _adam_direction(exp_avg, second_moment, step, beta1, beta2, eps):
-    """m_hat / (sqrt(v_hat) + eps), with torch.optim.Adam's operation order."""
+    """m_hat / (sqrt(v_hat) + eps), with torch.optim.Adam's denominator; one temporary."""
     bias_correction1 = 1 - torch.pow(beta1, step)
     bias_correction2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
-    denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
-    return (exp_avg / bias_correction1) / denom
+    direction = second_moment.sqrt().div_(bias_correction2_sqrt).add_(eps)
+    return torch.div(exp_avg, direction, out=direction).div_(bias_correction1)
 
 
 def _previous_direction(
