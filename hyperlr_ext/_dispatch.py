@@ -11,11 +11,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["FUSED_ALGORITHMS", "check_fused_request", "choose_implementation"]
+__all__ = [
+    "FUSED_ALGORITHMS",
+    "FUSED_DEVICES",
+    "check_fused_params",
+    "check_fused_request",
+    "choose_implementation",
+]
 
-# Algorithms that have a fused kernel in this build. The HD kernels arrive with the fused-kernel
-# work (csrc/cuda/*_hd.cu); until then the pure-PyTorch paths serve every device.
-FUSED_ALGORITHMS: frozenset[str] = frozenset()
+# Algorithms that have a fused kernel in this build (csrc/<algorithm>_cpu.cpp for the CPU,
+# csrc/cuda/<algorithm>.cu for CUDA); the others run the pure-PyTorch paths on every device.
+FUSED_ALGORITHMS: frozenset[str] = frozenset({"sgd_hd"})
+FUSED_DEVICES = ("cpu", "cuda")
+FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 def check_fused_request(algorithm: str, foreach: bool | None, fused: bool | None) -> None:
@@ -34,6 +42,33 @@ def check_fused_request(algorithm: str, foreach: bool | None, fused: bool | None
         )
 
 
+def check_fused_params(algorithm: str, params: list[Tensor]) -> None:
+    """Raise a clear error when the fused kernels cannot take these params (one param group).
+
+    Called by the constructors for every group and again by :func:`choose_implementation`, so a
+    ``fused=True`` request is honoured or refused, never silently downgraded.
+    """
+    if not params:
+        return
+    for p in params:
+        if p.device.type not in FUSED_DEVICES or not torch.is_floating_point(p):
+            raise RuntimeError(
+                "`fused=True` requires all the params to be floating point Tensors of "
+                f"supported devices: {list(FUSED_DEVICES)} (got {p.dtype} on {p.device})."
+            )
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) > 1 or next(iter(dtypes)) not in FUSED_DTYPES:
+        raise RuntimeError(
+            f"fused=True ({algorithm}): the fused kernels need every param of a group to be "
+            f"float32, or every one float64; got {sorted(str(d) for d in dtypes)}. Use "
+            f"foreach=True (the pure-PyTorch path, which computes low precision in float32)."
+        )
+    if any(p.device.type == "cuda" for p in params):
+        from hyperlr_ext import _ops
+
+        _ops.require_extension(f"fused=True ({algorithm}) on CUDA", cuda=True)
+
+
 def choose_implementation(
     params: list[Tensor], *, foreach: bool | None, fused: bool | None, algorithm: str
 ) -> str:
@@ -46,6 +81,7 @@ def choose_implementation(
     """
     if fused:
         check_fused_request(algorithm, foreach, fused)
+        check_fused_params(algorithm, params)
         return "fused"
     if foreach is None:
         foreach = bool(params) and all(p.device.type == "cuda" for p in params)

@@ -186,3 +186,44 @@ def _multi_tensor_dot_fake(a: list[Tensor], b: list[Tensor]) -> Tensor:
 if EXTENSION_AVAILABLE:
     # Autograd is registered in C++ (csrc/ops.cpp), so a call under no_grad stays in C++.
     torch.library.register_fake("hyperlr_ext::multi_tensor_dot")(_multi_tensor_dot_fake)
+
+
+# ---- fused SGD-HD (csrc/sgd_hd.h) ------------------------------------------------------------
+# The ops mutate their arguments in place and return nothing; the fake kernels only check what
+# can be checked from metadata (the C++ kernels check everything again).
+
+
+def _check_sgd_hd_slots(op: str, params: list[Tensor], *slot_tensors: Tensor) -> None:
+    for t in slot_tensors:
+        torch._check(
+            t.dim() == 1 and t.numel() in (1, len(params)),
+            lambda: f"{op}: LR slot tensors must be 1-D with 1 or {len(params)} elements",
+        )
+
+
+def _sgd_hd_dot_fake(
+    params, grads, objective_grads, previous, has_previous, lrs, hypergrads, effective_lrs,
+    lr_scale, prev_lr_scale, hyper_lr, weight_decay, maximize, multiplicative,
+) -> None:  # fmt: skip
+    _check_sgd_hd_slots("sgd_hd_dot_", params, lrs, hypergrads, effective_lrs)
+
+
+def _sgd_hd_update_fake(
+    params, grads, momentum_buffers, prev_directions, has_buffer, effective_lrs,
+    weight_decay, momentum, dampening, nesterov, maximize,
+) -> None:  # fmt: skip
+    _check_sgd_hd_slots("sgd_hd_update_", params, effective_lrs)
+
+
+def _sgd_hd_lagged_step_fake(
+    params, grads, objective_grads, momentum_buffers, prev_directions, has_previous, has_buffer,
+    lrs, hypergrads, effective_lrs, lr_scale, prev_lr_scale, hyper_lr, weight_decay, momentum,
+    dampening, nesterov, maximize, multiplicative,
+) -> None:  # fmt: skip
+    _check_sgd_hd_slots("sgd_hd_lagged_step_", params, lrs, hypergrads, effective_lrs)
+
+
+if EXTENSION_AVAILABLE:
+    torch.library.register_fake("hyperlr_ext::sgd_hd_dot_")(_sgd_hd_dot_fake)
+    torch.library.register_fake("hyperlr_ext::sgd_hd_update_")(_sgd_hd_update_fake)
+    torch.library.register_fake("hyperlr_ext::sgd_hd_lagged_step_")(_sgd_hd_lagged_step_fake)

@@ -20,6 +20,8 @@ class OptimizerRow:
     torch_equivalents: list[tuple[type, dict[str, Any]]] = field(default_factory=list)
     # invalid constructor arguments: (kwargs, argument name the message must contain)
     invalid: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    # whether fused=True has kernels (csrc/) for this optimizer
+    fused: bool = False
 
     @property
     def name(self) -> str:
@@ -66,6 +68,7 @@ SGD_ROW = OptimizerRow(
         (dict(nesterov=True, momentum=0.0), "Nesterov"),
         (dict(nesterov=True, momentum=0.9, dampening=0.1), "Nesterov"),
     ],
+    fused=True,
 )
 
 ADAM_ROW = OptimizerRow(
@@ -100,6 +103,19 @@ ADAM_ROW = OptimizerRow(
 ROWS = [SGD_ROW, ADAM_ROW]
 ROW_CONFIGS = [(row, cfg) for row in ROWS for cfg in row.configs]
 ROW_CONFIG_IDS = [f"{row.name}-{i}" for row in ROWS for i, _ in enumerate(row.configs)]
+# The implementations every row runs: the for-loop, foreach, and fused where the row has kernels.
+IMPLS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+
+
+def skip_unless_impl(row: OptimizerRow, impl: str) -> None:
+    import pytest
+
+    from hyperlr_ext import _ops
+
+    if impl == "fused" and not row.fused:
+        pytest.skip(f"{row.name} has no fused kernels")
+    if impl == "fused" and not _ops.EXTENSION_AVAILABLE:
+        pytest.skip(f"compiled extension unavailable: {_ops.EXTENSION_ERROR}")
 
 
 def make_model(dtype=torch.float64, seed: int = 0) -> torch.nn.Module:

@@ -14,6 +14,7 @@ import torch
 from oracles.hd import HDSlotOracle
 
 import hyperlr_ext as hx
+from hyperlr_ext import _ops
 
 SGD_CONFIGS = [
     dict(hyper_lr=0.02),
@@ -59,7 +60,7 @@ def _loss(model, x, y):
     return (model(x) - y).pow(2).mean()
 
 
-def _run(kind, cfg, *, per_tensor, lr_lag, validation, schedule, foreach):
+def _run(kind, cfg, *, per_tensor, lr_lag, validation, schedule, foreach, fused=None):
     model, shadow = _model(), _model()
     groups = _groups(model)
     base_lrs = [LR[kind], 2 * LR[kind]]
@@ -70,6 +71,7 @@ def _run(kind, cfg, *, per_tensor, lr_lag, validation, schedule, foreach):
         per_tensor=per_tensor,
         lr_lag=lr_lag,
         foreach=foreach,
+        fused=fused,
         **cfg,
     )
     shadow_groups = _groups(shadow)
@@ -145,5 +147,27 @@ def test_matches_oracle_with_validation_and_schedule(kind, cfg, foreach):
     """First-order (Val) with a scheduler writing group["lr"] (including a step at lr = 0)."""
     learned, initial = _run(
         kind, cfg, per_tensor=False, lr_lag=0, validation=True, schedule=True, foreach=foreach
+    )
+    assert any(abs(a - b) > 1e-4 * b for a, b in zip(learned, initial))
+
+
+SGD_CASES = [c for c in CASES if c[0] == "sgd"]
+
+
+@pytest.mark.skipif(not _ops.EXTENSION_AVAILABLE, reason="compiled extension unavailable")
+@pytest.mark.parametrize("kind,cfg", SGD_CASES, ids=[f"sgd-{i}" for i in range(len(SGD_CASES))])
+@pytest.mark.parametrize("per_tensor,lr_lag", list(itertools.product([False, True], [0, 1])))
+@pytest.mark.parametrize("validation", [False, True])
+def test_fused_matches_oracle(kind, cfg, per_tensor, lr_lag, validation):
+    """The fused kernels (SGDHD(fused=True)) against the same oracle, with a scheduler."""
+    learned, initial = _run(
+        kind,
+        cfg,
+        per_tensor=per_tensor,
+        lr_lag=lr_lag,
+        validation=validation,
+        schedule=validation,
+        foreach=None,
+        fused=True,
     )
     assert any(abs(a - b) > 1e-4 * b for a, b in zip(learned, initial))

@@ -8,7 +8,15 @@ import pickle
 
 import pytest
 import torch
-from optim_table import ROW_CONFIG_IDS, ROW_CONFIGS, ROWS, make_model, train
+from optim_table import (
+    IMPLS,
+    ROW_CONFIG_IDS,
+    ROW_CONFIGS,
+    ROWS,
+    make_model,
+    skip_unless_impl,
+    train,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROW_IDS = [row.name for row in ROWS]
@@ -159,6 +167,80 @@ def test_for_loop_equals_foreach(row, cfg):
     )
 
 
+def _max_error(model, reference) -> float:
+    return max(
+        (p.double() - q.double()).abs().max().item()
+        for p, q in zip(model.parameters(), reference.parameters())
+    )
+
+
+@pytest.mark.parametrize("row,cfg", ROW_CONFIGS, ids=ROW_CONFIG_IDS)
+@pytest.mark.parametrize("lr_lag", [0, 1])
+def test_for_loop_equals_fused(row, cfg, lr_lag):
+    """float64: fused == for-loop to rounding. float32: the fused run's distance to the float64
+    reference is at most 2x that of the float32 for-loop (the reference at the same precision)."""
+    skip_unless_impl(row, "fused")
+    cfg = dict(cfg, lr_lag=lr_lag)
+    models = {}
+    opts = {}
+    for name, dtype, impl in [
+        ("ref64", torch.float64, IMPLS["for-loop"]),
+        ("fused64", torch.float64, IMPLS["fused"]),
+        ("loop32", torch.float32, IMPLS["for-loop"]),
+        ("foreach32", torch.float32, IMPLS["foreach"]),
+        ("fused32", torch.float32, IMPLS["fused"]),
+    ]:
+        models[name] = make_model(dtype)
+        opts[name] = row.cls(models[name].parameters(), **impl, **cfg)
+        train(models[name], opts[name], 8, seed=4)
+    torch.testing.assert_close(
+        list(models["fused64"].parameters()),
+        list(models["ref64"].parameters()),
+        rtol=1e-13,
+        atol=1e-15,
+    )
+    for key in ("learned_lr", "effective_lr", "hypergrad"):
+        torch.testing.assert_close(
+            opts["fused64"].param_groups[0][key],
+            opts["ref64"].param_groups[0][key],
+            rtol=1e-12,
+            atol=1e-15,
+        )
+    torch_error = max(_max_error(models[k], models["ref64"]) for k in ("loop32", "foreach32"))
+    fused_error = _max_error(models["fused32"], models["ref64"])
+    assert torch_error > 0  # the comparison means something
+    assert fused_error <= 2 * torch_error
+
+    lr_ref = opts["ref64"].param_groups[0]["learned_lr"]
+
+    def lr_error(name):
+        return (opts[name].param_groups[0]["learned_lr"].double() - lr_ref).abs().max().item()
+
+    # An fp32 LR can be exact where the references round alike: allow one fp32 ulp of the LR.
+    ulp = torch.finfo(torch.float32).eps * lr_ref.abs().max().item()
+    assert lr_error("fused32") <= 2 * max(lr_error("loop32"), lr_error("foreach32")) + ulp
+
+
+@pytest.mark.parametrize("row,cfg", ROW_CONFIGS, ids=ROW_CONFIG_IDS)
+def test_fused_is_deterministic(row, cfg):
+    """Two fused runs from the same state are bit-identical (no float atomics, fixed order)."""
+    skip_unless_impl(row, "fused")
+    runs = []
+    for threads in (1, torch.get_num_threads()):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            model = make_model(torch.float32)
+            opt = row.cls(model.parameters(), fused=True, **cfg)
+            train(model, opt, 6, seed=3)
+        finally:
+            torch.set_num_threads(previous)
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    assert _params_equal(m1, m2)
+    assert torch.equal(o1.param_groups[0]["learned_lr"], o2.param_groups[0]["learned_lr"])
+
+
 @pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
 @pytest.mark.parametrize("index", range(6))
 def test_hyper_lr_zero_reproduces_torch(row, index):
@@ -169,10 +251,12 @@ def test_hyper_lr_zero_reproduces_torch(row, index):
     ours_kwargs = dict(kwargs)
     if torch_cls is torch.optim.AdamW:
         ours_kwargs["decoupled_weight_decay"] = True
-    for foreach in (False, True):
+    for impl in ("for-loop", "foreach", "fused"):
+        if impl == "fused" and not row.fused:
+            continue
         model, ref = make_model(), make_model()
-        opt = row.cls(model.parameters(), hyper_lr=0.0, foreach=foreach, **ours_kwargs)
-        ref_opt = torch_cls(ref.parameters(), foreach=foreach, **kwargs)
+        opt = row.cls(model.parameters(), hyper_lr=0.0, **IMPLS[impl], **ours_kwargs)
+        ref_opt = torch_cls(ref.parameters(), foreach=impl == "foreach", **kwargs)
         train(model, opt, 40, seed=6)
         train(ref, ref_opt, 40, seed=6)
         torch.testing.assert_close(
@@ -182,7 +266,10 @@ def test_hyper_lr_zero_reproduces_torch(row, index):
 
 # ---------------------------------------------------------------- unusual parameters
 @pytest.mark.parametrize("row,cfg", ROW_CONFIGS, ids=ROW_CONFIG_IDS)
-def test_frozen_zero_size_and_non_contiguous_params(row, cfg):
+@pytest.mark.parametrize("impl", ["default", "fused"])
+def test_frozen_zero_size_and_non_contiguous_params(row, cfg, impl):
+    skip_unless_impl(row, impl)
+    cfg = dict(cfg, **IMPLS[impl]) if impl == "fused" else cfg
     torch.manual_seed(0)
     base = torch.randn(3, 4, dtype=torch.float64)
     non_contiguous = base.t().detach().requires_grad_()  # a (4, 3) leaf with strides (1, 4)
@@ -259,10 +346,11 @@ class _NoSync(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("row,cfg", ROW_CONFIGS, ids=ROW_CONFIG_IDS)
-@pytest.mark.parametrize("foreach", [False, True])
-def test_step_never_syncs(row, cfg, foreach):
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_step_never_syncs(row, cfg, impl):
+    skip_unless_impl(row, impl)
     model = make_model()
-    opt = row.cls(model.parameters(), foreach=foreach, **cfg)
+    opt = row.cls(model.parameters(), **IMPLS[impl], **cfg)
     gen = torch.Generator().manual_seed(0)
     with _NoSync():  # the mode itself: check it catches .item()
         with pytest.raises(AssertionError, match="sync"):
@@ -295,8 +383,20 @@ def test_constructor_checks_arguments_before_params(row):
 
 @pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
 def test_fused_request_fails_clearly(row):
-    with pytest.raises(RuntimeError, match="fused"):
+    """fused=True is honoured or refused with a clear error, never silently downgraded."""
+    if not row.fused:
+        with pytest.raises(RuntimeError, match="fused"):
+            row.cls([torch.zeros(2, requires_grad=True)], fused=True)
+    else:
+        skip_unless_impl(row, "fused")
         row.cls([torch.zeros(2, requires_grad=True)], fused=True)
+        meta = torch.zeros(2, device="meta", requires_grad=True)
+        with pytest.raises(RuntimeError, match=r"^`fused=True` requires all the params"):
+            row.cls([meta], fused=True)
+        for dtypes in ([torch.bfloat16], [torch.float32, torch.float64], [torch.int64]):
+            params = [torch.zeros(2, dtype=d, requires_grad=d.is_floating_point) for d in dtypes]
+            with pytest.raises(RuntimeError, match="fused=True"):
+                row.cls(params, fused=True)
     with pytest.raises(RuntimeError, match="cannot be `True` together"):
         row.cls([torch.zeros(2, requires_grad=True)], fused=True, foreach=True)
 

@@ -5,8 +5,9 @@ maximize); the update direction d_t is the decayed gradient, the momentum buffer
 ``g + momentum * buffer``. With momentum and no Nesterov the buffer *is* d_{t-1}; otherwise
 d_{t-1} is kept in ``prev_directions``.
 
-Two implementations share one signature: ``_single_tensor_sgd_hd`` (a plain loop, the readable
-truth) and ``_foreach_sgd_hd`` (``torch._foreach_*`` over the lists). ``sgd_hd`` picks one through
+Three implementations share one signature: ``_single_tensor_sgd_hd`` (a plain loop, the readable
+truth), ``_foreach_sgd_hd`` (``torch._foreach_*`` over the lists) and ``_fused_sgd_hd`` (the
+compiled kernels, :mod:`hyperlr_ext.functional._sgd_hd_fused`). ``sgd_hd`` picks one through
 :mod:`hyperlr_ext._dispatch`.
 """
 
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from hyperlr_ext._dispatch import choose_implementation
 from hyperlr_ext.functional._hd_rule import apply_steps_, decayed_grads, update_learned_lrs_
+from hyperlr_ext.functional._sgd_hd_fused import _fused_sgd_hd
 
 __all__ = ["sgd_hd"]
 
@@ -185,7 +187,9 @@ def sgd_hd(
     validation gradients for the First-order (Val) variant, else the training gradient is used.
     """
     impl = choose_implementation(params, foreach=foreach, fused=fused, algorithm="sgd_hd")
-    func = {"single": _single_tensor_sgd_hd, "foreach": _foreach_sgd_hd}[impl]
+    func = {"single": _single_tensor_sgd_hd, "foreach": _foreach_sgd_hd, "fused": _fused_sgd_hd}[
+        impl
+    ]
     func(
         params,
         grads,

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hyperlr_ext._dispatch import check_fused_request
+from hyperlr_ext._dispatch import check_fused_params, check_fused_request
 from hyperlr_ext.optim._checks import (
     check_bool,
     check_choice,
@@ -105,6 +105,8 @@ class HDOptimizer(Optimizer):
         check_number("hyper_lr", group["hyper_lr"])
         check_choice("lr_lag", group["lr_lag"], (0, 1))
         devices = {p.device for p in group["params"]}
+        if group["fused"]:
+            check_fused_params(self._algorithm, group["params"])
         if len(devices) > 1:
             raise ValueError(
                 f"all parameters of a param group must be on one device (its learned LR lives "

@@ -1,0 +1,205 @@
+// The fused SGD-HD ops on the CPU (schemas in csrc/ops.cpp, math in csrc/sgd_hd_math.h).
+// Chunks of kChunkSize elements run in parallel (at::parallel_for); inside a chunk the elements
+// are visited in runs of kLanes, lane l taking element l of every run, exactly as CUDA thread l of
+// a block does; chunk sums are reduced per LR slot in chunk order (csrc/cpu_chunks.h). Results do
+// not depend on the thread count.
+#include "cpu_chunks.h"
+#include "sgd_hd.h"
+#include "sgd_hd_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <vector>
+
+namespace hyperlr {
+namespace {
+
+using cpu::ChunkList;
+using cpu::kChunkSize;
+using cpu::kLanes;
+
+// One tensor's data for one chunk; null where the list is absent.
+template <typename scalar_t>
+struct ChunkData {
+  scalar_t* param = nullptr;
+  const scalar_t* grad = nullptr;
+  const scalar_t* objective = nullptr;  // validation gradient, or null: g^ = g~
+  const scalar_t* previous = nullptr;   // d_{t-1} (read before any write to it)
+  scalar_t* buffer = nullptr;           // momentum buffer
+  scalar_t* prev_direction = nullptr;   // where d_t is kept (momentum 0 / Nesterov)
+};
+
+template <typename acc_t>
+struct LaneSums {
+  std::array<acc_t, kLanes> dot{};
+  std::array<acc_t, kLanes> grad_sq{};
+  std::array<acc_t, kLanes> dir_sq{};
+};
+
+// Elements [base, base + width) of the chunk, width <= kLanes, added to lanes 0 .. width - 1.
+template <typename scalar_t, typename acc_t>
+void accumulate_run(const ChunkData<scalar_t>& c, int64_t base, int width, bool has_previous,
+                    const math::SgdSettings<acc_t>& s, LaneSums<acc_t>& lanes) {
+  for (int lane = 0; lane < width; ++lane) {
+    const int64_t i = base + lane;
+    const acc_t objective =
+        c.objective != nullptr
+            ? math::validation_objective(static_cast<acc_t>(c.objective[i]), s)
+            : math::decayed_grad(static_cast<acc_t>(c.grad[i]), static_cast<acc_t>(c.param[i]), s);
+    math::HdSums<acc_t> sums{lanes.dot[lane], lanes.grad_sq[lane], lanes.dir_sq[lane]};
+    const acc_t previous = has_previous ? static_cast<acc_t>(c.previous[i]) : acc_t(0);
+    math::hd_sums_step(sums, objective, previous, has_previous);
+    lanes.dot[lane] = sums.dot;
+    lanes.grad_sq[lane] = sums.grad_sq;
+    lanes.dir_sq[lane] = sums.dir_sq;
+  }
+}
+
+// torch.optim.SGD's step on elements [base, base + width) with the slot's effective LR.
+template <typename scalar_t, typename acc_t>
+void update_run(const ChunkData<scalar_t>& c, int64_t base, int64_t width, bool has_buffer,
+                const math::SgdSettings<acc_t>& s, acc_t effective_lr) {
+  for (int64_t i = base; i < base + width; ++i) {
+    const acc_t param = static_cast<acc_t>(c.param[i]);
+    const acc_t decayed = math::decayed_grad(static_cast<acc_t>(c.grad[i]), param, s);
+    acc_t buffer = acc_t(0);
+    if (c.buffer != nullptr) {
+      buffer = math::momentum_buffer_step(static_cast<acc_t>(c.buffer[i]), decayed, has_buffer, s);
+      c.buffer[i] = static_cast<scalar_t>(buffer);
+    }
+    const acc_t direction = math::update_direction(decayed, buffer, s);
+    if (c.prev_direction != nullptr) {
+      c.prev_direction[i] = static_cast<scalar_t>(direction);
+    }
+    c.param[i] = static_cast<scalar_t>(math::param_step(param, direction, effective_lr));
+  }
+}
+
+template <typename acc_t>
+math::HdSums<acc_t> tree_sums(LaneSums<acc_t>& lanes) {
+  return {cpu::tree_reduce(lanes.dot), cpu::tree_reduce(lanes.grad_sq),
+          cpu::tree_reduce(lanes.dir_sq)};
+}
+
+// Per-slot reduction of the chunk sums (in chunk order) and the HD rule of every slot.
+template <typename acc_t>
+void finish_slots(const ChunkList& list, const std::vector<math::HdSums<acc_t>>& chunk_sums,
+                  const SgdHdArgs& a, const math::HdRuleSettings<acc_t>& rule) {
+  const int64_t num_slots = a.lrs.numel();
+  std::vector<acc_t> dots(chunk_sums.size()), grad_sqs(chunk_sums.size()),
+      dir_sqs(chunk_sums.size());
+  for (size_t c = 0; c < chunk_sums.size(); ++c) {
+    dots[c] = chunk_sums[c].dot;
+    grad_sqs[c] = chunk_sums[c].grad_sq;
+    dir_sqs[c] = chunk_sums[c].dir_sq;
+  }
+  acc_t* lrs = a.lrs.mutable_data_ptr<acc_t>();
+  acc_t* hypergrads = a.hypergrads.mutable_data_ptr<acc_t>();
+  acc_t* effective_lrs = a.effective_lrs.mutable_data_ptr<acc_t>();
+  for (int64_t slot = 0; slot < num_slots; ++slot) {
+    const int64_t first = num_slots == 1 ? 0 : list.first_chunk[slot];
+    const int64_t count =
+        num_slots == 1 ? static_cast<int64_t>(chunk_sums.size()) : list.chunk_count[slot];
+    const math::HdSums<acc_t> sums{cpu::reduce_range(dots, first, count),
+                                   cpu::reduce_range(grad_sqs, first, count),
+                                   cpu::reduce_range(dir_sqs, first, count)};
+    math::hd_rule(lrs[slot], hypergrads[slot], effective_lrs[slot], sums, rule);
+  }
+}
+
+template <typename scalar_t>
+ChunkData<scalar_t> chunk_data(const SgdHdTensors& t, const cpu::ChunkRef& chunk,
+                               const SgdHdArgs& a) {
+  const size_t i = chunk.tensor;
+  const int64_t offset = chunk.offset;
+  ChunkData<scalar_t> c;
+  c.param = t.params[i].mutable_data_ptr<scalar_t>() + offset;
+  c.grad = t.grads[i].const_data_ptr<scalar_t>() + offset;
+  if (!t.objective_grads.empty()) {
+    c.objective = t.objective_grads[i].const_data_ptr<scalar_t>() + offset;
+  }
+  if (!t.previous.empty() && a.has_previous[i]) {
+    c.previous = t.previous[i].const_data_ptr<scalar_t>() + offset;
+  }
+  if (!t.momentum_buffers.empty()) {
+    c.buffer = t.momentum_buffers[i].mutable_data_ptr<scalar_t>() + offset;
+  }
+  if (!t.prev_directions.empty()) {
+    c.prev_direction = t.prev_directions[i].mutable_data_ptr<scalar_t>() + offset;
+  }
+  return c;
+}
+
+// mode: kDot (exact, launch 1), kUpdate (exact, launch 2), kLagged (one pass).
+template <typename scalar_t>
+void run_cpu(SgdHdMode mode, const SgdHdArgs& a) {
+  using acc_t = math::acc_type<scalar_t>;
+  const SgdHdTensors t = contiguous_tensors(a);
+  const ChunkList list = cpu::make_chunks(t.params);
+  const int64_t num_chunks = static_cast<int64_t>(list.chunks.size());
+  const math::SgdSettings<acc_t> s = sgd_settings<acc_t>(a);
+  const math::HdRuleSettings<acc_t> rule = rule_settings<acc_t>(a, mode == SgdHdMode::kLagged);
+  const bool single_slot = a.lrs.numel() == 1;
+
+  // The LR each slot applies: eta_t (exact, written by the dot pass) or s_t eta_{t-1} (lagged).
+  std::vector<acc_t> applied(a.lrs.numel());
+  if (mode != SgdHdMode::kDot) {
+    const at::Tensor& source = mode == SgdHdMode::kUpdate ? a.effective_lrs : a.lrs;
+    const acc_t* values = source.const_data_ptr<acc_t>();
+    for (size_t k = 0; k < applied.size(); ++k) {
+      applied[k] = mode == SgdHdMode::kUpdate ? values[k] : math::mul_rn(values[k], rule.lr_scale);
+    }
+  }
+
+  std::vector<math::HdSums<acc_t>> chunk_sums(num_chunks);
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const cpu::ChunkRef& chunk = list.chunks[k];
+      const ChunkData<scalar_t> c = chunk_data<scalar_t>(t, chunk, a);
+      const bool has_previous = c.previous != nullptr;
+      const bool has_buffer = !a.has_buffer.empty() && a.has_buffer[chunk.tensor];
+      const acc_t lr = mode == SgdHdMode::kDot ? acc_t(0)
+                                               : applied[single_slot ? 0 : chunk.tensor];
+      if (mode == SgdHdMode::kUpdate) {
+        update_run(c, 0, chunk.size, has_buffer, s, lr);
+        continue;
+      }
+      LaneSums<acc_t> lanes;
+      for (int64_t base = 0; base < chunk.size; base += kLanes) {
+        const int width = static_cast<int>(std::min<int64_t>(kLanes, chunk.size - base));
+        accumulate_run(c, base, width, has_previous, s, lanes);
+        if (mode == SgdHdMode::kLagged) {
+          update_run(c, base, width, has_buffer, s, lr);  // after the run's d_{t-1} was read
+        }
+      }
+      chunk_sums[k] = tree_sums(lanes);
+    }
+  });
+  if (mode != SgdHdMode::kUpdate) {
+    finish_slots(list, chunk_sums, a, rule);
+  }
+  if (mode != SgdHdMode::kDot) {
+    copy_back(a, t);
+  }
+}
+
+void sgd_hd_cpu(SgdHdMode mode, const SgdHdArgs& a) {
+  check_sgd_hd_args(mode, a);
+  if (a.params.empty()) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(a.params[0].scalar_type(), "sgd_hd_cpu",
+                             [&] { run_cpu<scalar_t>(mode, a); });
+}
+
+}  // namespace
+}  // namespace hyperlr
+
+TORCH_LIBRARY_IMPL(hyperlr_ext, CPU, m) {
+  m.impl("sgd_hd_dot_", &hyperlr::sgd_hd_dot_op<&hyperlr::sgd_hd_cpu>);
+  m.impl("sgd_hd_update_", &hyperlr::sgd_hd_update_op<&hyperlr::sgd_hd_cpu>);
+  m.impl("sgd_hd_lagged_step_", &hyperlr::sgd_hd_lagged_op<&hyperlr::sgd_hd_cpu>);
+}

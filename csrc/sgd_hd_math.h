@@ -1,0 +1,131 @@
+// Layer 1 of the fused SGD-HD kernels (STYLE.md section 2): one element of torch.optim.SGD's step
+// and of the hypergradient sums, and the HD rule of one LR slot, on registers. Shared by the CPU
+// kernel (csrc/sgd_hd_cpu.cpp) and the CUDA functors (csrc/cuda/sgd_hd.cu), so both compute the
+// same arithmetic in the same order. Equations: DESIGN.md section 2, HD; the reference is
+// hyperlr_ext/functional/sgd_hd.py (_single_tensor_sgd_hd) and _hd_rule.hd_rule_.
+#pragma once
+
+#include "hd_math.h"
+
+#include <cmath>
+
+namespace hyperlr {
+namespace math {
+
+// The settings of torch.optim.SGD's inner step, in the accumulation type.
+template <typename acc_t>
+struct SgdSettings {
+  acc_t weight_decay;
+  acc_t momentum;
+  acc_t one_minus_dampening;
+  bool nesterov;
+  bool maximize;
+  bool has_momentum;  // momentum != 0
+};
+
+// g~ = (+-g) + lambda w: torch.optim.SGD's decayed gradient (the training objective's gradient).
+template <typename acc_t>
+HYPERLR_INLINE acc_t decayed_grad(acc_t grad, acc_t param, const SgdSettings<acc_t>& s) {
+  const acc_t signed_grad = s.maximize ? -grad : grad;
+  return s.weight_decay != acc_t(0) ? add_rn(signed_grad, mul_rn(s.weight_decay, param))
+                                    : signed_grad;
+}
+
+// g^ with a validation objective: +-(validation gradient), no decay (DESIGN.md section 2).
+template <typename acc_t>
+HYPERLR_INLINE acc_t validation_objective(acc_t objective_grad, const SgdSettings<acc_t>& s) {
+  return s.maximize ? -objective_grad : objective_grad;
+}
+
+// The running sums of one lane: <g^, d_{t-1}>, |g^|^2 and |d_{t-1}|^2.
+template <typename acc_t>
+struct HdSums {
+  acc_t dot;
+  acc_t grad_sq;
+  acc_t dir_sq;
+};
+
+// Adds one element to a lane's sums; d_{t-1} counts only when the tensor has one.
+template <typename acc_t>
+HYPERLR_INLINE void hd_sums_step(HdSums<acc_t>& sums, acc_t objective, acc_t previous,
+                                 bool has_previous) {
+  sums.grad_sq = dot_step(sums.grad_sq, objective, objective);
+  if (has_previous) {
+    sums.dot = dot_step(sums.dot, objective, previous);
+    sums.dir_sq = dot_step(sums.dir_sq, previous, previous);
+  }
+}
+
+// The new momentum buffer: b = m b + (1 - dampening) g~, or g~ on the tensor's first step.
+template <typename acc_t>
+HYPERLR_INLINE acc_t momentum_buffer_step(acc_t buffer, acc_t decayed, bool has_buffer,
+                                          const SgdSettings<acc_t>& s) {
+  if (!has_buffer) {
+    return decayed;
+  }
+  return add_rn(mul_rn(buffer, s.momentum), mul_rn(s.one_minus_dampening, decayed));
+}
+
+// d_t: g~ (no momentum), the buffer, or g~ + m b (Nesterov); `buffer` is the updated one.
+template <typename acc_t>
+HYPERLR_INLINE acc_t update_direction(acc_t decayed, acc_t buffer, const SgdSettings<acc_t>& s) {
+  if (!s.has_momentum) {
+    return decayed;
+  }
+  return s.nesterov ? add_rn(decayed, mul_rn(s.momentum, buffer)) : buffer;
+}
+
+// w - lr * d (torch's addcmul_(d, -lr) on the parameter).
+template <typename acc_t>
+HYPERLR_INLINE acc_t param_step(acc_t param, acc_t direction, acc_t effective_lr) {
+  return add_rn(param, mul_rn(direction, -effective_lr));
+}
+
+// The settings of the HD rule (hyperlr_ext/functional/_hd_rule.py, hd_rule_).
+template <typename acc_t>
+struct HdRuleSettings {
+  acc_t hyper_lr;
+  acc_t prev_lr_scale;  // s_{t-1}
+  acc_t lr_scale;       // s_t
+  bool multiplicative;
+  bool lr_lag;  // the step applies eta_{t-1}, not eta_t
+};
+
+// The smallest positive normal number (torch.finfo(dtype).tiny).
+template <typename acc_t>
+HYPERLR_INLINE acc_t tiny_normal();
+template <>
+HYPERLR_INLINE float tiny_normal<float>() {
+  return 1.17549435e-38f;
+}
+template <>
+HYPERLR_INLINE double tiny_normal<double>() {
+  return 2.2250738585072014e-308;
+}
+
+// One slot's LR update from its reduced sums: h = s_{t-1} <g^, d_{t-1}>;
+// additive eta + beta h, multiplicative eta (1 + beta h / (|g^| |s_{t-1} d_{t-1}|)); clamp at 0
+// (NaN stays NaN, like clamp_min); hypergrad = -h; the applied LR times s_t is the effective LR.
+template <typename acc_t>
+HYPERLR_INLINE void hd_rule(acc_t& lr, acc_t& hypergrad, acc_t& effective_lr,
+                            const HdSums<acc_t>& sums, const HdRuleSettings<acc_t>& r) {
+  using std::sqrt;
+  const acc_t old_lr = lr;
+  const acc_t h = mul_rn(sums.dot, r.prev_lr_scale);
+  acc_t new_lr;
+  if (r.multiplicative) {
+    const acc_t abs_scale = r.prev_lr_scale < acc_t(0) ? -r.prev_lr_scale : r.prev_lr_scale;
+    acc_t norms = mul_rn(mul_rn(sqrt(sums.grad_sq), sqrt(sums.dir_sq)), abs_scale);
+    norms = norms < tiny_normal<acc_t>() ? tiny_normal<acc_t>() : norms;
+    const acc_t cosine = h / norms;
+    new_lr = mul_rn(old_lr, add_rn(acc_t(1), mul_rn(r.hyper_lr, cosine)));
+  } else {
+    new_lr = add_rn(old_lr, mul_rn(r.hyper_lr, h));
+  }
+  lr = new_lr < acc_t(0) ? acc_t(0) : new_lr;
+  hypergrad = -h;
+  effective_lr = mul_rn(r.lr_lag ? old_lr : lr, r.lr_scale);
+}
+
+}  // namespace math
+}  // namespace hyperlr

@@ -1,0 +1,103 @@
+"""The fused implementation of SGD-HD: the compiled ops of csrc/sgd_hd*.{h,cpp} and
+csrc/cuda/sgd_hd.cu, behind the signature of ``_single_tensor_sgd_hd``.
+
+Exact mode (``lr_lag=0``) is two passes (DESIGN.md §5): ``sgd_hd_dot_`` reduces
+<g_hat, d_{t-1}> (and the squared norms) per LR slot and applies the HD rule on the device, then
+``sgd_hd_update_`` steps with the effective LR it wrote. ``lr_lag=1`` is one pass,
+``sgd_hd_lagged_step_``: the step uses s_t * eta_{t-1} and the same pass reduces the sums for eta_t.
+The LR never leaves the device; nothing here reads a tensor's value.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["_fused_sgd_hd"]
+
+
+def _slot_tensor(slots: list[Tensor]) -> tuple[Tensor, bool]:
+    """One 1-D tensor holding every slot, and whether it must be copied back into ``slots``.
+
+    One slot: a view of it. One per tensor: the group's 1-D tensor when ``slots`` are its
+    elements in order (the usual case: every parameter has a gradient), else a stacked copy.
+    """
+    if len(slots) == 1:
+        return slots[0].view(1), False
+    base = slots[0]._base
+    if (
+        base is not None
+        and base.dim() == 1
+        and base.is_contiguous()
+        and base.numel() == len(slots)
+        and all(
+            s._base is base and s.storage_offset() == base.storage_offset() + i
+            for i, s in enumerate(slots)
+        )
+    ):
+        return base, False
+    return torch.stack(slots), True
+
+
+def _created(tensors: list[Tensor | None], params: list[Tensor]) -> list[Tensor]:
+    """Fills the missing entries of ``tensors`` (in place) with uninitialised buffers."""
+    for i, t in enumerate(tensors):
+        if t is None:
+            tensors[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+    return tensors
+
+
+def _fused_sgd_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    prev_directions: list[Tensor | None],
+    has_previous: list[bool],
+    lrs: list[Tensor],
+    hypergrads: list[Tensor],
+    effective_lrs: list[Tensor],
+    objective_grads: list[Tensor] | None,
+    *,
+    lr_scale: float,
+    prev_lr_scale: float,
+    hyper_lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    multiplicative: bool,
+    lr_lag: int,
+    maximize: bool,
+) -> None:
+    """SGD-HD with the compiled kernels; same signature and results as the reference."""
+    if not params:
+        return
+    has_buffer = [int(b is not None) for b in momentum_buffers]
+    buffers = _created(momentum_buffers, params) if momentum != 0 else []
+    keeps_direction = momentum == 0 or nesterov
+    directions = _created(prev_directions, params) if keeps_direction else []
+    flags = [int(bool(f)) for f in has_previous]
+    objective = list(objective_grads) if objective_grads is not None else []
+
+    slot_tensors = [_slot_tensor(s) for s in (lrs, hypergrads, effective_lrs)]
+    lr_t, hypergrad_t, effective_t = (t for t, _ in slot_tensors)
+    ops = torch.ops.hyperlr_ext
+    if lr_lag:
+        ops.sgd_hd_lagged_step_(
+            params, grads, objective, buffers, directions, flags, has_buffer,
+            lr_t, hypergrad_t, effective_t, lr_scale, prev_lr_scale, hyper_lr,
+            weight_decay, momentum, dampening, nesterov, maximize, multiplicative,
+        )  # fmt: skip
+    else:
+        previous = buffers if momentum != 0 and not nesterov else directions
+        ops.sgd_hd_dot_(
+            params, grads, objective, previous, flags, lr_t, hypergrad_t, effective_t,
+            lr_scale, prev_lr_scale, hyper_lr, weight_decay, maximize, multiplicative,
+        )  # fmt: skip
+        ops.sgd_hd_update_(
+            params, grads, buffers, directions, has_buffer, effective_t,
+            weight_decay, momentum, dampening, nesterov, maximize,
+        )  # fmt: skip
+    for slots, (stacked, copy) in zip((lrs, hypergrads, effective_lrs), slot_tensors):
+        if copy:
+            torch._foreach_copy_(slots, list(stacked.unbind(0)))

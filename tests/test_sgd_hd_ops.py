@@ -1,0 +1,255 @@
+"""The fused SGD-HD ops (csrc/sgd_hd*.{h,cpp}, csrc/cuda/sgd_hd.cu) and ``_fused_sgd_hd``.
+
+opcheck on every op; the functional entry against the for-loop reference on random data with every
+flag mixed (stale tensors, fresh buffers, per-tensor slots that are not the group tensor); the CUDA
+kernels against the CPU ones, bit for bit (same math header, same reduction order), on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from hyperlr_ext import _ops
+from hyperlr_ext.functional.sgd_hd import _fused_sgd_hd, _single_tensor_sgd_hd
+
+pytestmark = pytest.mark.skipif(
+    not _ops.EXTENSION_AVAILABLE, reason=f"compiled extension unavailable: {_ops.EXTENSION_ERROR}"
+)
+needs_cuda_kernels = pytest.mark.skipif(
+    not (_ops.CUDA_COMPILED and torch.cuda.is_available()),
+    reason="needs a CUDA device and the CUDA kernels",
+)
+
+SHAPES = [(3, 4), (7,), (0, 2), (2, 3, 5), (), (70000,)]  # a zero-size, a 0-dim, a 2-chunk tensor
+SETTINGS = [
+    dict(momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, maximize=False),
+    dict(momentum=0.9, nesterov=False, dampening=0.3, weight_decay=0.01, maximize=True),
+    dict(momentum=0.9, nesterov=True, dampening=0.0, weight_decay=0.01, maximize=False),
+]
+SETTING_IDS = ["sgd", "momentum", "nesterov"]
+
+
+def _state(device, dtype, setting, *, per_tensor, objective, seed=0):
+    """Random inputs of one step: tensor 1 is fresh (no buffer, no d_{t-1}), tensor 3 is stale
+    (buffer, but skipped last step: no d_{t-1}), the others have everything."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype)
+
+    n = len(SHAPES)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    slots = n if per_tensor else 1
+    lr_group = torch.rand(slots, generator=gen, dtype=torch.float64).to(device, acc) * 0.1
+    fresh, stale = 1, 3
+    plain_momentum = setting["momentum"] != 0 and not setting["nesterov"]
+    return dict(
+        params=[rnd(s) for s in SHAPES],
+        grads=[rnd(s) for s in SHAPES],
+        momentum_buffers=[
+            None if i == fresh or setting["momentum"] == 0 else rnd(s) for i, s in enumerate(SHAPES)
+        ],
+        prev_directions=[
+            None if i == fresh or plain_momentum else rnd(s) for i, s in enumerate(SHAPES)
+        ],
+        has_previous=[i not in (fresh, stale) for i in range(n)],
+        lrs=list(lr_group.unbind(0)) if per_tensor else [lr_group[0]],
+        hypergrads=[torch.zeros((), dtype=acc, device=device) for _ in range(slots)],
+        effective_lrs=[torch.zeros((), dtype=acc, device=device) for _ in range(slots)],
+        objective_grads=[rnd(s) for s in SHAPES] if objective else None,
+    )
+
+
+def _step(func, state, setting, *, lr_lag, multiplicative):
+    func(
+        **state,
+        lr_scale=0.5,
+        prev_lr_scale=0.8,
+        hyper_lr=0.3 if multiplicative else 0.05,
+        multiplicative=multiplicative,
+        lr_lag=lr_lag,
+        **setting,
+    )
+
+
+def _flat(state):
+    out = []
+    for key in ("params", "momentum_buffers", "prev_directions", "lrs", "hypergrads"):
+        out += [t for t in state[key] if t is not None]
+    out += state["effective_lrs"]
+    return out
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("lr_lag", [0, 1])
+@pytest.mark.parametrize("multiplicative", [False, True])
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("objective", [False, True])
+def test_fused_matches_reference(setting, lr_lag, multiplicative, per_tensor, objective):
+    ref = _state("cpu", torch.float64, setting, per_tensor=per_tensor, objective=objective)
+    fused = copy.deepcopy(ref)
+    if per_tensor:  # slots that are not views of one group tensor: the stacked-copy path
+        fused["lrs"] = [lr.clone() for lr in fused["lrs"]]
+    _step(_single_tensor_sgd_hd, ref, setting, lr_lag=lr_lag, multiplicative=multiplicative)
+    _step(_fused_sgd_hd, fused, setting, lr_lag=lr_lag, multiplicative=multiplicative)
+    # Sums of 70,000 products in another order: LR errors of ~1e-15 that reach the params.
+    torch.testing.assert_close(_flat(fused), _flat(ref), rtol=1e-11, atol=1e-12)
+
+
+def _op_samples(device, dtype):
+    """(op, args) for opcheck: each op in each mode of its lists."""
+    samples = []
+    for setting, per_tensor, objective in [
+        (SETTINGS[0], False, False),
+        (SETTINGS[1], True, True),
+        (SETTINGS[2], False, True),
+    ]:
+        s = _state(device, dtype, setting, per_tensor=per_tensor, objective=objective)
+        params = s["params"]
+        buffers = [
+            torch.zeros_like(p) if b is None else b for p, b in zip(params, s["momentum_buffers"])
+        ]
+        directions = [
+            torch.zeros_like(p) if d is None else d for p, d in zip(params, s["prev_directions"])
+        ]
+        momentum = setting["momentum"]
+        buffers = buffers if momentum != 0 else []
+        directions = directions if momentum == 0 or setting["nesterov"] else []
+        flags = [int(f) for f in s["has_previous"]]
+        has_buffer = [int(b is not None) for b in s["momentum_buffers"]]
+        slots = [torch.stack(s[k]) for k in ("lrs", "hypergrads", "effective_lrs")]
+        objective_grads = s["objective_grads"] or []
+        previous = buffers if momentum != 0 and not setting["nesterov"] else directions
+        wd, damp, nest, maxi = (
+            setting[k] for k in ("weight_decay", "dampening", "nesterov", "maximize")
+        )
+        samples += [
+            (
+                torch.ops.hyperlr_ext.sgd_hd_dot_.default,
+                (params, s["grads"], objective_grads, previous, flags, *slots,
+                 0.5, 0.8, 0.05, wd, maxi, per_tensor),
+            ),
+            (
+                torch.ops.hyperlr_ext.sgd_hd_update_.default,
+                (params, s["grads"], buffers, directions, has_buffer, slots[2],
+                 wd, momentum, damp, nest, maxi),
+            ),
+            (
+                torch.ops.hyperlr_ext.sgd_hd_lagged_step_.default,
+                (params, s["grads"], objective_grads, buffers, directions, flags, has_buffer,
+                 *slots, 0.5, 0.8, 0.05, wd, momentum, damp, nest, maxi, per_tensor),
+            ),
+        ]  # fmt: skip
+    return samples
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_opcheck_cpu(dtype):
+    for op, args in _op_samples("cpu", dtype):
+        opcheck(op, args)
+
+
+def test_errors_name_the_argument():
+    s = _state("cpu", torch.float32, SETTINGS[0], per_tensor=False, objective=False)
+    lr = torch.stack(s["lrs"])
+    args = [s["params"], s["grads"], [], s["grads"], [1] * len(SHAPES), lr, lr.clone(), lr.clone()]
+    scalars = (1.0, 1.0, 0.1, 0.0, False, False)
+    op = torch.ops.hyperlr_ext.sgd_hd_dot_
+    with pytest.raises(RuntimeError, match="has_previous"):
+        op(*args[:4], [1], *args[5:], *scalars)
+    with pytest.raises(RuntimeError, match="lrs must be"):
+        op(*args[:5], lr.double(), *args[6:], *scalars)
+    with pytest.raises(RuntimeError, match=r"grads\[2\] has 2 elements|grads\[2\]"):
+        op(s["params"], s["grads"][:2] + [torch.zeros(2)] + s["grads"][3:], *args[2:], *scalars)
+    half = [p.half() for p in s["params"]]
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        op(half, [g.half() for g in s["grads"]], [], half, *args[4:], *scalars)
+
+
+def test_thread_count_does_not_change_results():
+    results = []
+    for threads in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            s = _state("cpu", torch.float32, SETTINGS[1], per_tensor=False, objective=False)
+            _step(_fused_sgd_hd, s, SETTINGS[1], lr_lag=0, multiplicative=True)
+        finally:
+            torch.set_num_threads(previous)
+        results.append(_flat(s))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# ---- CUDA -------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_opcheck_cuda(dtype):
+    for op, args in _op_samples("cuda", dtype):
+        opcheck(op, args)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("lr_lag", [0, 1])
+@pytest.mark.parametrize("multiplicative", [False, True])
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_cuda_matches_cpu_bitwise(setting, lr_lag, multiplicative, per_tensor, dtype):
+    for seed in range(3):  # fresh random data each time
+        cpu = _state("cpu", dtype, setting, per_tensor=per_tensor, objective=seed == 2, seed=seed)
+        gpu = _state("cuda", dtype, setting, per_tensor=per_tensor, objective=seed == 2, seed=seed)
+        for _ in range(2):  # the second step has the buffers the first one created
+            _step(_fused_sgd_hd, cpu, setting, lr_lag=lr_lag, multiplicative=multiplicative)
+            _step(_fused_sgd_hd, gpu, setting, lr_lag=lr_lag, multiplicative=multiplicative)
+            cpu["has_previous"] = [True] * len(SHAPES)
+            gpu["has_previous"] = [True] * len(SHAPES)
+        for a, b in zip(_flat(cpu), _flat(gpu)):
+            assert torch.equal(a, b.cpu()), (a, b)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_cuda_many_tensors_and_graph_capture():
+    """More tensors than one launch holds, per-tensor slots, and a CUDA graph replay."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n = 300
+    params = [torch.randn(1000 + i, device="cuda", generator=gen) for i in range(n)]
+    grads = [torch.randn_like(p) for p in params]
+    lr_group = torch.full((n,), 0.01, device="cuda")
+    state = dict(
+        params=params, grads=grads, momentum_buffers=[torch.zeros_like(p) for p in params],
+        prev_directions=[None] * n, has_previous=[True] * n, lrs=list(lr_group.unbind(0)),
+        hypergrads=list(torch.zeros(n, device="cuda").unbind(0)),
+        effective_lrs=list(torch.zeros(n, device="cuda").unbind(0)), objective_grads=None,
+    )  # fmt: skip
+    cpu_state = {
+        k: (None if v is None else [t if not isinstance(t, torch.Tensor) else t.cpu() for t in v])
+        for k, v in state.items()
+    }
+    cpu_state["lrs"] = list(lr_group.cpu().unbind(0))
+    setting = SETTINGS[1]
+    _step(_fused_sgd_hd, state, setting, lr_lag=0, multiplicative=False)
+    _step(_fused_sgd_hd, cpu_state, setting, lr_lag=0, multiplicative=False)
+    for a, b in zip(_flat(cpu_state), _flat(state)):
+        assert torch.equal(a, b.cpu())
+
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _step(_fused_sgd_hd, state, setting, lr_lag=1, multiplicative=False)  # warm-up
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        _step(_fused_sgd_hd, state, setting, lr_lag=1, multiplicative=False)
+    before = lr_group.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(before, lr_group)
