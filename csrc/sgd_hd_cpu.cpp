@@ -39,42 +39,83 @@ struct LaneSums {
   std::array<acc_t, kLanes> dir_sq{};
 };
 
+// The inner loops are templates on which lists are present, so that no load or store in them is
+// conditional and the compiler can vectorise them; the remaining flags are selects.
+
 // Elements [base, base + width) of the chunk, width <= kLanes, added to lanes 0 .. width - 1.
-template <typename scalar_t, typename acc_t>
-void accumulate_run(const ChunkData<scalar_t>& c, int64_t base, int width, bool has_previous,
-                    const math::SgdSettings<acc_t>& s, LaneSums<acc_t>& lanes) {
+template <bool kObjective, bool kPrevious, typename scalar_t, typename acc_t>
+void accumulate_run_impl(const ChunkData<scalar_t>& c, int64_t base, int width,
+                         const math::SgdSettings<acc_t> s, LaneSums<acc_t>& lanes) {
+  const scalar_t* __restrict__ param = c.param + base;
+  const scalar_t* __restrict__ grad = c.grad + base;
+  const scalar_t* __restrict__ objective_grad = kObjective ? c.objective + base : nullptr;
+  const scalar_t* __restrict__ previous = kPrevious ? c.previous + base : nullptr;
   for (int lane = 0; lane < width; ++lane) {
-    const int64_t i = base + lane;
-    const acc_t objective =
-        c.objective != nullptr
-            ? math::validation_objective(static_cast<acc_t>(c.objective[i]), s)
-            : math::decayed_grad(static_cast<acc_t>(c.grad[i]), static_cast<acc_t>(c.param[i]), s);
+    acc_t objective;
+    if constexpr (kObjective) {
+      objective = math::validation_objective(static_cast<acc_t>(objective_grad[lane]), s);
+    } else {
+      objective = math::decayed_grad(static_cast<acc_t>(grad[lane]),
+                                     static_cast<acc_t>(param[lane]), s);
+    }
     math::HdSums<acc_t> sums{lanes.dot[lane], lanes.grad_sq[lane], lanes.dir_sq[lane]};
-    const acc_t previous = has_previous ? static_cast<acc_t>(c.previous[i]) : acc_t(0);
-    math::hd_sums_step(sums, objective, previous, has_previous);
+    const acc_t prev = kPrevious ? static_cast<acc_t>(previous[lane]) : acc_t(0);
+    math::hd_sums_step(sums, objective, prev, kPrevious);
     lanes.dot[lane] = sums.dot;
     lanes.grad_sq[lane] = sums.grad_sq;
     lanes.dir_sq[lane] = sums.dir_sq;
   }
 }
 
+template <typename scalar_t, typename acc_t>
+void accumulate_run(const ChunkData<scalar_t>& c, int64_t base, int width,
+                    const math::SgdSettings<acc_t>& s, LaneSums<acc_t>& lanes) {
+  const bool previous = c.previous != nullptr;
+  if (c.objective != nullptr) {
+    previous ? accumulate_run_impl<true, true>(c, base, width, s, lanes)
+             : accumulate_run_impl<true, false>(c, base, width, s, lanes);
+  } else {
+    previous ? accumulate_run_impl<false, true>(c, base, width, s, lanes)
+             : accumulate_run_impl<false, false>(c, base, width, s, lanes);
+  }
+}
+
 // torch.optim.SGD's step on elements [base, base + width) with the slot's effective LR.
+template <bool kBuffer, bool kDirection, typename scalar_t, typename acc_t>
+void update_run_impl(const ChunkData<scalar_t>& c, int64_t base, int64_t width, bool has_buffer,
+                     const math::SgdSettings<acc_t> s, acc_t effective_lr) {
+  // Settings by value and restrict pointers: nothing a store writes can change them.
+  scalar_t* __restrict__ param = c.param + base;
+  const scalar_t* __restrict__ grad = c.grad + base;
+  scalar_t* __restrict__ buffer = kBuffer ? c.buffer + base : nullptr;
+  scalar_t* __restrict__ prev_direction = kDirection ? c.prev_direction + base : nullptr;
+  for (int64_t i = 0; i < width; ++i) {
+    const acc_t p = static_cast<acc_t>(param[i]);
+    const acc_t decayed = math::decayed_grad(static_cast<acc_t>(grad[i]), p, s);
+    acc_t new_buffer = acc_t(0);
+    if constexpr (kBuffer) {
+      new_buffer =
+          math::momentum_buffer_step(static_cast<acc_t>(buffer[i]), decayed, has_buffer, s);
+      buffer[i] = static_cast<scalar_t>(new_buffer);
+    }
+    const acc_t direction = math::update_direction(decayed, new_buffer, s);
+    if constexpr (kDirection) {
+      prev_direction[i] = static_cast<scalar_t>(direction);
+    }
+    param[i] = static_cast<scalar_t>(math::param_step(p, direction, effective_lr));
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void update_run(const ChunkData<scalar_t>& c, int64_t base, int64_t width, bool has_buffer,
                 const math::SgdSettings<acc_t>& s, acc_t effective_lr) {
-  for (int64_t i = base; i < base + width; ++i) {
-    const acc_t param = static_cast<acc_t>(c.param[i]);
-    const acc_t decayed = math::decayed_grad(static_cast<acc_t>(c.grad[i]), param, s);
-    acc_t buffer = acc_t(0);
-    if (c.buffer != nullptr) {
-      buffer = math::momentum_buffer_step(static_cast<acc_t>(c.buffer[i]), decayed, has_buffer, s);
-      c.buffer[i] = static_cast<scalar_t>(buffer);
-    }
-    const acc_t direction = math::update_direction(decayed, buffer, s);
-    if (c.prev_direction != nullptr) {
-      c.prev_direction[i] = static_cast<scalar_t>(direction);
-    }
-    c.param[i] = static_cast<scalar_t>(math::param_step(param, direction, effective_lr));
+  const bool direction = c.prev_direction != nullptr;
+  if (c.buffer != nullptr) {
+    direction ? update_run_impl<true, true>(c, base, width, has_buffer, s, effective_lr)
+              : update_run_impl<true, false>(c, base, width, has_buffer, s, effective_lr);
+  } else {
+    direction ? update_run_impl<false, true>(c, base, width, has_buffer, s, effective_lr)
+              : update_run_impl<false, false>(c, base, width, has_buffer, s, effective_lr);
   }
 }
 
@@ -159,7 +200,6 @@ void run_cpu(SgdHdMode mode, const SgdHdArgs& a) {
     for (int64_t k = begin; k < end; ++k) {
       const cpu::ChunkRef& chunk = list.chunks[k];
       const ChunkData<scalar_t> c = chunk_data<scalar_t>(t, chunk, a);
-      const bool has_previous = c.previous != nullptr;
       const bool has_buffer = !a.has_buffer.empty() && a.has_buffer[chunk.tensor];
       const acc_t lr = mode == SgdHdMode::kDot ? acc_t(0)
                                                : applied[single_slot ? 0 : chunk.tensor];
@@ -170,7 +210,7 @@ void run_cpu(SgdHdMode mode, const SgdHdArgs& a) {
       LaneSums<acc_t> lanes;
       for (int64_t base = 0; base < chunk.size; base += kLanes) {
         const int width = static_cast<int>(std::min<int64_t>(kLanes, chunk.size - base));
-        accumulate_run(c, base, width, has_previous, s, lanes);
+        accumulate_run(c, base, width, s, lanes);
         if (mode == SgdHdMode::kLagged) {
           update_run(c, base, width, has_buffer, s, lr);  // after the run's d_{t-1} was read
         }

@@ -81,6 +81,38 @@ HYPERLR_INLINE acc_t param_step(acc_t param, acc_t direction, acc_t effective_lr
   return add_rn(param, mul_rn(direction, -effective_lr));
 }
 
+// Correctly rounded square root on the host and the device.
+HYPERLR_INLINE float sqrt_rn(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+HYPERLR_INLINE double sqrt_rn(double x) {
+#if defined(__CUDA_ARCH__)
+  return __dsqrt_rn(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
+// Correctly rounded division (also under nvcc's -prec-div=false).
+HYPERLR_INLINE float div_rn(float x, float y) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(x, y);
+#else
+  return x / y;
+#endif
+}
+HYPERLR_INLINE double div_rn(double x, double y) {
+#if defined(__CUDA_ARCH__)
+  return __ddiv_rn(x, y);
+#else
+  return x / y;
+#endif
+}
+
 // The settings of the HD rule (hyperlr_ext/functional/_hd_rule.py, hd_rule_).
 template <typename acc_t>
 struct HdRuleSettings {
@@ -109,15 +141,14 @@ HYPERLR_INLINE double tiny_normal<double>() {
 template <typename acc_t>
 HYPERLR_INLINE void hd_rule(acc_t& lr, acc_t& hypergrad, acc_t& effective_lr,
                             const HdSums<acc_t>& sums, const HdRuleSettings<acc_t>& r) {
-  using std::sqrt;
   const acc_t old_lr = lr;
   const acc_t h = mul_rn(sums.dot, r.prev_lr_scale);
   acc_t new_lr;
   if (r.multiplicative) {
     const acc_t abs_scale = r.prev_lr_scale < acc_t(0) ? -r.prev_lr_scale : r.prev_lr_scale;
-    acc_t norms = mul_rn(mul_rn(sqrt(sums.grad_sq), sqrt(sums.dir_sq)), abs_scale);
+    acc_t norms = mul_rn(mul_rn(sqrt_rn(sums.grad_sq), sqrt_rn(sums.dir_sq)), abs_scale);
     norms = norms < tiny_normal<acc_t>() ? tiny_normal<acc_t>() : norms;
-    const acc_t cosine = h / norms;
+    const acc_t cosine = div_rn(h, norms);
     new_lr = mul_rn(old_lr, add_rn(acc_t(1), mul_rn(r.hyper_lr, cosine)));
   } else {
     new_lr = add_rn(old_lr, mul_rn(r.hyper_lr, h));

@@ -20,6 +20,7 @@
 #include <array>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 namespace hyperlr {
 namespace cuda {
@@ -33,8 +34,8 @@ constexpr int kBlockThreads = math::kLanes;
 constexpr int kMaxBlocksPerLaunch = 320;
 constexpr int kMetaBytesBudget = 3500;
 constexpr int max_tensors_per_launch(int depth) {
-  // addresses + numel per tensor; block tables and first_block are fixed.
-  return (kMetaBytesBudget - kMaxBlocksPerLaunch * 5 - 8) / (8 * (depth + 1));
+  // addresses + numel + tag per tensor; block tables and first_block are fixed.
+  return (kMetaBytesBudget - kMaxBlocksPerLaunch * 5 - 8) / (8 * (depth + 1) + 4);
 }
 
 template <int kDepth>
@@ -44,6 +45,7 @@ struct TensorListMeta {
 
   void* addresses[kDepth][kMaxTensors];
   int64_t numel[kMaxTensors];
+  int32_t tag[kMaxTensors];  // the caller's per-tensor tag (default: the tensor's list index)
   uint8_t block_to_tensor[kMaxBlocksPerLaunch];  // slot in addresses/numel
   int32_t block_to_chunk[kMaxBlocksPerLaunch];   // chunk index inside that tensor
   int64_t first_block;                           // global number of this launch's block 0
@@ -57,6 +59,7 @@ struct Chunk {
   int64_t offset;
   int64_t size;   // <= kChunkSize
   int64_t block;  // global block number, 0 .. total blocks - 1
+  int32_t tag;    // the tensor's tag (multi_tensor_apply_tagged), else its index in the lists
 
   // Pointer to the chunk's first element in list `list` (64-bit offset).
   template <typename T>
@@ -76,6 +79,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t remaining = meta.numel[chunk.slot] - chunk.offset;
   chunk.size = remaining < kChunkSize ? remaining : kChunkSize;
   chunk.block = meta.first_block + blockIdx.x;
+  chunk.tag = meta.tag[chunk.slot];
   functor(chunk, args...);
 }
 
@@ -88,12 +92,17 @@ inline int64_t count_chunks(at::TensorList tensors) {
   return chunks;
 }
 
-// Returns the number of blocks launched (count_chunks(lists[0])).
+// Returns the number of blocks launched (count_chunks(lists[0])). `tags` is empty (each chunk's
+// tag is its tensor's index in the lists) or holds one int32 tag per tensor (flags, slot numbers:
+// per-tensor values that reach the device without a host-to-device copy).
 template <int kDepth, typename Functor, typename... Args>
-int64_t multi_tensor_apply(const std::array<at::TensorList, kDepth>& lists, Functor functor,
-                           Args... args) {
+int64_t multi_tensor_apply_tagged(const std::array<at::TensorList, kDepth>& lists,
+                                  const std::vector<int32_t>& tags, Functor functor,
+                                  Args... args) {
   using Meta = TensorListMeta<kDepth>;
   const size_t num_tensors = lists[0].size();
+  TORCH_INTERNAL_ASSERT(tags.empty() || tags.size() == num_tensors,
+                        "multi_tensor_apply: one tag per tensor");
   for (int d = 1; d < kDepth; ++d) {
     TORCH_INTERNAL_ASSERT(lists[d].size() == num_tensors, "multi_tensor_apply: list ", d,
                           " has ", lists[d].size(), " tensors, list 0 has ", num_tensors);
@@ -124,6 +133,7 @@ int64_t multi_tensor_apply(const std::array<at::TensorList, kDepth>& lists, Func
       meta.addresses[d][slots_used] = lists[d][t].data_ptr();
     }
     meta.numel[slots_used] = numel;
+    meta.tag[slots_used] = tags.empty() ? static_cast<int32_t>(t) : tags[t];
     ++slots_used;
 
     const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
@@ -146,6 +156,7 @@ int64_t multi_tensor_apply(const std::array<at::TensorList, kDepth>& lists, Func
             meta.addresses[d][0] = meta.addresses[d][slots_used - 1];
           }
           meta.numel[0] = meta.numel[slots_used - 1];
+          meta.tag[0] = meta.tag[slots_used - 1];
           slots_used = 1;
         }
       }
@@ -155,6 +166,12 @@ int64_t multi_tensor_apply(const std::array<at::TensorList, kDepth>& lists, Func
     launch();
   }
   return meta.first_block;
+}
+
+template <int kDepth, typename Functor, typename... Args>
+int64_t multi_tensor_apply(const std::array<at::TensorList, kDepth>& lists, Functor functor,
+                           Args... args) {
+  return multi_tensor_apply_tagged<kDepth>(lists, {}, functor, args...);
 }
 
 }  // namespace cuda

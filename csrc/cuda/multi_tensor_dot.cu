@@ -2,6 +2,7 @@
 // Each block reduces one chunk into a per-block partial; the last block to finish reduces the
 // partials in block order and writes the 0-dim result. No float atomics: the result is
 // deterministic and equal, bit for bit, to the CPU kernel's (same math, csrc/hd_math.h).
+#include "cuda/block_reduce.cuh"
 #include "cuda/multi_tensor_apply.cuh"
 #include "hd_math.h"
 #include "ops.h"
@@ -16,27 +17,6 @@ namespace cuda {
 namespace {
 
 constexpr int kUnroll = 4;  // loads in flight per thread
-
-// Thread 0 gets the tree over the block's lane values (csrc/hd_math.h, tree_level).
-template <typename acc_t>
-__device__ acc_t block_tree_reduce(acc_t lane_value) {
-  __shared__ acc_t lanes[kBlockThreads];
-  __syncthreads();  // a previous call's readers are done with `lanes`
-  lanes[threadIdx.x] = lane_value;
-  __syncthreads();
-  for (int stride = kBlockThreads / 2; stride > 0; stride /= 2) {
-    if (static_cast<int>(threadIdx.x) < stride) {
-      math::tree_level(lanes, static_cast<int>(threadIdx.x), stride);
-    }
-    // Levels below a warp's width run inside warp 0.
-    if (stride > 32) {
-      __syncthreads();
-    } else {
-      __syncwarp();
-    }
-  }
-  return lanes[0];
-}
 
 // lists: 0 a, 1 b (same dtype and numel, contiguous)
 template <typename scalar_t, typename acc_t>

@@ -1,0 +1,32 @@
+// The tree over a block's lane values (csrc/hd_math.h, tree_level), shared by the reductions.
+#pragma once
+
+#include "cuda/multi_tensor_apply.cuh"
+#include "hd_math.h"
+
+namespace hyperlr {
+namespace cuda {
+
+// Thread 0 gets the tree over the block's lane values (csrc/hd_math.h, tree_level).
+template <typename acc_t>
+__device__ acc_t block_tree_reduce(acc_t lane_value) {
+  __shared__ acc_t lanes[kBlockThreads];
+  __syncthreads();  // a previous call's readers are done with `lanes`
+  lanes[threadIdx.x] = lane_value;
+  __syncthreads();
+  for (int stride = kBlockThreads / 2; stride > 0; stride /= 2) {
+    if (static_cast<int>(threadIdx.x) < stride) {
+      math::tree_level(lanes, static_cast<int>(threadIdx.x), stride);
+    }
+    // Levels below a warp's width run inside warp 0.
+    if (stride > 32) {
+      __syncthreads();
+    } else {
+      __syncwarp();
+    }
+  }
+  return lanes[0];
+}
+
+}  // namespace cuda
+}  // namespace hyperlr
