@@ -43,13 +43,17 @@ struct LaneSums {
 // conditional and the compiler can vectorise them; the remaining flags are selects.
 
 // Elements [base, base + width) of the chunk, width <= kLanes, added to lanes 0 .. width - 1.
-template <bool kObjective, bool kPrevious, typename scalar_t, typename acc_t>
+// The additive rule needs only the dot product (kNorms false): then the norms stay 0.
+template <bool kObjective, bool kPrevious, bool kNorms, typename scalar_t, typename acc_t>
 void accumulate_run_impl(const ChunkData<scalar_t>& c, int64_t base, int width,
                          const math::SgdSettings<acc_t> s, LaneSums<acc_t>& lanes) {
   const scalar_t* __restrict__ param = c.param + base;
   const scalar_t* __restrict__ grad = c.grad + base;
   const scalar_t* __restrict__ objective_grad = kObjective ? c.objective + base : nullptr;
   const scalar_t* __restrict__ previous = kPrevious ? c.previous + base : nullptr;
+  acc_t* __restrict__ dot = lanes.dot.data();
+  acc_t* __restrict__ grad_sq = lanes.grad_sq.data();
+  acc_t* __restrict__ dir_sq = lanes.dir_sq.data();
   for (int lane = 0; lane < width; ++lane) {
     acc_t objective;
     if constexpr (kObjective) {
@@ -58,25 +62,39 @@ void accumulate_run_impl(const ChunkData<scalar_t>& c, int64_t base, int width,
       objective = math::decayed_grad(static_cast<acc_t>(grad[lane]),
                                      static_cast<acc_t>(param[lane]), s);
     }
-    math::HdSums<acc_t> sums{lanes.dot[lane], lanes.grad_sq[lane], lanes.dir_sq[lane]};
     const acc_t prev = kPrevious ? static_cast<acc_t>(previous[lane]) : acc_t(0);
-    math::hd_sums_step(sums, objective, prev, kPrevious);
-    lanes.dot[lane] = sums.dot;
-    lanes.grad_sq[lane] = sums.grad_sq;
-    lanes.dir_sq[lane] = sums.dir_sq;
+    if constexpr (kNorms) {
+      math::HdSums<acc_t> sums{dot[lane], grad_sq[lane], dir_sq[lane]};
+      math::hd_sums_step(sums, objective, prev, kPrevious);
+      dot[lane] = sums.dot;
+      grad_sq[lane] = sums.grad_sq;
+      dir_sq[lane] = sums.dir_sq;
+    } else {
+      dot[lane] = math::dot_step(dot[lane], objective, prev);
+    }
+  }
+}
+
+template <bool kNorms, typename scalar_t, typename acc_t>
+void accumulate_run_lists(const ChunkData<scalar_t>& c, int64_t base, int width,
+                          const math::SgdSettings<acc_t>& s, LaneSums<acc_t>& lanes) {
+  const bool previous = c.previous != nullptr;
+  if (c.objective != nullptr) {
+    previous ? accumulate_run_impl<true, true, kNorms>(c, base, width, s, lanes)
+             : accumulate_run_impl<true, false, kNorms>(c, base, width, s, lanes);
+  } else {
+    previous ? accumulate_run_impl<false, true, kNorms>(c, base, width, s, lanes)
+             : accumulate_run_impl<false, false, kNorms>(c, base, width, s, lanes);
   }
 }
 
 template <typename scalar_t, typename acc_t>
-void accumulate_run(const ChunkData<scalar_t>& c, int64_t base, int width,
+void accumulate_run(const ChunkData<scalar_t>& c, int64_t base, int width, bool norms,
                     const math::SgdSettings<acc_t>& s, LaneSums<acc_t>& lanes) {
-  const bool previous = c.previous != nullptr;
-  if (c.objective != nullptr) {
-    previous ? accumulate_run_impl<true, true>(c, base, width, s, lanes)
-             : accumulate_run_impl<true, false>(c, base, width, s, lanes);
-  } else {
-    previous ? accumulate_run_impl<false, true>(c, base, width, s, lanes)
-             : accumulate_run_impl<false, false>(c, base, width, s, lanes);
+  if (norms) {
+    accumulate_run_lists<true>(c, base, width, s, lanes);
+  } else if (c.previous != nullptr) {  // else nothing to add: the dot product stays 0
+    accumulate_run_lists<false>(c, base, width, s, lanes);
   }
 }
 
@@ -210,7 +228,7 @@ void run_cpu(SgdHdMode mode, const SgdHdArgs& a) {
       LaneSums<acc_t> lanes;
       for (int64_t base = 0; base < chunk.size; base += kLanes) {
         const int width = static_cast<int>(std::min<int64_t>(kLanes, chunk.size - base));
-        accumulate_run(c, base, width, s, lanes);
+        accumulate_run(c, base, width, rule.multiplicative, s, lanes);
         if (mode == SgdHdMode::kLagged) {
           update_run(c, base, width, has_buffer, s, lr);  // after the run's d_{t-1} was read
         }

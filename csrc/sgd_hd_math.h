@@ -26,9 +26,10 @@ struct SgdSettings {
 // g~ = (+-g) + lambda w: torch.optim.SGD's decayed gradient (the training objective's gradient).
 template <typename acc_t>
 HYPERLR_INLINE acc_t decayed_grad(acc_t grad, acc_t param, const SgdSettings<acc_t>& s) {
+  // Both sides are computed and one is selected (no branch: the CPU loops vectorise).
   const acc_t signed_grad = s.maximize ? -grad : grad;
-  return s.weight_decay != acc_t(0) ? add_rn(signed_grad, mul_rn(s.weight_decay, param))
-                                    : signed_grad;
+  const acc_t with_decay = add_rn(signed_grad, mul_rn(s.weight_decay, param));
+  return s.weight_decay != acc_t(0) ? with_decay : signed_grad;
 }
 
 // g^ with a validation objective: +-(validation gradient), no decay (DESIGN.md section 2).
@@ -50,29 +51,27 @@ template <typename acc_t>
 HYPERLR_INLINE void hd_sums_step(HdSums<acc_t>& sums, acc_t objective, acc_t previous,
                                  bool has_previous) {
   sums.grad_sq = dot_step(sums.grad_sq, objective, objective);
-  if (has_previous) {
-    sums.dot = dot_step(sums.dot, objective, previous);
-    sums.dir_sq = dot_step(sums.dir_sq, previous, previous);
-  }
+  const acc_t dot = dot_step(sums.dot, objective, previous);
+  const acc_t dir_sq = dot_step(sums.dir_sq, previous, previous);
+  sums.dot = has_previous ? dot : sums.dot;
+  sums.dir_sq = has_previous ? dir_sq : sums.dir_sq;
 }
 
 // The new momentum buffer: b = m b + (1 - dampening) g~, or g~ on the tensor's first step.
 template <typename acc_t>
 HYPERLR_INLINE acc_t momentum_buffer_step(acc_t buffer, acc_t decayed, bool has_buffer,
                                           const SgdSettings<acc_t>& s) {
-  if (!has_buffer) {
-    return decayed;
-  }
-  return add_rn(mul_rn(buffer, s.momentum), mul_rn(s.one_minus_dampening, decayed));
+  const acc_t accumulated =
+      add_rn(mul_rn(buffer, s.momentum), mul_rn(s.one_minus_dampening, decayed));
+  return has_buffer ? accumulated : decayed;
 }
 
 // d_t: g~ (no momentum), the buffer, or g~ + m b (Nesterov); `buffer` is the updated one.
 template <typename acc_t>
 HYPERLR_INLINE acc_t update_direction(acc_t decayed, acc_t buffer, const SgdSettings<acc_t>& s) {
-  if (!s.has_momentum) {
-    return decayed;
-  }
-  return s.nesterov ? add_rn(decayed, mul_rn(s.momentum, buffer)) : buffer;
+  const acc_t nesterov = add_rn(decayed, mul_rn(s.momentum, buffer));
+  const acc_t with_momentum = s.nesterov ? nesterov : buffer;
+  return s.has_momentum ? with_momentum : decayed;
 }
 
 // w - lr * d (torch's addcmul_(d, -lr) on the parameter).
