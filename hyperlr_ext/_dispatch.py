@@ -81,7 +81,10 @@ def choose_implementation(
     """
     if fused:
         check_fused_request(algorithm, foreach, fused)
-        check_fused_params(algorithm, params)
+        # The constructor checked every param (check_fused_params); per step only what can change
+        # cheaply: the device (the kernels check dtypes and devices of every tensor again).
+        if params:
+            check_fused_params(algorithm, params[:1])
         return "fused"
     if foreach is None:
         foreach = bool(params) and all(p.device.type == "cuda" for p in params)
