@@ -120,12 +120,14 @@ struct DotFunctor {
     const scalar_t* previous = chunk.template data<const scalar_t>(3);
     const bool has_previous = (chunk.tag & kHasPrevious) != 0;
     math::HdSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0)};
+    // Without weight decay g~ does not depend on w: the dot pass then reads two streams.
+    const bool reads_param = p.sgd.weight_decay != acc_t(0);
     for (int64_t i = threadIdx.x; i < chunk.size; i += kBlockThreads) {
+      const acc_t w = reads_param ? static_cast<acc_t>(param[i]) : acc_t(0);
       const acc_t objective =
           p.has_objective
               ? math::validation_objective(static_cast<acc_t>(objective_grad[i]), p.sgd)
-              : math::decayed_grad(static_cast<acc_t>(grad[i]), static_cast<acc_t>(param[i]),
-                                   p.sgd);
+              : math::decayed_grad(static_cast<acc_t>(grad[i]), w, p.sgd);
       const acc_t prev = has_previous ? static_cast<acc_t>(previous[i]) : acc_t(0);
       math::hd_sums_step(sums, objective, prev, has_previous);
     }
