@@ -1,0 +1,88 @@
+"""The fused implementation of every row of the optimizer table (tests/optim_table.py) that has
+one, against the for-loop reference: float64 to rounding, float32 judged against float64 relative
+to the pure-PyTorch paths' own float32 error, and bit-identical repeated runs. The other generic
+tests (test_optim_generic.py) run fused too where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from optim_table import IMPLS, ROW_CONFIG_IDS, ROW_CONFIGS, make_model, skip_unless_impl, train
+
+
+def _params_equal(a, b) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def _max_error(model, reference) -> float:
+    return max(
+        (p.double() - q.double()).abs().max().item()
+        for p, q in zip(model.parameters(), reference.parameters())
+    )
+
+
+@pytest.mark.parametrize("row,cfg", ROW_CONFIGS, ids=ROW_CONFIG_IDS)
+@pytest.mark.parametrize("lr_lag", [0, 1])
+def test_for_loop_equals_fused(row, cfg, lr_lag):
+    """float64: fused == for-loop to rounding. float32: the fused run's distance to the float64
+    reference is at most 2x that of the float32 for-loop (the reference at the same precision)."""
+    skip_unless_impl(row, "fused")
+    cfg = dict(cfg, lr_lag=lr_lag)
+    models = {}
+    opts = {}
+    for name, dtype, impl in [
+        ("ref64", torch.float64, IMPLS["for-loop"]),
+        ("fused64", torch.float64, IMPLS["fused"]),
+        ("loop32", torch.float32, IMPLS["for-loop"]),
+        ("foreach32", torch.float32, IMPLS["foreach"]),
+        ("fused32", torch.float32, IMPLS["fused"]),
+    ]:
+        models[name] = make_model(dtype)
+        opts[name] = row.cls(models[name].parameters(), **impl, **cfg)
+        train(models[name], opts[name], 8, seed=4)
+    torch.testing.assert_close(
+        list(models["fused64"].parameters()),
+        list(models["ref64"].parameters()),
+        rtol=1e-13,
+        atol=1e-15,
+    )
+    for key in ("learned_lr", "effective_lr", "hypergrad"):
+        torch.testing.assert_close(
+            opts["fused64"].param_groups[0][key],
+            opts["ref64"].param_groups[0][key],
+            rtol=1e-12,
+            atol=1e-15,
+        )
+    torch_error = max(_max_error(models[k], models["ref64"]) for k in ("loop32", "foreach32"))
+    fused_error = _max_error(models["fused32"], models["ref64"])
+    assert torch_error > 0  # the comparison means something
+    assert fused_error <= 2 * torch_error
+
+    lr_ref = opts["ref64"].param_groups[0]["learned_lr"]
+
+    def lr_error(name):
+        return (opts[name].param_groups[0]["learned_lr"].double() - lr_ref).abs().max().item()
+
+    # An fp32 LR can be exact where the references round alike: allow one fp32 ulp of the LR.
+    ulp = torch.finfo(torch.float32).eps * lr_ref.abs().max().item()
+    assert lr_error("fused32") <= 2 * max(lr_error("loop32"), lr_error("foreach32")) + ulp
+
+
+@pytest.mark.parametrize("row,cfg", ROW_CONFIGS, ids=ROW_CONFIG_IDS)
+def test_fused_is_deterministic(row, cfg):
+    """Two fused runs from the same state are bit-identical (no float atomics, fixed order)."""
+    skip_unless_impl(row, "fused")
+    runs = []
+    for threads in (1, torch.get_num_threads()):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            model = make_model(torch.float32)
+            opt = row.cls(model.parameters(), fused=True, **cfg)
+            train(model, opt, 6, seed=3)
+        finally:
+            torch.set_num_threads(previous)
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    assert _params_equal(m1, m2)
+    assert torch.equal(o1.param_groups[0]["learned_lr"], o2.param_groups[0]["learned_lr"])
