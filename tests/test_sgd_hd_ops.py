@@ -184,6 +184,43 @@ def test_thread_count_does_not_change_results():
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_torch_compile_fullgraph():
+    """The ops trace into one graph (mutable list arguments functionalised) and compute the same."""
+    ops = torch.ops.hyperlr_ext
+
+    def step(params, grads, buffers, lrs, hypergrads, effective_lrs):
+        flags = [1] * len(params)
+        slots = (lrs, hypergrads, effective_lrs)
+        ops.sgd_hd_lagged_step_(
+            params, grads, [], buffers, [], flags, flags, *slots,
+            1.0, 1.0, 0.01, 0.0, 0.9, 0.0, False, False, False,
+        )  # fmt: skip
+        ops.sgd_hd_dot_(
+            params, grads, [], buffers, flags, *slots, 1.0, 1.0, 0.01, 0.0, False, False
+        )
+        ops.sgd_hd_update_(
+            params, grads, buffers, [], flags, effective_lrs, 0.0, 0.9, 0.0, False, False
+        )
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(10, generator=gen), torch.randn(3, 4, generator=gen)]
+    inputs = (
+        params,
+        [torch.randn(p.shape, generator=gen) for p in params],
+        [torch.randn(p.shape, generator=gen) for p in params],
+        torch.full((1,), 0.1),
+        torch.zeros(1),
+        torch.zeros(1),
+    )
+    eager, compiled = copy.deepcopy(inputs), copy.deepcopy(inputs)
+    step(*eager)
+    torch.compile(step, backend="aot_eager", fullgraph=True)(*compiled)
+    for a, b in zip(
+        eager[0] + eager[2] + list(eager[3:]), compiled[0] + compiled[2] + list(compiled[3:])
+    ):
+        assert torch.equal(a, b)
+
+
 # ---- CUDA -------------------------------------------------------------------------------------
 
 
