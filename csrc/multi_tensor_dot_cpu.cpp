@@ -1,5 +1,6 @@
 // multi_tensor_dot on the CPU: the CUDA kernel's reduction (csrc/hd_math.h) with the lanes of a
 // block emulated by an array, chunks in parallel, chunk results reduced in chunk order.
+#include "cpu_chunks.h"
 #include "hd_math.h"
 #include "ops.h"
 
@@ -18,16 +19,7 @@ namespace {
 using math::kChunkSize;
 using math::kLanes;
 
-// lanes[0] after the fixed tree over all lanes.
-template <typename acc_t>
-acc_t tree_reduce(std::array<acc_t, kLanes>& lanes) {
-  for (int stride = kLanes / 2; stride > 0; stride /= 2) {
-    for (int lane = 0; lane < stride; ++lane) {
-      math::tree_level(lanes.data(), lane, stride);
-    }
-  }
-  return lanes[0];
-}
+using cpu::tree_reduce;
 
 // <a, b> over one chunk of n <= kChunkSize elements, as one CUDA block computes it.
 template <typename scalar_t, typename acc_t>
