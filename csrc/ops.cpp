@@ -145,24 +145,27 @@ TORCH_LIBRARY(hyperlr_ext, m) {
   // (float64 for float64 inputs), fixed reduction order (deterministic).
   m.def("multi_tensor_dot(Tensor[] a, Tensor[] b) -> Tensor", {at::Tag::pt2_compliant_tag});
   // Fused SGD-HD (csrc/sgd_hd.h explains the arguments; hyperlr_ext/functional/_sgd_hd_fused.py
-  // calls them). Exact mode: sgd_hd_dot_ then sgd_hd_update_; lr_lag=1: sgd_hd_lagged_step_.
+  // calls them). Exact mode: sgd_hd_direction_ then sgd_hd_param_step_; lr_lag=1:
+  // sgd_hd_lagged_step_.
   m.def(
-      "sgd_hd_dot_(Tensor[] params, Tensor[] grads, Tensor[] objective_grads, "
-      "Tensor[] previous, int[] has_previous, Tensor(a!) lrs, Tensor(b!) hypergrads, "
-      "Tensor(c!) effective_lrs, float lr_scale, float prev_lr_scale, float hyper_lr, "
-      "float weight_decay, bool maximize, bool multiplicative) -> ()",
+      "sgd_hd_direction_(Tensor[] params, Tensor[] grads, Tensor[] objective_grads, "
+      "Tensor(a!)[] momentum_buffers, Tensor(b!)[] prev_directions, int[] has_previous, "
+      "int[] has_buffer, Tensor(c!) lrs, Tensor(d!) hypergrads, Tensor(e!) effective_lrs, "
+      "float lr_scale, float prev_lr_scale, float hyper_lr, float weight_decay, "
+      "float momentum, float dampening, bool nesterov, bool maximize, bool multiplicative, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()",
       {at::Tag::pt2_compliant_tag});
   m.def(
-      "sgd_hd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "Tensor(c!)[] prev_directions, int[] has_buffer, Tensor effective_lrs, "
-      "float weight_decay, float momentum, float dampening, bool nesterov, bool maximize) -> ()",
+      "sgd_hd_param_step_(Tensor(a!)[] params, Tensor[] directions, Tensor effective_lrs, "
+      "Tensor? found_inf=None) -> ()",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "sgd_hd_lagged_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] objective_grads, "
       "Tensor(b!)[] momentum_buffers, Tensor(c!)[] prev_directions, int[] has_previous, "
       "int[] has_buffer, Tensor(d!) lrs, Tensor(e!) hypergrads, Tensor(f!) effective_lrs, "
       "float lr_scale, float prev_lr_scale, float hyper_lr, float weight_decay, "
-      "float momentum, float dampening, bool nesterov, bool maximize, bool multiplicative) -> ()",
+      "float momentum, float dampening, bool nesterov, bool maximize, bool multiplicative, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()",
       {at::Tag::pt2_compliant_tag});
 }
 

@@ -12,10 +12,10 @@ namespace {
 
 const char* op_name(SgdHdMode mode) {
   switch (mode) {
-    case SgdHdMode::kDot:
-      return "sgd_hd_dot_";
-    case SgdHdMode::kUpdate:
-      return "sgd_hd_update_";
+    case SgdHdMode::kDirection:
+      return "sgd_hd_direction_";
+    case SgdHdMode::kParamStep:
+      return "sgd_hd_param_step_";
     default:
       return "sgd_hd_lagged_step_";
   }
@@ -63,6 +63,18 @@ void check_slot_tensor(const char* op, const char* name, const at::Tensor& t, co
               " but params[0] is on ", a.params[0].device());
 }
 
+// grad_scale / found_inf: absent, or one float32 element on the params' device.
+void check_amp_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                      const at::Tensor& param) {
+  if (!t.has_value()) {
+    return;
+  }
+  TORCH_CHECK(t->defined() && t->numel() == 1 && t->scalar_type() == at::kFloat, op, ": ", name,
+              " must be a float32 tensor with one element");
+  TORCH_CHECK(t->device() == param.device(), op, ": ", name, " is on ", t->device(),
+              " but params[0] is on ", param.device());
+}
+
 std::vector<at::Tensor> contiguous_or_empty(at::TensorList list) {
   return list.empty() ? std::vector<at::Tensor>{} : contiguous_list(list);
 }
@@ -84,16 +96,19 @@ void check_sgd_hd_args(SgdHdMode mode, const SgdHdArgs& a) {
     return;
   }
   const at::ScalarType dtype = a.params[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
-              ": the fused SGD-HD kernels support float32 and float64 params, got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                  dtype == at::kHalf,
+              op, ": the fused SGD-HD kernels support float32, float64, bfloat16 and float16 "
+              "params, got ", dtype);
   check_list(op, "params", a.params, a.params, false);
-  check_list(op, "grads", a.grads, a.params, false);
-  check_list(op, "objective_grads", a.objective_grads, a.params, true);
-  if (mode == SgdHdMode::kDot) {
-    check_list(op, "previous", a.previous, a.params, false);
+  check_amp_tensor(op, "found_inf", a.found_inf, a.params[0]);
+  if (mode == SgdHdMode::kParamStep) {
+    check_list(op, "directions", a.directions, a.params, false);
   } else {
     const bool has_momentum = a.momentum != 0.0;
     const bool keeps_direction = !has_momentum || a.nesterov;
+    check_list(op, "grads", a.grads, a.params, false);
+    check_list(op, "objective_grads", a.objective_grads, a.params, true);
     TORCH_CHECK(a.momentum_buffers.empty() != has_momentum, op,
                 ": momentum_buffers must be given exactly when momentum != 0");
     TORCH_CHECK(a.prev_directions.empty() != keeps_direction, op,
@@ -103,11 +118,10 @@ void check_sgd_hd_args(SgdHdMode mode, const SgdHdArgs& a) {
     if (has_momentum) {
       check_flags(op, "has_buffer", a.has_buffer, n);
     }
-  }
-  if (mode != SgdHdMode::kUpdate) {
     check_flags(op, "has_previous", a.has_previous, n);
     check_slot_tensor(op, "lrs", a.lrs, a);
     check_slot_tensor(op, "hypergrads", a.hypergrads, a);
+    check_amp_tensor(op, "grad_scale", a.grad_scale, a.params[0]);
   }
   check_slot_tensor(op, "effective_lrs", a.effective_lrs, a);
 }
@@ -115,16 +129,11 @@ void check_sgd_hd_args(SgdHdMode mode, const SgdHdArgs& a) {
 SgdHdTensors contiguous_tensors(const SgdHdArgs& a) {
   SgdHdTensors t;
   t.params = contiguous_list(a.params);
-  t.grads = contiguous_list(a.grads);
+  t.grads = contiguous_or_empty(a.grads);
   t.objective_grads = contiguous_or_empty(a.objective_grads);
   t.momentum_buffers = contiguous_or_empty(a.momentum_buffers);
   t.prev_directions = contiguous_or_empty(a.prev_directions);
-  if (!a.previous.empty()) {
-    t.previous = contiguous_list(a.previous);
-  } else if (!a.has_previous.empty()) {
-    // The lagged op: d_{t-1} is the buffer (plain momentum) or the kept direction, read in place.
-    t.previous = a.momentum != 0.0 && !a.nesterov ? t.momentum_buffers : t.prev_directions;
-  }
+  t.directions = contiguous_or_empty(a.directions);
   return t;
 }
 

@@ -12,14 +12,18 @@
 #include <torch/library.h>
 
 #include <array>
+#include <type_traits>
 #include <vector>
 
 namespace hyperlr {
 namespace {
 
 using cpu::ChunkList;
-using cpu::kChunkSize;
 using cpu::kLanes;
+
+// Which state a group keeps: plain momentum (the buffer is d), Nesterov (the buffer, and d in
+// prev_directions) or no momentum (d in prev_directions).
+enum class State { kPlain, kNesterov, kNoMomentum };
 
 // One tensor's data for one chunk; null where the list is absent.
 template <typename scalar_t>
@@ -27,9 +31,11 @@ struct ChunkData {
   scalar_t* param = nullptr;
   const scalar_t* grad = nullptr;
   const scalar_t* objective = nullptr;  // validation gradient, or null: g^ = g~
-  const scalar_t* previous = nullptr;   // d_{t-1} (read before any write to it)
   scalar_t* buffer = nullptr;           // momentum buffer
-  scalar_t* prev_direction = nullptr;   // where d_t is kept (momentum 0 / Nesterov)
+  scalar_t* prev_direction = nullptr;   // d_{t-1}, overwritten with d_t (no momentum / Nesterov)
+  const scalar_t* direction = nullptr;  // d_t (sgd_hd_param_step_)
+  bool has_buffer = false;
+  bool has_previous = false;
 };
 
 template <typename acc_t>
@@ -39,103 +45,117 @@ struct LaneSums {
   std::array<acc_t, kLanes> dir_sq{};
 };
 
-// The inner loops are templates on which lists are present, so that no load or store in them is
-// conditional and the compiler can vectorise them; the remaining flags are selects.
+// Everything one chunk of a reducing pass needs besides its data.
+template <typename acc_t>
+struct PassSettings {
+  math::SgdSettings<acc_t> sgd;
+  acc_t inv_grad_scale;
+  acc_t lr;  // the LR the lagged pass steps with
+};
 
-// Elements [base, base + width) of the chunk, width <= kLanes, added to lanes 0 .. width - 1.
-// The additive rule needs only the dot product (kNorms false): then the norms stay 0.
-template <bool kObjective, bool kPrevious, bool kNorms, typename scalar_t, typename acc_t>
-void accumulate_run_impl(const ChunkData<scalar_t>& c, int64_t base, int width,
-                         const math::SgdSettings<acc_t> s, LaneSums<acc_t>& lanes) {
-  // Without weight decay g~ does not depend on w: read the gradient again (it is in cache)
-  // instead of a third stream from memory.
-  const scalar_t* __restrict__ param = (s.weight_decay != acc_t(0) ? c.param : c.grad) + base;
-  const scalar_t* __restrict__ grad = c.grad + base;
-  const scalar_t* __restrict__ objective_grad = kObjective ? c.objective + base : nullptr;
-  const scalar_t* __restrict__ previous = kPrevious ? c.previous + base : nullptr;
-  acc_t* __restrict__ dot = lanes.dot.data();
-  acc_t* __restrict__ grad_sq = lanes.grad_sq.data();
-  acc_t* __restrict__ dir_sq = lanes.dir_sq.data();
-  for (int lane = 0; lane < width; ++lane) {
-    acc_t objective;
-    if constexpr (kObjective) {
-      objective = math::validation_objective(static_cast<acc_t>(objective_grad[lane]), s);
-    } else {
-      objective = math::decayed_grad(static_cast<acc_t>(grad[lane]),
-                                     static_cast<acc_t>(param[lane]), s);
-    }
-    const acc_t prev = kPrevious ? static_cast<acc_t>(previous[lane]) : acc_t(0);
-    if constexpr (kNorms) {
-      math::HdSums<acc_t> sums{dot[lane], grad_sq[lane], dir_sq[lane]};
-      math::hd_sums_step(sums, objective, prev, kPrevious);
-      dot[lane] = sums.dot;
-      grad_sq[lane] = sums.grad_sq;
-      dir_sq[lane] = sums.dir_sq;
-    } else {
-      dot[lane] = math::dot_step(dot[lane], objective, prev);
+// Pass 1 of exact mode (kStep false) or the lagged pass (kStep true) over one chunk. The loops are
+// templates on which lists exist and on kSteady (the tensor has its buffer and d_{t-1}: every step
+// but the first), so that the hot loop has no conditional load or store and vectorises; the
+// other flags are selects.
+template <State kState, bool kObjective, bool kNorms, bool kStep, bool kSteady, typename scalar_t,
+          typename acc_t>
+void direction_chunk(const ChunkData<scalar_t>& c, int64_t size, const PassSettings<acc_t> ps,
+                     LaneSums<acc_t>& lanes) {
+  constexpr bool kBuffer = kState != State::kNoMomentum;
+  constexpr bool kKeepsDirection = kState != State::kPlain;
+  const math::SgdSettings<acc_t> s = ps.sgd;
+  const bool has_previous = kSteady || c.has_previous;
+  const math::StepFlags flags{kObjective,      kBuffer, kState == State::kNesterov,
+                              kKeepsDirection, kSteady || c.has_buffer, has_previous};
+  // w is read for weight decay and for the step; else the gradient stands in (it is in cache).
+  const scalar_t* weight_source = s.weight_decay != acc_t(0) ? c.param : c.grad;
+  for (int64_t base = 0; base < size; base += kLanes) {
+    const int width = static_cast<int>(std::min<int64_t>(kLanes, size - base));
+    scalar_t* __restrict__ param = kStep ? c.param + base : nullptr;
+    const scalar_t* __restrict__ weight = kStep ? nullptr : weight_source + base;
+    const scalar_t* __restrict__ grad = c.grad + base;
+    const scalar_t* __restrict__ objective_grad = kObjective ? c.objective + base : nullptr;
+    scalar_t* __restrict__ buffer = kBuffer ? c.buffer + base : nullptr;
+    scalar_t* __restrict__ prev_direction = kKeepsDirection ? c.prev_direction + base : nullptr;
+    acc_t* __restrict__ dot = lanes.dot.data();
+    acc_t* __restrict__ grad_sq = lanes.grad_sq.data();
+    acc_t* __restrict__ dir_sq = lanes.dir_sq.data();
+    for (int lane = 0; lane < width; ++lane) {
+      const acc_t w = static_cast<acc_t>(kStep ? param[lane] : weight[lane]);
+      const acc_t g = math::unscale(static_cast<acc_t>(grad[lane]), ps.inv_grad_scale);
+      const acc_t objective_g = kObjective ? static_cast<acc_t>(objective_grad[lane]) : acc_t(0);
+      const acc_t old_buffer = kBuffer ? static_cast<acc_t>(buffer[lane]) : acc_t(0);
+      const acc_t old_direction =
+          kKeepsDirection ? static_cast<acc_t>(prev_direction[lane]) : acc_t(0);
+      const math::DirectionStep<acc_t> e =
+          math::direction_step(g, w, objective_g, old_buffer, old_direction, flags, s);
+      if constexpr (kNorms) {
+        math::HdSums<acc_t> sums{dot[lane], grad_sq[lane], dir_sq[lane]};
+        math::hd_sums_step(sums, e.objective, e.previous, has_previous);
+        dot[lane] = sums.dot;
+        grad_sq[lane] = sums.grad_sq;
+        dir_sq[lane] = sums.dir_sq;
+      } else {
+        const acc_t new_dot = math::dot_step(dot[lane], e.objective, e.previous);
+        dot[lane] = has_previous ? new_dot : dot[lane];
+      }
+      if constexpr (kBuffer) {
+        buffer[lane] = static_cast<scalar_t>(e.buffer);
+      }
+      if constexpr (kKeepsDirection) {
+        prev_direction[lane] = static_cast<scalar_t>(e.direction);
+      }
+      if constexpr (kStep) {
+        // The stored d_t, as the exact mode's second pass reads it back.
+        const acc_t stored = static_cast<acc_t>(static_cast<scalar_t>(e.direction));
+        param[lane] = static_cast<scalar_t>(math::param_step(w, stored, ps.lr));
+      }
     }
   }
 }
 
-template <bool kNorms, typename scalar_t, typename acc_t>
-void accumulate_run_lists(const ChunkData<scalar_t>& c, int64_t base, int width,
-                          const math::SgdSettings<acc_t>& s, LaneSums<acc_t>& lanes) {
-  const bool previous = c.previous != nullptr;
-  if (c.objective != nullptr) {
-    previous ? accumulate_run_impl<true, true, kNorms>(c, base, width, s, lanes)
-             : accumulate_run_impl<true, false, kNorms>(c, base, width, s, lanes);
+// Calls f(std::bool_constant<b>{}).
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
   } else {
-    previous ? accumulate_run_impl<false, true, kNorms>(c, base, width, s, lanes)
-             : accumulate_run_impl<false, false, kNorms>(c, base, width, s, lanes);
+    f(std::false_type{});
   }
 }
 
+template <bool kStep, typename scalar_t, typename acc_t>
+void direction_chunk(State state, bool objective, bool norms, const ChunkData<scalar_t>& c,
+                     int64_t size, const PassSettings<acc_t>& ps, LaneSums<acc_t>& lanes) {
+  const bool steady = c.has_previous && (state == State::kNoMomentum || c.has_buffer);
+  with_bool(objective, [&](auto kObjective) {
+    with_bool(norms, [&](auto kNorms) {
+      with_bool(steady, [&](auto kSteady) {
+        constexpr bool o = decltype(kObjective)::value, n = decltype(kNorms)::value,
+                       st = decltype(kSteady)::value;
+        switch (state) {
+          case State::kPlain:
+            direction_chunk<State::kPlain, o, n, kStep, st>(c, size, ps, lanes);
+            break;
+          case State::kNesterov:
+            direction_chunk<State::kNesterov, o, n, kStep, st>(c, size, ps, lanes);
+            break;
+          default:
+            direction_chunk<State::kNoMomentum, o, n, kStep, st>(c, size, ps, lanes);
+        }
+      });
+    });
+  });
+}
+
+// Pass 2 of exact mode: w - lr * d_t.
 template <typename scalar_t, typename acc_t>
-void accumulate_run(const ChunkData<scalar_t>& c, int64_t base, int width, bool norms,
-                    const math::SgdSettings<acc_t>& s, LaneSums<acc_t>& lanes) {
-  if (norms) {
-    accumulate_run_lists<true>(c, base, width, s, lanes);
-  } else if (c.previous != nullptr) {  // else nothing to add: the dot product stays 0
-    accumulate_run_lists<false>(c, base, width, s, lanes);
-  }
-}
-
-// torch.optim.SGD's step on elements [base, base + width) with the slot's effective LR.
-template <bool kBuffer, bool kDirection, typename scalar_t, typename acc_t>
-void update_run_impl(const ChunkData<scalar_t>& c, int64_t base, int64_t width, bool has_buffer,
-                     const math::SgdSettings<acc_t> s, acc_t effective_lr) {
-  // Settings by value and restrict pointers: nothing a store writes can change them.
-  scalar_t* __restrict__ param = c.param + base;
-  const scalar_t* __restrict__ grad = c.grad + base;
-  scalar_t* __restrict__ buffer = kBuffer ? c.buffer + base : nullptr;
-  scalar_t* __restrict__ prev_direction = kDirection ? c.prev_direction + base : nullptr;
-  for (int64_t i = 0; i < width; ++i) {
-    const acc_t p = static_cast<acc_t>(param[i]);
-    const acc_t decayed = math::decayed_grad(static_cast<acc_t>(grad[i]), p, s);
-    acc_t new_buffer = acc_t(0);
-    if constexpr (kBuffer) {
-      new_buffer =
-          math::momentum_buffer_step(static_cast<acc_t>(buffer[i]), decayed, has_buffer, s);
-      buffer[i] = static_cast<scalar_t>(new_buffer);
-    }
-    const acc_t direction = math::update_direction(decayed, new_buffer, s);
-    if constexpr (kDirection) {
-      prev_direction[i] = static_cast<scalar_t>(direction);
-    }
-    param[i] = static_cast<scalar_t>(math::param_step(p, direction, effective_lr));
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void update_run(const ChunkData<scalar_t>& c, int64_t base, int64_t width, bool has_buffer,
-                const math::SgdSettings<acc_t>& s, acc_t effective_lr) {
-  const bool direction = c.prev_direction != nullptr;
-  if (c.buffer != nullptr) {
-    direction ? update_run_impl<true, true>(c, base, width, has_buffer, s, effective_lr)
-              : update_run_impl<true, false>(c, base, width, has_buffer, s, effective_lr);
-  } else {
-    direction ? update_run_impl<false, true>(c, base, width, has_buffer, s, effective_lr)
-              : update_run_impl<false, false>(c, base, width, has_buffer, s, effective_lr);
+void param_step_chunk(const ChunkData<scalar_t>& c, int64_t size, acc_t lr) {
+  scalar_t* __restrict__ param = c.param;
+  const scalar_t* __restrict__ direction = c.direction;
+  for (int64_t i = 0; i < size; ++i) {
+    param[i] = static_cast<scalar_t>(
+        math::param_step(static_cast<acc_t>(param[i]), static_cast<acc_t>(direction[i]), lr));
   }
 }
 
@@ -176,74 +196,89 @@ ChunkData<scalar_t> chunk_data(const SgdHdTensors& t, const cpu::ChunkRef& chunk
                                const SgdHdArgs& a) {
   const size_t i = chunk.tensor;
   const int64_t offset = chunk.offset;
+  const auto mutable_ptr = [&](const std::vector<at::Tensor>& list) -> scalar_t* {
+    return list.empty() ? nullptr : list[i].mutable_data_ptr<scalar_t>() + offset;
+  };
+  const auto const_ptr = [&](const std::vector<at::Tensor>& list) -> const scalar_t* {
+    return list.empty() ? nullptr : list[i].const_data_ptr<scalar_t>() + offset;
+  };
   ChunkData<scalar_t> c;
-  c.param = t.params[i].mutable_data_ptr<scalar_t>() + offset;
-  c.grad = t.grads[i].const_data_ptr<scalar_t>() + offset;
-  if (!t.objective_grads.empty()) {
-    c.objective = t.objective_grads[i].const_data_ptr<scalar_t>() + offset;
-  }
-  if (!t.previous.empty() && a.has_previous[i]) {
-    c.previous = t.previous[i].const_data_ptr<scalar_t>() + offset;
-  }
-  if (!t.momentum_buffers.empty()) {
-    c.buffer = t.momentum_buffers[i].mutable_data_ptr<scalar_t>() + offset;
-  }
-  if (!t.prev_directions.empty()) {
-    c.prev_direction = t.prev_directions[i].mutable_data_ptr<scalar_t>() + offset;
-  }
+  c.param = mutable_ptr(t.params);
+  c.grad = const_ptr(t.grads);
+  c.objective = const_ptr(t.objective_grads);
+  c.buffer = mutable_ptr(t.momentum_buffers);
+  c.prev_direction = mutable_ptr(t.prev_directions);
+  c.direction = const_ptr(t.directions);
+  c.has_buffer = !a.has_buffer.empty() && a.has_buffer[i] != 0;
+  c.has_previous = !a.has_previous.empty() && a.has_previous[i] != 0;
   return c;
 }
 
-// mode: kDot (exact, launch 1), kUpdate (exact, launch 2), kLagged (one pass).
+const float* float_ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
+}
+
 template <typename scalar_t>
 void run_cpu(SgdHdMode mode, const SgdHdArgs& a) {
   using acc_t = math::acc_type<scalar_t>;
+  if (math::skips_step(float_ptr_or_null(a.found_inf))) {
+    return;
+  }
   const SgdHdTensors t = contiguous_tensors(a);
   const ChunkList list = cpu::make_chunks(t.params);
   const int64_t num_chunks = static_cast<int64_t>(list.chunks.size());
-  const math::SgdSettings<acc_t> s = sgd_settings<acc_t>(a);
-  const math::HdRuleSettings<acc_t> rule = rule_settings<acc_t>(a, mode == SgdHdMode::kLagged);
   const bool single_slot = a.lrs.numel() == 1;
 
-  // The LR each slot applies: eta_t (exact, written by the dot pass) or s_t eta_{t-1} (lagged).
-  std::vector<acc_t> applied(a.lrs.numel());
-  if (mode != SgdHdMode::kDot) {
-    const at::Tensor& source = mode == SgdHdMode::kUpdate ? a.effective_lrs : a.lrs;
-    const acc_t* values = source.const_data_ptr<acc_t>();
-    for (size_t k = 0; k < applied.size(); ++k) {
-      applied[k] = mode == SgdHdMode::kUpdate ? values[k] : math::mul_rn(values[k], rule.lr_scale);
-    }
+  if (mode == SgdHdMode::kParamStep) {
+    const acc_t* lrs = a.effective_lrs.const_data_ptr<acc_t>();
+    at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const cpu::ChunkRef& chunk = list.chunks[k];
+        param_step_chunk(chunk_data<scalar_t>(t, chunk, a), chunk.size,
+                         lrs[single_slot ? 0 : chunk.tensor]);
+      }
+    });
+    copy_back(a, t);
+    return;
   }
 
+  const bool lagged = mode == SgdHdMode::kLagged;
+  const math::HdRuleSettings<acc_t> rule = rule_settings<acc_t>(a, lagged);
+  const State state = a.momentum == 0.0 ? State::kNoMomentum
+                      : a.nesterov      ? State::kNesterov
+                                        : State::kPlain;
+  PassSettings<acc_t> ps{sgd_settings<acc_t>(a),
+                         static_cast<acc_t>(math::inverse_grad_scale(float_ptr_or_null(a.grad_scale))),
+                         acc_t(0)};
+  // The lagged pass steps with s_t eta_{t-1}: read before finish_slots writes eta_t.
+  std::vector<acc_t> applied(a.lrs.numel(), acc_t(0));
+  if (lagged) {
+    const acc_t* lrs = a.lrs.const_data_ptr<acc_t>();
+    for (size_t k = 0; k < applied.size(); ++k) {
+      applied[k] = math::mul_rn(lrs[k], rule.lr_scale);
+    }
+  }
+  const bool objective = !t.objective_grads.empty();
   std::vector<math::HdSums<acc_t>> chunk_sums(num_chunks);
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const cpu::ChunkRef& chunk = list.chunks[k];
       const ChunkData<scalar_t> c = chunk_data<scalar_t>(t, chunk, a);
-      const bool has_buffer = !a.has_buffer.empty() && a.has_buffer[chunk.tensor];
-      const acc_t lr = mode == SgdHdMode::kDot ? acc_t(0)
-                                               : applied[single_slot ? 0 : chunk.tensor];
-      if (mode == SgdHdMode::kUpdate) {
-        update_run(c, 0, chunk.size, has_buffer, s, lr);
-        continue;
-      }
       LaneSums<acc_t> lanes;
-      for (int64_t base = 0; base < chunk.size; base += kLanes) {
-        const int width = static_cast<int>(std::min<int64_t>(kLanes, chunk.size - base));
-        accumulate_run(c, base, width, rule.multiplicative, s, lanes);
-        if (mode == SgdHdMode::kLagged) {
-          update_run(c, base, width, has_buffer, s, lr);  // after the run's d_{t-1} was read
-        }
+      PassSettings<acc_t> chunk_ps = ps;
+      chunk_ps.lr = applied[single_slot ? 0 : chunk.tensor];
+      if (lagged) {
+        direction_chunk<true>(state, objective, rule.multiplicative, c, chunk.size, chunk_ps,
+                              lanes);
+      } else {
+        direction_chunk<false>(state, objective, rule.multiplicative, c, chunk.size, chunk_ps,
+                               lanes);
       }
       chunk_sums[k] = tree_sums(lanes);
     }
   });
-  if (mode != SgdHdMode::kUpdate) {
-    finish_slots(list, chunk_sums, a, rule);
-  }
-  if (mode != SgdHdMode::kDot) {
-    copy_back(a, t);
-  }
+  finish_slots(list, chunk_sums, a, rule);
+  copy_back(a, t);
 }
 
 void sgd_hd_cpu(SgdHdMode mode, const SgdHdArgs& a) {
@@ -251,15 +286,18 @@ void sgd_hd_cpu(SgdHdMode mode, const SgdHdArgs& a) {
   if (a.params.empty()) {
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES(a.params[0].scalar_type(), "sgd_hd_cpu",
-                             [&] { run_cpu<scalar_t>(mode, a); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.params[0].scalar_type(),
+                                  "sgd_hd_cpu", [&] { run_cpu<scalar_t>(mode, a); });
 }
 
 }  // namespace
 }  // namespace hyperlr
 
 TORCH_LIBRARY_IMPL(hyperlr_ext, CPU, m) {
-  m.impl("sgd_hd_dot_", &hyperlr::sgd_hd_dot_op<&hyperlr::sgd_hd_cpu>);
-  m.impl("sgd_hd_update_", &hyperlr::sgd_hd_update_op<&hyperlr::sgd_hd_cpu>);
-  m.impl("sgd_hd_lagged_step_", &hyperlr::sgd_hd_lagged_op<&hyperlr::sgd_hd_cpu>);
+  using hyperlr::SgdHdMode;
+  m.impl("sgd_hd_direction_",
+         &hyperlr::sgd_hd_reducing_op<&hyperlr::sgd_hd_cpu, SgdHdMode::kDirection>);
+  m.impl("sgd_hd_param_step_", &hyperlr::sgd_hd_param_step_op<&hyperlr::sgd_hd_cpu>);
+  m.impl("sgd_hd_lagged_step_",
+         &hyperlr::sgd_hd_reducing_op<&hyperlr::sgd_hd_cpu, SgdHdMode::kLagged>);
 }

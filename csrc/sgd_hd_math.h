@@ -23,6 +23,12 @@ struct SgdSettings {
   bool has_momentum;  // momentum != 0
 };
 
+// g / S as GradScaler unscales it: g * (1 / S) (exactly g when inv_scale is 1).
+template <typename acc_t>
+HYPERLR_INLINE acc_t unscale(acc_t grad, acc_t inv_scale) {
+  return mul_rn(grad, inv_scale);
+}
+
 // g~ = (+-g) + lambda w: torch.optim.SGD's decayed gradient (the training objective's gradient).
 template <typename acc_t>
 HYPERLR_INLINE acc_t decayed_grad(acc_t grad, acc_t param, const SgdSettings<acc_t>& s) {
@@ -66,12 +72,57 @@ HYPERLR_INLINE acc_t momentum_buffer_step(acc_t buffer, acc_t decayed, bool has_
   return has_buffer ? accumulated : decayed;
 }
 
+// Nesterov's d_t = g~ + m b, with the updated buffer b.
+template <typename acc_t>
+HYPERLR_INLINE acc_t nesterov_direction(acc_t decayed, acc_t buffer, const SgdSettings<acc_t>& s) {
+  return add_rn(decayed, mul_rn(s.momentum, buffer));
+}
+
 // d_t: g~ (no momentum), the buffer, or g~ + m b (Nesterov); `buffer` is the updated one.
 template <typename acc_t>
 HYPERLR_INLINE acc_t update_direction(acc_t decayed, acc_t buffer, const SgdSettings<acc_t>& s) {
-  const acc_t nesterov = add_rn(decayed, mul_rn(s.momentum, buffer));
+  const acc_t nesterov = nesterov_direction(decayed, buffer, s);
   const acc_t with_momentum = s.nesterov ? nesterov : buffer;
   return s.has_momentum ? with_momentum : decayed;
+}
+
+// Which lists one element's step has, and its flags. The CPU kernel builds it from template
+// constants (so the selects below fold away), the CUDA functors from runtime values.
+struct StepFlags {
+  bool has_objective;    // a validation gradient is given (g^ = its +-, not g~)
+  bool has_momentum;     // momentum != 0: a momentum buffer
+  bool nesterov;         // d_t = g~ + m b
+  bool keeps_direction;  // d is kept in prev_directions (no momentum, or Nesterov)
+  bool has_buffer;       // the buffer holds a value (else it starts as g~)
+  bool has_previous;     // d_{t-1} exists (else it counts as 0)
+};
+
+// One element of pass 1 (and of the lagged pass): its g^ and d_{t-1} for the sums, its new buffer
+// and d_t.
+template <typename acc_t>
+struct DirectionStep {
+  acc_t objective;
+  acc_t previous;
+  acc_t buffer;
+  acc_t direction;
+};
+
+// From the unscaled g, w (any value when there is no weight decay), the validation gradient, the
+// old buffer and the kept d_{t-1} (any value where absent).
+template <typename acc_t>
+HYPERLR_INLINE DirectionStep<acc_t> direction_step(acc_t grad, acc_t weight, acc_t objective_grad,
+                                                   acc_t old_buffer, acc_t old_direction,
+                                                   const StepFlags& f,
+                                                   const SgdSettings<acc_t>& s) {
+  DirectionStep<acc_t> e;
+  const acc_t decayed = decayed_grad(grad, weight, s);
+  e.objective = f.has_objective ? validation_objective(objective_grad, s) : decayed;
+  const acc_t previous = f.keeps_direction ? old_direction : old_buffer;
+  e.previous = f.has_previous ? previous : acc_t(0);
+  e.buffer = f.has_momentum ? momentum_buffer_step(old_buffer, decayed, f.has_buffer, s) : acc_t(0);
+  const acc_t with_momentum = f.nesterov ? nesterov_direction(decayed, e.buffer, s) : e.buffer;
+  e.direction = f.has_momentum ? with_momentum : decayed;
+  return e;
 }
 
 // w - lr * d (torch's addcmul_(d, -lr) on the parameter).
@@ -110,6 +161,16 @@ HYPERLR_INLINE double div_rn(double x, double y) {
 #else
   return x / y;
 #endif
+}
+
+// The reciprocal of AMP's grad scale, in float32 like GradScaler's inv_scale (1 without a scaler).
+HYPERLR_INLINE float inverse_grad_scale(const float* grad_scale) {
+  return grad_scale == nullptr ? 1.0f : div_rn(1.0f, *grad_scale);
+}
+
+// True when AMP found an inf/NaN gradient: the step must change nothing.
+HYPERLR_INLINE bool skips_step(const float* found_inf) {
+  return found_inf != nullptr && *found_inf != 0.0f;
 }
 
 // The settings of the HD rule (hyperlr_ext/functional/_hd_rule.py, hd_rule_).

@@ -23,7 +23,7 @@ __all__ = [
 # csrc/cuda/<algorithm>.cu for CUDA); the others run the pure-PyTorch paths on every device.
 FUSED_ALGORITHMS: frozenset[str] = frozenset({"sgd_hd"})
 FUSED_DEVICES = ("cpu", "cuda")
-FUSED_DTYPES = (torch.float32, torch.float64)
+FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def check_fused_request(algorithm: str, foreach: bool | None, fused: bool | None) -> None:
@@ -59,9 +59,9 @@ def check_fused_params(algorithm: str, params: list[Tensor]) -> None:
     dtypes = {p.dtype for p in params}
     if len(dtypes) > 1 or next(iter(dtypes)) not in FUSED_DTYPES:
         raise RuntimeError(
-            f"fused=True ({algorithm}): the fused kernels need every param of a group to be "
-            f"float32, or every one float64; got {sorted(str(d) for d in dtypes)}. Use "
-            f"foreach=True (the pure-PyTorch path, which computes low precision in float32)."
+            f"fused=True ({algorithm}): the fused kernels need every param of a group to have "
+            f"one dtype among float32, float64, bfloat16 and float16; got "
+            f"{sorted(str(d) for d in dtypes)}. Use foreach=True (the pure-PyTorch path)."
         )
     if any(p.device.type == "cuda" for p in params):
         from hyperlr_ext import _ops

@@ -201,29 +201,23 @@ def _check_sgd_hd_slots(op: str, params: list[Tensor], *slot_tensors: Tensor) ->
         )
 
 
-def _sgd_hd_dot_fake(
-    params, grads, objective_grads, previous, has_previous, lrs, hypergrads, effective_lrs,
-    lr_scale, prev_lr_scale, hyper_lr, weight_decay, maximize, multiplicative,
-) -> None:  # fmt: skip
-    _check_sgd_hd_slots("sgd_hd_dot_", params, lrs, hypergrads, effective_lrs)
+def _sgd_hd_reducing_fake(op: str):
+    def fake(
+        params, grads, objective_grads, momentum_buffers, prev_directions, has_previous,
+        has_buffer, lrs, hypergrads, effective_lrs, lr_scale, prev_lr_scale, hyper_lr,
+        weight_decay, momentum, dampening, nesterov, maximize, multiplicative,
+        grad_scale=None, found_inf=None,
+    ) -> None:  # fmt: skip
+        _check_sgd_hd_slots(op, params, lrs, hypergrads, effective_lrs)
+
+    return fake
 
 
-def _sgd_hd_update_fake(
-    params, grads, momentum_buffers, prev_directions, has_buffer, effective_lrs,
-    weight_decay, momentum, dampening, nesterov, maximize,
-) -> None:  # fmt: skip
-    _check_sgd_hd_slots("sgd_hd_update_", params, effective_lrs)
-
-
-def _sgd_hd_lagged_step_fake(
-    params, grads, objective_grads, momentum_buffers, prev_directions, has_previous, has_buffer,
-    lrs, hypergrads, effective_lrs, lr_scale, prev_lr_scale, hyper_lr, weight_decay, momentum,
-    dampening, nesterov, maximize, multiplicative,
-) -> None:  # fmt: skip
-    _check_sgd_hd_slots("sgd_hd_lagged_step_", params, lrs, hypergrads, effective_lrs)
+def _sgd_hd_param_step_fake(params, directions, effective_lrs, found_inf=None) -> None:
+    _check_sgd_hd_slots("sgd_hd_param_step_", params, effective_lrs)
 
 
 if EXTENSION_AVAILABLE:
-    torch.library.register_fake("hyperlr_ext::sgd_hd_dot_")(_sgd_hd_dot_fake)
-    torch.library.register_fake("hyperlr_ext::sgd_hd_update_")(_sgd_hd_update_fake)
-    torch.library.register_fake("hyperlr_ext::sgd_hd_lagged_step_")(_sgd_hd_lagged_step_fake)
+    for _name in ("sgd_hd_direction_", "sgd_hd_lagged_step_"):
+        torch.library.register_fake(f"hyperlr_ext::{_name}")(_sgd_hd_reducing_fake(_name))
+    torch.library.register_fake("hyperlr_ext::sgd_hd_param_step_")(_sgd_hd_param_step_fake)

@@ -319,7 +319,12 @@ def test_fused_request_fails_clearly(row):
         meta = torch.zeros(2, device="meta", requires_grad=True)
         with pytest.raises(RuntimeError, match=r"^`fused=True` requires all the params"):
             row.cls([meta], fused=True)
-        for dtypes in ([torch.bfloat16], [torch.float32, torch.float64], [torch.int64]):
+        row.cls([torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)], fused=True)
+        for dtypes in (
+            [torch.float16, torch.bfloat16],
+            [torch.float32, torch.float64],
+            [torch.int64],
+        ):
             params = [torch.zeros(2, dtype=d, requires_grad=d.is_floating_point) for d in dtypes]
             with pytest.raises(RuntimeError, match="fused=True"):
                 row.cls(params, fused=True)

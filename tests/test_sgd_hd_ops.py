@@ -64,9 +64,10 @@ def _state(device, dtype, setting, *, per_tensor, objective, seed=0):
     )
 
 
-def _step(func, state, setting, *, lr_lag, multiplicative):
+def _step(func, state, setting, *, lr_lag, multiplicative, **amp):
     func(
         **state,
+        **amp,
         lr_scale=0.5,
         prev_lr_scale=0.8,
         hyper_lr=0.3 if multiplicative else 0.05,
@@ -123,27 +124,24 @@ def _op_samples(device, dtype):
         has_buffer = [int(b is not None) for b in s["momentum_buffers"]]
         slots = [torch.stack(s[k]) for k in ("lrs", "hypergrads", "effective_lrs")]
         objective_grads = s["objective_grads"] or []
-        previous = buffers if momentum != 0 and not setting["nesterov"] else directions
         wd, damp, nest, maxi = (
             setting[k] for k in ("weight_decay", "dampening", "nesterov", "maximize")
         )
+        amp = (torch.full((1,), 4.0, device=device), torch.zeros(1, device=device))
+        reducing = (
+            params, s["grads"], objective_grads, buffers, directions, flags, has_buffer, *slots,
+            0.5, 0.8, 0.05, wd, momentum, damp, nest, maxi, per_tensor,
+        )  # fmt: skip
+        new_directions = buffers if momentum != 0 and not setting["nesterov"] else directions
+        ops = torch.ops.hyperlr_ext
         samples += [
-            (
-                torch.ops.hyperlr_ext.sgd_hd_dot_.default,
-                (params, s["grads"], objective_grads, previous, flags, *slots,
-                 0.5, 0.8, 0.05, wd, maxi, per_tensor),
-            ),
-            (
-                torch.ops.hyperlr_ext.sgd_hd_update_.default,
-                (params, s["grads"], buffers, directions, has_buffer, slots[2],
-                 wd, momentum, damp, nest, maxi),
-            ),
-            (
-                torch.ops.hyperlr_ext.sgd_hd_lagged_step_.default,
-                (params, s["grads"], objective_grads, buffers, directions, flags, has_buffer,
-                 *slots, 0.5, 0.8, 0.05, wd, momentum, damp, nest, maxi, per_tensor),
-            ),
-        ]  # fmt: skip
+            (ops.sgd_hd_direction_.default, reducing),
+            (ops.sgd_hd_direction_.default, (*reducing, *amp)),
+            (ops.sgd_hd_param_step_.default, (params, new_directions, slots[2])),
+            (ops.sgd_hd_param_step_.default, (params, new_directions, slots[2], amp[1])),
+            (ops.sgd_hd_lagged_step_.default, reducing),
+            (ops.sgd_hd_lagged_step_.default, (*reducing, *amp)),
+        ]
     return samples
 
 
@@ -156,18 +154,114 @@ def test_opcheck_cpu(dtype):
 def test_errors_name_the_argument():
     s = _state("cpu", torch.float32, SETTINGS[0], per_tensor=False, objective=False)
     lr = torch.stack(s["lrs"])
-    args = [s["params"], s["grads"], [], s["grads"], [1] * len(SHAPES), lr, lr.clone(), lr.clone()]
-    scalars = (1.0, 1.0, 0.1, 0.0, False, False)
-    op = torch.ops.hyperlr_ext.sgd_hd_dot_
+    n = len(SHAPES)
+    dirs = [torch.zeros_like(p) for p in s["params"]]
+    head = [s["params"], s["grads"], [], [], dirs]
+    flags = [[1] * n, [0] * n]
+    scalars = (1.0, 1.0, 0.1, 0.0, 0.0, 0.0, False, False, False)
+    op = torch.ops.hyperlr_ext.sgd_hd_direction_
     with pytest.raises(RuntimeError, match="has_previous"):
-        op(*args[:4], [1], *args[5:], *scalars)
+        op(*head, [1], flags[1], lr, lr.clone(), lr.clone(), *scalars)
     with pytest.raises(RuntimeError, match="lrs must be"):
-        op(*args[:5], lr.double(), *args[6:], *scalars)
-    with pytest.raises(RuntimeError, match=r"grads\[2\] has 2 elements|grads\[2\]"):
-        op(s["params"], s["grads"][:2] + [torch.zeros(2)] + s["grads"][3:], *args[2:], *scalars)
-    half = [p.half() for p in s["params"]]
-    with pytest.raises(RuntimeError, match="float32 and float64"):
-        op(half, [g.half() for g in s["grads"]], [], half, *args[4:], *scalars)
+        op(*head, *flags, lr.double(), lr.clone(), lr.clone(), *scalars)
+    with pytest.raises(RuntimeError, match=r"grads\[2\] has 2 elements"):
+        bad = s["grads"][:2] + [torch.zeros(2)] + s["grads"][3:]
+        op(s["params"], bad, *head[2:], *flags, lr, lr.clone(), lr.clone(), *scalars)
+    with pytest.raises(RuntimeError, match="prev_directions must be given"):
+        op(*head[:4], [], *flags, lr, lr.clone(), lr.clone(), *scalars)
+    with pytest.raises(RuntimeError, match="grad_scale must be a float32 tensor with one"):
+        op(*head, *flags, lr, lr.clone(), lr.clone(), *scalars, torch.ones(2), None)
+    with pytest.raises(RuntimeError, match="found_inf must be a float32"):
+        op(*head, *flags, lr, lr.clone(), lr.clone(), *scalars, None, torch.zeros(1).double())
+    ints = [p.int() for p in s["params"]]
+    with pytest.raises(RuntimeError, match="float32, float64, bfloat16 and float16"):
+        op(ints, [g.int() for g in s["grads"]], [], [], [d.int() for d in dirs], *flags, lr,
+           lr.clone(), lr.clone(), *scalars)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"directions\[1\]"):
+        torch.ops.hyperlr_ext.sgd_hd_param_step_(
+            s["params"], [dirs[0], torch.zeros(5)] + dirs[2:], lr
+        )
+
+
+@pytest.mark.parametrize("impl", [_single_tensor_sgd_hd, _fused_sgd_hd], ids=["loop", "fused"])
+@pytest.mark.parametrize("lr_lag", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_grad_scale_is_grad_scaler_unscale(impl, lr_lag, dtype):
+    """With grad_scale S the step equals the step on g * (1 / S) (S = 3: not a power of two)."""
+    setting = SETTINGS[1]
+    scaled = _state("cpu", dtype, setting, per_tensor=False, objective=False)
+    unscaled = copy.deepcopy(scaled)
+    scale = torch.full((1,), 3.0)
+    unscaled["grads"] = [g * scale.reciprocal().reshape(()) for g in scaled["grads"]]
+    _step(impl, unscaled, setting, lr_lag=lr_lag, multiplicative=False)
+    _step(impl, scaled, setting, lr_lag=lr_lag, multiplicative=False, grad_scale=scale)
+    assert all(torch.equal(a, b) for a, b in zip(_flat(scaled), _flat(unscaled)))
+
+
+@pytest.mark.parametrize("impl", [_single_tensor_sgd_hd, _fused_sgd_hd], ids=["loop", "fused"])
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("lr_lag", [0, 1])
+def test_found_inf_changes_nothing(impl, setting, lr_lag):
+    """found_inf != 0: every existing tensor keeps its bits; buffers the step creates hold 0."""
+    state = _state("cpu", torch.float32, setting, per_tensor=True, objective=False)
+    before = copy.deepcopy(state)
+    _step(impl, state, setting, lr_lag=lr_lag, multiplicative=True, found_inf=torch.ones(1))
+    for key in ("params", "momentum_buffers", "prev_directions", "lrs", "hypergrads"):
+        for old, new in zip(before[key], state[key]):
+            if old is None:
+                assert new is None or torch.equal(new, torch.zeros_like(new))
+            else:
+                assert torch.equal(old, new)
+    assert all(torch.equal(a, b) for a, b in zip(before["effective_lrs"], state["effective_lrs"]))
+    # found_inf == 0 is an ordinary step.
+    plain, flagged = copy.deepcopy(before), copy.deepcopy(before)
+    _step(impl, plain, setting, lr_lag=lr_lag, multiplicative=True)
+    _step(impl, flagged, setting, lr_lag=lr_lag, multiplicative=True, found_inf=torch.zeros(1))
+    assert all(torch.equal(a, b) for a, b in zip(_flat(plain), _flat(flagged)))
+
+
+def _error(state, truth):
+    """Largest error of the params and LRs against the float64 run, relative to their scale."""
+    worst = 0.0
+    for key in ("params", "lrs"):
+        for a, b in zip(state[key], truth[key]):
+            if b.numel():
+                assert torch.isfinite(a).all() and torch.isfinite(b).all()
+                diff = (a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)
+                worst = max(worst, diff.item())
+    return worst
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("lr_lag", [0, 1])
+@pytest.mark.parametrize("multiplicative", [False, True])
+def test_low_precision_within_twice_pytorch_error(dtype, setting, lr_lag, multiplicative):
+    """bf16/fp16 params, fp32 math: after 5 steps the fused kernels' error against a float64 run
+    from the same start is at most twice that of the pure-PyTorch path at the same precision."""
+    low = _state("cpu", dtype, setting, per_tensor=False, objective=False, seed=5)
+    for key in ("lrs", "hypergrads", "effective_lrs"):
+        low[key] = [t.float() for t in low[key]]
+    fused, torch_path = copy.deepcopy(low), copy.deepcopy(low)
+    truth = {}
+    for k, v in low.items():
+        double = isinstance(v, list)
+        truth[k] = [t.double() if isinstance(t, torch.Tensor) else t for t in v] if double else v
+    gen = torch.Generator().manual_seed(7)
+    hyper = dict(lr_scale=1.0, prev_lr_scale=1.0, hyper_lr=0.05 if multiplicative else 1e-6)
+    for step in range(5):
+        # Gradients correlated with the last ones, so that the LR moves.
+        grads = [0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64) + 0.5
+                 for p in truth["params"]]  # fmt: skip
+        for func, state in ((_fused_sgd_hd, fused), (_single_tensor_sgd_hd, torch_path),
+                            (_single_tensor_sgd_hd, truth)):  # fmt: skip
+            state["grads"] = [g.to(state["params"][0].dtype) for g in grads]
+            if step:
+                state["has_previous"] = [True] * len(SHAPES)
+            func(**state, **hyper, multiplicative=multiplicative, lr_lag=lr_lag, **setting)
+    assert truth["lrs"][0] != low["lrs"][0]
+    eps = torch.finfo(dtype).eps
+    assert _error(fused, truth) <= 2 * _error(torch_path, truth) + eps / 8
 
 
 def test_thread_count_does_not_change_results():
@@ -195,12 +289,11 @@ def test_torch_compile_fullgraph():
             params, grads, [], buffers, [], flags, flags, *slots,
             1.0, 1.0, 0.01, 0.0, 0.9, 0.0, False, False, False,
         )  # fmt: skip
-        ops.sgd_hd_dot_(
-            params, grads, [], buffers, flags, *slots, 1.0, 1.0, 0.01, 0.0, False, False
-        )
-        ops.sgd_hd_update_(
-            params, grads, buffers, [], flags, effective_lrs, 0.0, 0.9, 0.0, False, False
-        )
+        ops.sgd_hd_direction_(
+            params, grads, [], buffers, [], flags, flags, *slots,
+            1.0, 1.0, 0.01, 0.0, 0.9, 0.0, False, False, False,
+        )  # fmt: skip
+        ops.sgd_hd_param_step_(params, buffers, effective_lrs)
 
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(10, generator=gen), torch.randn(3, 4, generator=gen)]

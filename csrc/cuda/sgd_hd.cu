@@ -2,7 +2,7 @@
 // csrc/sgd_hd_math.h, shared with the CPU kernel, which computes the same bits).
 //
 // One block per chunk (multi_tensor_apply.cuh); thread l handles elements l, l + kLanes, ... of
-// its chunk in order. The reducing passes (sgd_hd_dot_, sgd_hd_lagged_step_) write three partial
+// its chunk in order. The reducing passes (sgd_hd_direction_, sgd_hd_lagged_step_) write three partial
 // sums per block to a scratch buffer; the last block to finish reduces them per LR slot in block
 // order and applies the HD rule on the device. No float atomics, no host sync.
 //
@@ -36,7 +36,8 @@ struct SgdHdParams {
   bool has_objective;
   bool has_buffers;
   bool has_directions;
-  bool previous_is_buffer;  // plain momentum: d_{t-1} is the buffer
+  const float* grad_scale;  // null without AMP
+  const float* found_inf;   // null without AMP
   int64_t num_slots;
   acc_t* lrs;
   acc_t* hypergrads;
@@ -110,96 +111,69 @@ __device__ void finish_reduction(const Chunk<kDepth>& chunk, const SgdHdParams<a
   }
 }
 
-// lists: 0 param, 1 grad, 2 objective grad (grad when absent), 3 d_{t-1} (grad when absent)
-template <typename scalar_t, typename acc_t>
-struct DotFunctor {
-  __device__ void operator()(const Chunk<4>& chunk, SgdHdParams<acc_t> p) const {
-    const scalar_t* param = chunk.template data<const scalar_t>(0);
-    const scalar_t* grad = chunk.template data<const scalar_t>(1);
-    const scalar_t* objective_grad = chunk.template data<const scalar_t>(2);
-    const scalar_t* previous = chunk.template data<const scalar_t>(3);
-    const bool has_previous = (chunk.tag & kHasPrevious) != 0;
-    math::HdSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0)};
-    // Without weight decay g~ does not depend on w: the dot pass then reads two streams.
-    const bool reads_param = p.sgd.weight_decay != acc_t(0);
-    for (int64_t i = threadIdx.x; i < chunk.size; i += kBlockThreads) {
-      const acc_t w = reads_param ? static_cast<acc_t>(param[i]) : acc_t(0);
-      const acc_t objective =
-          p.has_objective
-              ? math::validation_objective(static_cast<acc_t>(objective_grad[i]), p.sgd)
-              : math::decayed_grad(static_cast<acc_t>(grad[i]), w, p.sgd);
-      const acc_t prev = has_previous ? static_cast<acc_t>(previous[i]) : acc_t(0);
-      math::hd_sums_step(sums, objective, prev, has_previous);
-    }
-    finish_reduction(chunk, p, sums);
-  }
-};
-
-// torch.optim.SGD's step on one element; buffer / prev_direction may be absent (flags in p).
-template <typename scalar_t, typename acc_t>
-__device__ void sgd_element(const SgdHdParams<acc_t>& p, bool has_buffer, scalar_t* param,
-                            const scalar_t* grad, scalar_t* buffer, scalar_t* prev_direction,
-                            int64_t i, acc_t effective_lr) {
-  const acc_t w = static_cast<acc_t>(param[i]);
-  const acc_t decayed = math::decayed_grad(static_cast<acc_t>(grad[i]), w, p.sgd);
-  acc_t new_buffer = acc_t(0);
-  if (p.has_buffers) {
-    new_buffer =
-        math::momentum_buffer_step(static_cast<acc_t>(buffer[i]), decayed, has_buffer, p.sgd);
-    buffer[i] = static_cast<scalar_t>(new_buffer);
-  }
-  const acc_t direction = math::update_direction(decayed, new_buffer, p.sgd);
-  if (p.has_directions) {
-    prev_direction[i] = static_cast<scalar_t>(direction);
-  }
-  param[i] = static_cast<scalar_t>(math::param_step(w, direction, effective_lr));
-}
-
-// lists: 0 param, 1 grad, 2 momentum buffer (grad when absent), 3 prev_direction (grad when absent)
-template <typename scalar_t, typename acc_t>
-struct UpdateFunctor {
-  __device__ void operator()(const Chunk<4>& chunk, SgdHdParams<acc_t> p) const {
-    scalar_t* param = chunk.template data<scalar_t>(0);
-    const scalar_t* grad = chunk.template data<const scalar_t>(1);
-    scalar_t* buffer = chunk.template data<scalar_t>(2);
-    scalar_t* prev_direction = chunk.template data<scalar_t>(3);
-    const bool has_buffer = (chunk.tag & kHasBuffer) != 0;
-    const acc_t effective_lr = p.effective_lrs[slot_of(p, chunk.tag)];
-    for (int64_t i = threadIdx.x; i < chunk.size; i += kBlockThreads) {
-      sgd_element(p, has_buffer, param, grad, buffer, prev_direction, i, effective_lr);
-    }
-  }
-};
-
-// lists: 0 param, 1 grad, 2 objective grad, 3 momentum buffer, 4 prev_direction (grad if absent)
-template <typename scalar_t, typename acc_t>
-struct LaggedFunctor {
+// lists: 0 param, 1 grad, 2 objective grad, 3 momentum buffer, 4 prev_direction (grad where
+// absent). Pass 1 of exact mode (kStep false) or the lagged pass (kStep true).
+template <typename scalar_t, typename acc_t, bool kStep>
+struct DirectionFunctor {
   __device__ void operator()(const Chunk<5>& chunk, SgdHdParams<acc_t> p) const {
+    if (math::skips_step(p.found_inf)) {
+      return;
+    }
     scalar_t* param = chunk.template data<scalar_t>(0);
     const scalar_t* grad = chunk.template data<const scalar_t>(1);
     const scalar_t* objective_grad = chunk.template data<const scalar_t>(2);
     scalar_t* buffer = chunk.template data<scalar_t>(3);
     scalar_t* prev_direction = chunk.template data<scalar_t>(4);
     const bool has_previous = (chunk.tag & kHasPrevious) != 0;
-    const bool has_buffer = (chunk.tag & kHasBuffer) != 0;
+    const math::StepFlags flags{p.has_objective,  p.has_buffers,
+                                p.sgd.nesterov,   p.has_directions,
+                                (chunk.tag & kHasBuffer) != 0, has_previous};
+    const acc_t inv_grad_scale = static_cast<acc_t>(math::inverse_grad_scale(p.grad_scale));
+    // Without weight decay or a step, w is not needed: the pass reads one stream less.
+    const bool reads_param = kStep || p.sgd.weight_decay != acc_t(0);
     // s_t eta_{t-1}: read before this block counts itself done, so before the last block
     // writes eta_t.
-    const acc_t effective_lr = math::mul_rn(p.lrs[slot_of(p, chunk.tag)], p.rule.lr_scale);
+    const acc_t lr = kStep ? math::mul_rn(p.lrs[slot_of(p, chunk.tag)], p.rule.lr_scale) : acc_t(0);
     math::HdSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0)};
     for (int64_t i = threadIdx.x; i < chunk.size; i += kBlockThreads) {
-      const acc_t objective =
-          p.has_objective
-              ? math::validation_objective(static_cast<acc_t>(objective_grad[i]), p.sgd)
-              : math::decayed_grad(static_cast<acc_t>(grad[i]), static_cast<acc_t>(param[i]),
-                                   p.sgd);
-      acc_t prev = acc_t(0);
-      if (has_previous) {
-        prev = static_cast<acc_t>(p.previous_is_buffer ? buffer[i] : prev_direction[i]);
+      const acc_t w = reads_param ? static_cast<acc_t>(param[i]) : acc_t(0);
+      const acc_t g = math::unscale(static_cast<acc_t>(grad[i]), inv_grad_scale);
+      const acc_t objective_g = p.has_objective ? static_cast<acc_t>(objective_grad[i]) : acc_t(0);
+      const acc_t old_buffer = p.has_buffers ? static_cast<acc_t>(buffer[i]) : acc_t(0);
+      const acc_t old_direction =
+          p.has_directions ? static_cast<acc_t>(prev_direction[i]) : acc_t(0);
+      const math::DirectionStep<acc_t> e =
+          math::direction_step(g, w, objective_g, old_buffer, old_direction, flags, p.sgd);
+      math::hd_sums_step(sums, e.objective, e.previous, has_previous);
+      if (p.has_buffers) {
+        buffer[i] = static_cast<scalar_t>(e.buffer);
       }
-      math::hd_sums_step(sums, objective, prev, has_previous);
-      sgd_element(p, has_buffer, param, grad, buffer, prev_direction, i, effective_lr);
+      if (p.has_directions) {
+        prev_direction[i] = static_cast<scalar_t>(e.direction);
+      }
+      if (kStep) {
+        const acc_t stored = static_cast<acc_t>(static_cast<scalar_t>(e.direction));
+        param[i] = static_cast<scalar_t>(math::param_step(w, stored, lr));
+      }
     }
     finish_reduction(chunk, p, sums);
+  }
+};
+
+// lists: 0 param, 1 d_t. Pass 2 of exact mode.
+template <typename scalar_t, typename acc_t>
+struct ParamStepFunctor {
+  __device__ void operator()(const Chunk<2>& chunk, SgdHdParams<acc_t> p) const {
+    if (math::skips_step(p.found_inf)) {
+      return;
+    }
+    scalar_t* param = chunk.template data<scalar_t>(0);
+    const scalar_t* direction = chunk.template data<const scalar_t>(1);
+    const acc_t lr = p.effective_lrs[slot_of(p, chunk.tag)];
+    for (int64_t i = threadIdx.x; i < chunk.size; i += kBlockThreads) {
+      param[i] = static_cast<scalar_t>(math::param_step(static_cast<acc_t>(param[i]),
+                                                        static_cast<acc_t>(direction[i]), lr));
+    }
   }
 };
 
@@ -218,6 +192,10 @@ std::vector<int32_t> make_tags(const SgdHdArgs& a) {
   return tags;
 }
 
+const float* float_ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
+}
+
 template <typename scalar_t>
 void run_cuda(SgdHdMode mode, const SgdHdArgs& a) {
   using acc_t = math::acc_type<scalar_t>;
@@ -230,21 +208,17 @@ void run_cuda(SgdHdMode mode, const SgdHdArgs& a) {
   p.has_objective = !t.objective_grads.empty();
   p.has_buffers = !t.momentum_buffers.empty();
   p.has_directions = !t.prev_directions.empty();
-  p.previous_is_buffer = a.momentum != 0.0 && !a.nesterov;
+  p.grad_scale = float_ptr_or_null(a.grad_scale);
+  p.found_inf = float_ptr_or_null(a.found_inf);
   p.num_slots = num_slots;
   p.effective_lrs = a.effective_lrs.mutable_data_ptr<acc_t>();
   p.total_blocks = total_blocks;
   const std::vector<int32_t> tags = make_tags(a);
-  // Absent lists are stood in for by grads, never read or written (the flags above say so).
-  const auto or_grads = [&](const std::vector<at::Tensor>& list) -> at::TensorList {
-    return list.empty() ? at::TensorList(t.grads) : at::TensorList(list);
-  };
 
-  if (mode == SgdHdMode::kUpdate) {
+  if (mode == SgdHdMode::kParamStep) {
     if (total_blocks > 0) {
-      multi_tensor_apply_tagged<4>({at::TensorList(t.params), at::TensorList(t.grads),
-                                    or_grads(t.momentum_buffers), or_grads(t.prev_directions)},
-                                   tags, UpdateFunctor<scalar_t, acc_t>{}, p);
+      multi_tensor_apply_tagged<2>({at::TensorList(t.params), at::TensorList(t.directions)},
+                                   tags, ParamStepFunctor<scalar_t, acc_t>{}, p);
     }
     copy_back(a, t);
     return;
@@ -252,11 +226,21 @@ void run_cuda(SgdHdMode mode, const SgdHdArgs& a) {
   p.lrs = a.lrs.mutable_data_ptr<acc_t>();
   p.hypergrads = a.hypergrads.mutable_data_ptr<acc_t>();
   if (total_blocks == 0) {
-    // Nothing to launch (every tensor is empty): the rule with zero sums leaves eta unchanged.
+    // Nothing to launch (every tensor is empty): the rule with zero sums leaves eta unchanged,
+    // unless AMP says to skip the step (no host sync: the result is selected on the device).
     const at::Tensor old_lrs = a.lrs.clone();
-    a.lrs.clamp_min_(0);
-    a.hypergrads.zero_();
-    a.effective_lrs.copy_((mode == SgdHdMode::kLagged ? old_lrs : a.lrs).mul(a.lr_scale));
+    at::Tensor new_lrs = a.lrs.clamp_min(0);
+    at::Tensor new_hypergrads = at::zeros_like(a.hypergrads);
+    at::Tensor new_effective = (mode == SgdHdMode::kLagged ? old_lrs : new_lrs).mul(a.lr_scale);
+    if (a.found_inf.has_value()) {
+      const at::Tensor skip = a.found_inf->reshape({}).ne(0);
+      new_lrs = at::where(skip, a.lrs, new_lrs);
+      new_hypergrads = at::where(skip, a.hypergrads, new_hypergrads);
+      new_effective = at::where(skip, a.effective_lrs, new_effective);
+    }
+    a.lrs.copy_(new_lrs);
+    a.hypergrads.copy_(new_hypergrads);
+    a.effective_lrs.copy_(new_effective);
     return;
   }
   const int64_t header_bytes = (2 * num_slots + 1) * static_cast<int64_t>(sizeof(int64_t));
@@ -270,16 +254,18 @@ void run_cuda(SgdHdMode mode, const SgdHdArgs& a) {
   p.partials = reinterpret_cast<acc_t*>(base + header_bytes);
   C10_CUDA_CHECK(cudaMemsetAsync(p.slot_blocks, 0, (num_slots + 1) * sizeof(int64_t),
                                  at::cuda::getCurrentCUDAStream()));
-  if (mode == SgdHdMode::kDot) {
-    multi_tensor_apply_tagged<4>({at::TensorList(t.params), at::TensorList(t.grads),
-                                  or_grads(t.objective_grads), or_grads(t.previous)},
-                                 tags, DotFunctor<scalar_t, acc_t>{}, p);
-    return;
+  // Absent lists are stood in for by grads, never read or written (the flags above say so).
+  const auto or_grads = [&](const std::vector<at::Tensor>& list) -> at::TensorList {
+    return list.empty() ? at::TensorList(t.grads) : at::TensorList(list);
+  };
+  const std::array<at::TensorList, 5> lists{
+      at::TensorList(t.params), at::TensorList(t.grads), or_grads(t.objective_grads),
+      or_grads(t.momentum_buffers), or_grads(t.prev_directions)};
+  if (mode == SgdHdMode::kLagged) {
+    multi_tensor_apply_tagged<5>(lists, tags, DirectionFunctor<scalar_t, acc_t, true>{}, p);
+  } else {
+    multi_tensor_apply_tagged<5>(lists, tags, DirectionFunctor<scalar_t, acc_t, false>{}, p);
   }
-  multi_tensor_apply_tagged<5>(
-      {at::TensorList(t.params), at::TensorList(t.grads), or_grads(t.objective_grads),
-       or_grads(t.momentum_buffers), or_grads(t.prev_directions)},
-      tags, LaggedFunctor<scalar_t, acc_t>{}, p);
   copy_back(a, t);
 }
 
@@ -290,8 +276,8 @@ void sgd_hd_cuda(SgdHdMode mode, const SgdHdArgs& a) {
   }
   TORCH_CHECK(a.params.size() < (1u << 29), "sgd_hd: too many tensors");
   const c10::cuda::CUDAGuard device_guard(a.params[0].device());
-  AT_DISPATCH_FLOATING_TYPES(a.params[0].scalar_type(), "sgd_hd_cuda",
-                             [&] { run_cuda<scalar_t>(mode, a); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.params[0].scalar_type(),
+                                  "sgd_hd_cuda", [&] { run_cuda<scalar_t>(mode, a); });
 }
 
 }  // namespace
@@ -299,7 +285,10 @@ void sgd_hd_cuda(SgdHdMode mode, const SgdHdArgs& a) {
 }  // namespace hyperlr
 
 TORCH_LIBRARY_IMPL(hyperlr_ext, CUDA, m) {
-  m.impl("sgd_hd_dot_", &hyperlr::sgd_hd_dot_op<&hyperlr::cuda::sgd_hd_cuda>);
-  m.impl("sgd_hd_update_", &hyperlr::sgd_hd_update_op<&hyperlr::cuda::sgd_hd_cuda>);
-  m.impl("sgd_hd_lagged_step_", &hyperlr::sgd_hd_lagged_op<&hyperlr::cuda::sgd_hd_cuda>);
+  using hyperlr::SgdHdMode;
+  m.impl("sgd_hd_direction_",
+         &hyperlr::sgd_hd_reducing_op<&hyperlr::cuda::sgd_hd_cuda, SgdHdMode::kDirection>);
+  m.impl("sgd_hd_param_step_", &hyperlr::sgd_hd_param_step_op<&hyperlr::cuda::sgd_hd_cuda>);
+  m.impl("sgd_hd_lagged_step_",
+         &hyperlr::sgd_hd_reducing_op<&hyperlr::cuda::sgd_hd_cuda, SgdHdMode::kLagged>);
 }

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FoundInfGuard",
     "apply_steps_",
     "decayed_grads",
     "update_learned_lrs_",
@@ -29,6 +30,7 @@ __all__ = [
     "slot_of",
     "tensor_dots",
     "tensor_sq_norms",
+    "unscaled_grads",
 ]
 
 
@@ -175,3 +177,38 @@ def update_learned_lrs_(
     )
     for effective, lr in zip(effective_lrs, applied):
         effective.copy_(lr * lr_scale)
+
+
+def unscaled_grads(grads: list[Tensor], grad_scale: Tensor | None) -> list[Tensor]:
+    """AMP: the gradients divided by ``grad_scale`` as GradScaler does it, g * (1 / S) in fp32."""
+    if grad_scale is None:
+        return grads
+    inv_scale = grad_scale.reciprocal().reshape(())
+    return [g * inv_scale for g in grads]
+
+
+class FoundInfGuard:
+    """Makes a reference step a no-op when AMP's ``found_inf`` is nonzero, without a host sync.
+
+    ``before`` snapshots the mutable state; ``after`` puts the snapshot back where ``found_inf`` is
+    set (a device-side select) and gives tensors created by the step the value 0, as the fused
+    kernels' zero-filled new buffers have.
+    """
+
+    def __init__(self, found_inf: Tensor | None, lists: list[list[Tensor | None]]) -> None:
+        self.found_inf = found_inf
+        self.lists = lists
+        self.saved = (
+            None
+            if found_inf is None
+            else [[None if t is None else t.clone() for t in ts] for ts in lists]
+        )
+
+    def restore(self) -> None:
+        if self.found_inf is None:
+            return
+        skip = self.found_inf.reshape(()) != 0
+        for ts, saved in zip(self.lists, self.saved):
+            for t, old in zip(ts, saved):
+                if t is not None:
+                    t.copy_(torch.where(skip, torch.zeros_like(t) if old is None else old, t))

@@ -1,10 +1,11 @@
 """The fused implementation of SGD-HD: the compiled ops of csrc/sgd_hd*.{h,cpp} and
 csrc/cuda/sgd_hd.cu, behind the signature of ``_single_tensor_sgd_hd``.
 
-Exact mode (``lr_lag=0``) is two passes (DESIGN.md §5): ``sgd_hd_dot_`` reduces
-<g_hat, d_{t-1}> (and the squared norms) per LR slot and applies the HD rule on the device, then
-``sgd_hd_update_`` steps with the effective LR it wrote. ``lr_lag=1`` is one pass,
-``sgd_hd_lagged_step_``: the step uses s_t * eta_{t-1} and the same pass reduces the sums for eta_t.
+Exact mode (``lr_lag=0``) is two passes (DESIGN.md §5): ``sgd_hd_direction_`` reduces
+<g_hat, d_{t-1}> (and the squared norms) per LR slot, writes d_t (the momentum buffer and/or the
+kept direction) and applies the HD rule on the device, then ``sgd_hd_param_step_`` computes
+w - lr * d_t with the effective LR it wrote. ``lr_lag=1`` is one pass, ``sgd_hd_lagged_step_``:
+the step uses s_t * eta_{t-1} and the same pass reduces the sums for eta_t.
 The LR never leaves the device; nothing here reads a tensor's value.
 """
 
@@ -40,10 +41,14 @@ def _slot_tensor(slots: list[Tensor]) -> tuple[Tensor, bool]:
 
 
 def _created(tensors: list[Tensor | None], params: list[Tensor]) -> list[Tensor]:
-    """Fills the missing entries of ``tensors`` (in place) with uninitialised buffers."""
+    """Fills the missing entries of ``tensors`` (in place) with zero-filled buffers.
+
+    The kernels overwrite them (their flags say they hold nothing yet); zeros matter only when AMP
+    skips the step: the buffer then holds 0, as the reference path leaves it.
+    """
     for i, t in enumerate(tensors):
         if t is None:
-            tensors[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+            tensors[i] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
     return tensors
 
 
@@ -68,6 +73,8 @@ def _fused_sgd_hd(
     multiplicative: bool,
     lr_lag: int,
     maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """SGD-HD with the compiled kernels; same signature and results as the reference."""
     if not params:
@@ -82,22 +89,16 @@ def _fused_sgd_hd(
     slot_tensors = [_slot_tensor(s) for s in (lrs, hypergrads, effective_lrs)]
     lr_t, hypergrad_t, effective_t = (t for t, _ in slot_tensors)
     ops = torch.ops.hyperlr_ext
-    if lr_lag:
-        ops.sgd_hd_lagged_step_(
-            params, grads, objective, buffers, directions, flags, has_buffer,
-            lr_t, hypergrad_t, effective_t, lr_scale, prev_lr_scale, hyper_lr,
-            weight_decay, momentum, dampening, nesterov, maximize, multiplicative,
-        )  # fmt: skip
-    else:
-        previous = buffers if momentum != 0 and not nesterov else directions
-        ops.sgd_hd_dot_(
-            params, grads, objective, previous, flags, lr_t, hypergrad_t, effective_t,
-            lr_scale, prev_lr_scale, hyper_lr, weight_decay, maximize, multiplicative,
-        )  # fmt: skip
-        ops.sgd_hd_update_(
-            params, grads, buffers, directions, has_buffer, effective_t,
-            weight_decay, momentum, dampening, nesterov, maximize,
-        )  # fmt: skip
+    step = ops.sgd_hd_lagged_step_ if lr_lag else ops.sgd_hd_direction_
+    step(
+        params, grads, objective, buffers, directions, flags, has_buffer,
+        lr_t, hypergrad_t, effective_t, lr_scale, prev_lr_scale, hyper_lr,
+        weight_decay, momentum, dampening, nesterov, maximize, multiplicative,
+        grad_scale, found_inf,
+    )  # fmt: skip
+    if not lr_lag:
+        new_directions = buffers if momentum != 0 and not nesterov else directions
+        ops.sgd_hd_param_step_(params, new_directions, effective_t, found_inf)
     for slots, (stacked, copy) in zip((lrs, hypergrads, effective_lrs), slot_tensors):
         if copy:
             torch._foreach_copy_(slots, list(stacked.unbind(0)))

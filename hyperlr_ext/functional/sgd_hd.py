@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 
 from hyperlr_ext._dispatch import choose_implementation
-from hyperlr_ext.functional._hd_rule import apply_steps_, decayed_grads, update_learned_lrs_
+from hyperlr_ext.functional._hd_rule import (
+    FoundInfGuard,
+    apply_steps_,
+    decayed_grads,
+    unscaled_grads,
+    update_learned_lrs_,
+)
 from hyperlr_ext.functional._sgd_hd_fused import _fused_sgd_hd
 
 __all__ = ["sgd_hd"]
@@ -112,9 +118,16 @@ def _sgd_hd_impl(
     multiplicative: bool,
     lr_lag: int,
     maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     if not params:
         return
+    guard = FoundInfGuard(
+        found_inf,
+        [params, momentum_buffers, prev_directions, lrs, hypergrads, effective_lrs],
+    )
+    grads = unscaled_grads(grads, grad_scale)
     # 1. The training gradient with L2 decay (the objective when there is no validation loss).
     decayed = decayed_grads(grads, params, weight_decay, maximize, foreach)
     objective = _objective_grads(decayed, objective_grads, maximize)
@@ -142,6 +155,7 @@ def _sgd_hd_impl(
         decayed, momentum_buffers, prev_directions, momentum, dampening, nesterov
     )
     apply_steps_(params, directions, effective_lrs, foreach=foreach)
+    guard.restore()
 
 
 def _single_tensor_sgd_hd(*args, **kwargs) -> None:
@@ -177,6 +191,8 @@ def sgd_hd(
     multiplicative: bool,
     lr_lag: int,
     maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """One SGD-HD step over a list of tensors that share ``lrs`` (one slot, or one per tensor).
 
@@ -185,6 +201,8 @@ def sgd_hd(
     ``prev_directions`` entries that are ``None`` are created. ``has_previous[i]`` says whether
     tensor i moved at the previous step (otherwise its d_{t-1} is 0). ``objective_grads`` are the
     validation gradients for the First-order (Val) variant, else the training gradient is used.
+    AMP: ``grads`` are divided by ``grad_scale`` (GradScaler's g * (1 / S)); when ``found_inf`` is
+    nonzero the step changes nothing (new buffers are created zero-filled).
     """
     impl = choose_implementation(params, foreach=foreach, fused=fused, algorithm="sgd_hd")
     func = {"single": _single_tensor_sgd_hd, "foreach": _foreach_sgd_hd, "fused": _fused_sgd_hd}[
@@ -210,4 +228,6 @@ def sgd_hd(
         multiplicative=multiplicative,
         lr_lag=lr_lag,
         maximize=maximize,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
     )
