@@ -13,6 +13,7 @@ from torch import Tensor
 
 __all__ = [
     "FUSED_ALGORITHMS",
+    "DEFAULT_FUSED",
     "FUSED_DEVICES",
     "check_fused_params",
     "check_fused_request",
@@ -23,6 +24,10 @@ __all__ = [
 # csrc/cuda/<algorithm>.cu for CUDA); the others run the pure-PyTorch paths on every device.
 FUSED_ALGORITHMS: frozenset[str] = frozenset({"sgd_hd"})
 FUSED_DEVICES = ("cpu", "cuda")
+# Where the fused kernels are the default (fused=None and foreach=None): the devices on which
+# benchmarks/overhead.py measured them faster than foreach and the for-loop, and whose kernels the
+# test suite has run. CUDA joins once the GPU tests have passed on a lent GPU.
+DEFAULT_FUSED: dict[str, frozenset[str]] = {"sgd_hd": frozenset({"cpu"})}
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -69,15 +74,34 @@ def check_fused_params(algorithm: str, params: list[Tensor]) -> None:
         _ops.require_extension(f"fused=True ({algorithm}) on CUDA", cuda=True)
 
 
+def _fused_by_default(algorithm: str, params: list[Tensor]) -> bool:
+    """True when the fused kernels can take these params and are the default on their device."""
+    if not params or torch.jit.is_scripting():
+        return False
+    first = params[0]
+    if first.device.type not in DEFAULT_FUSED.get(algorithm, ()) or first.dtype not in FUSED_DTYPES:
+        return False
+    from hyperlr_ext import _ops
+
+    if not _ops.EXTENSION_AVAILABLE or (first.device.type == "cuda" and not _ops.CUDA_COMPILED):
+        return False
+    dtype, device = first.dtype, first.device
+    return all(
+        p.dtype == dtype and p.device == device and p.layout == torch.strided for p in params
+    )
+
+
 def choose_implementation(
     params: list[Tensor], *, foreach: bool | None, fused: bool | None, algorithm: str
 ) -> str:
     """Return ``"fused"``, ``"foreach"`` or ``"single"`` for this call.
 
     ``fused=True`` is honoured or refused (never silently downgraded). ``foreach=True`` or
-    ``False`` is obeyed. The default follows torch.optim: foreach when every tensor is on a CUDA
-    device (one launch per op instead of one per tensor), the for-loop elsewhere (torch's CPU
-    ``_foreach_*`` ops are per-tensor loops with extra temporaries, slower than the loop).
+    ``False`` is obeyed. With neither given, the fused kernels run wherever ``DEFAULT_FUSED``
+    allows them and they can take the params; otherwise the default follows torch.optim: foreach
+    when every tensor is on a CUDA device (one launch per op instead of one per tensor), the
+    for-loop elsewhere (torch's CPU ``_foreach_*`` ops are per-tensor loops with extra
+    temporaries, slower than the loop).
     """
     if fused:
         check_fused_request(algorithm, foreach, fused)
@@ -85,6 +109,8 @@ def choose_implementation(
         # cheaply: the device (the kernels check dtypes and devices of every tensor again).
         if params:
             check_fused_params(algorithm, params[:1])
+        return "fused"
+    if fused is None and foreach is None and _fused_by_default(algorithm, params):
         return "fused"
     if foreach is None:
         foreach = bool(params) and all(p.device.type == "cuda" for p in params)

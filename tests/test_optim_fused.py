@@ -86,3 +86,30 @@ def test_fused_is_deterministic(row, cfg):
     (m1, o1), (m2, o2) = runs
     assert _params_equal(m1, m2)
     assert torch.equal(o1.param_groups[0]["learned_lr"], o2.param_groups[0]["learned_lr"])
+
+
+def test_default_is_fused_where_dispatch_allows_it():
+    """fused=None, foreach=None: the fused kernels on CPU for sgd_hd (DEFAULT_FUSED); an explicit
+    choice, a group they cannot take, or an algorithm without a default keeps the pure paths."""
+    from hyperlr_ext import _ops
+    from hyperlr_ext._dispatch import DEFAULT_FUSED, choose_implementation
+
+    def choose(params, algorithm="sgd_hd", **kw):
+        kw = {"foreach": None, "fused": None, **kw}
+        return choose_implementation(params, algorithm=algorithm, **kw)
+
+    fp32 = [torch.zeros(3), torch.zeros(2)]
+    expected = (
+        "fused" if _ops.EXTENSION_AVAILABLE and "cpu" in DEFAULT_FUSED["sgd_hd"] else "single"
+    )
+    assert choose(fp32) == expected
+    assert choose([p.bfloat16() for p in fp32]) == expected
+    assert choose(fp32, foreach=False) == "single"
+    assert choose(fp32, foreach=True) == "foreach"
+    assert choose(fp32, fused=False) == "single"
+    assert choose([torch.zeros(3), torch.zeros(2, dtype=torch.float64)]) == "single"
+    assert choose([torch.zeros(3, dtype=torch.int64)]) == "single"
+    assert choose(fp32, algorithm="adam_hd") == (
+        "fused" if "adam_hd" in DEFAULT_FUSED and expected == "fused" else "single"
+    )
+    assert choose([]) == "single"
