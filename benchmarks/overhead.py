@@ -5,7 +5,9 @@ parameters with the same fixed random gradients. Variants are timed round-robin 
 each, again and again), so torch's baseline and ours are measured side by side under the same
 machine load; the reported time is the median step. Achieved bandwidth counts the minimal bytes of
 DESIGN.md §5 (reads + writes per element: torch SGD-momentum 5, Adam 7; HD exact adds a
-dot-product pass of 2 (SGD) or 3 (Adam) elements, ``lr_lag=1`` adds nothing).
+second pass: SGD-HD exact reads/writes 6 (direction pass: g, b read, b written; param pass: w, b
+read, w written), Adam-HD exact 9 (moments pass: g, m, v read, m, v written; param pass: w, m, v
+read, w written); ``lr_lag=1`` is one pass with torch's own bytes).
 
     python -m benchmarks.overhead --help
 """
@@ -29,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 SIZES = (1_000_000, 10_000_000, 50_000_000)
-COUNTS = (10, 1000)
+COUNTS = (10, 100, 1000)
 BASELINE = {"sgd": "torch SGD", "adam": "torch Adam"}
 # foreach and fused as asked for; the for-loop is what both torch and hyperlr_ext default to on CPU.
 IMPLS: dict[str, dict[str, bool]] = {
@@ -72,7 +74,7 @@ def variants() -> list[Variant]:
                 "SGDHD",
                 "sgd",
                 impl,
-                7,
+                6,
                 lambda p, f=flag: hx.SGDHD(p, lr=1e-4, hyper_lr=1e-14, momentum=0.9, **f),
             ),
             Variant(
@@ -89,7 +91,7 @@ def variants() -> list[Variant]:
                 "AdamHD",
                 "adam",
                 impl,
-                10,
+                9,
                 lambda p, f=flag: hx.AdamHD(p, lr=1e-4, hyper_lr=1e-14, **f),
             ),
             Variant(
