@@ -136,7 +136,8 @@ class HDOptimizer(Optimizer):
             group.setdefault("initial_lr", group["lr"])
             self._init_hyper_state(group)
             return
-        device, _ = self._hyper_device_dtype(group)
+        params = group["params"]
+        device = params[0].device if params else torch.device("cpu")
         expected = (len(group["params"]),) if group["per_tensor"] else ()
         for key in _GROUP_TENSORS:
             value = group[key]
@@ -219,11 +220,14 @@ class HDOptimizer(Optimizer):
         for group in self.param_groups:
             _lr_scale(group)
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None or not (
+                    grad.layout != torch.strided or grad.dtype.is_complex or p.dtype.is_complex
+                ):
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if torch.is_complex(p) or torch.is_complex(p.grad):
+                if grad.dtype.is_complex or p.dtype.is_complex:
                     raise ValueError(
                         f"{type(self).__name__} does not support complex parameters or "
                         "gradients; optimise torch.view_as_real(param) instead"
@@ -272,11 +276,17 @@ class HDOptimizer(Optimizer):
         )
 
     def _has_previous(self, group: dict[str, Any], indices: list[int], fresh: list[bool]):
-        stale = set(group.get("hd_stale", []))
+        stale = group.get("hd_stale")
+        if not stale:
+            return [not new for new in fresh]
+        stale = set(stale)
         return [not new and i not in stale for i, new in zip(indices, fresh)]
 
     def _finish_group(self, group: dict[str, Any], indices: list[int], lr_scale: float) -> None:
         group["hd_prev_scale"] = lr_scale
+        if len(indices) == len(group["params"]):  # every tensor stepped: none is stale
+            group["hd_stale"] = []
+            return
         stepped = set(indices)
         group["hd_stale"] = [
             i
