@@ -112,7 +112,10 @@ def apply_steps_(
     if not params:
         return
     per_tensor = steps if len(steps) == len(params) else steps * len(params)
-    if foreach and all(p.dtype == s.dtype for p, s in zip(params, per_tensor)):
+    # On CUDA one launch per list op pays for the temporary; on the CPU the _foreach_ ops are
+    # per-tensor loops anyway, and addcmul_ below needs no temporary (same values: p + d(-s)).
+    on_cuda = params[0].device.type == "cuda"
+    if foreach and on_cuda and all(p.dtype == s.dtype for p, s in zip(params, per_tensor)):
         scaled = (
             torch._foreach_mul(directions, steps[0])
             if len(steps) == 1
