@@ -24,22 +24,26 @@ def _max_error(model, reference) -> float:
 @pytest.mark.parametrize("row,cfg", ROW_CONFIGS, ids=ROW_CONFIG_IDS)
 @pytest.mark.parametrize("lr_lag", [0, 1])
 def test_for_loop_equals_fused(row, cfg, lr_lag):
-    """float64: fused == for-loop to rounding. float32: the fused run's distance to the float64
-    reference is at most 2x that of the float32 for-loop (the reference at the same precision)."""
+    """float64, 8 steps: fused == for-loop to rounding. float32, 3 steps: the fused run's distance
+    to the float64 reference is at most 2x that of the float32 for-loop and foreach runs (PyTorch
+    at the same precision). Later fp32 steps are not compared: once the LR has moved, rounding
+    differences of any two fp32 runs grow chaotically (with maximize=True, 8 steps put the ratio
+    anywhere in 0.5-5 across seeds), which says nothing about the kernels' precision."""
     skip_unless_impl(row, "fused")
     cfg = dict(cfg, lr_lag=lr_lag)
     models = {}
     opts = {}
-    for name, dtype, impl in [
-        ("ref64", torch.float64, IMPLS["for-loop"]),
-        ("fused64", torch.float64, IMPLS["fused"]),
-        ("loop32", torch.float32, IMPLS["for-loop"]),
-        ("foreach32", torch.float32, IMPLS["foreach"]),
-        ("fused32", torch.float32, IMPLS["fused"]),
+    for name, dtype, impl, steps in [
+        ("ref64", torch.float64, IMPLS["for-loop"], 8),
+        ("fused64", torch.float64, IMPLS["fused"], 8),
+        ("ref64_short", torch.float64, IMPLS["for-loop"], 3),
+        ("loop32", torch.float32, IMPLS["for-loop"], 3),
+        ("foreach32", torch.float32, IMPLS["foreach"], 3),
+        ("fused32", torch.float32, IMPLS["fused"], 3),
     ]:
         models[name] = make_model(dtype)
         opts[name] = row.cls(models[name].parameters(), **impl, **cfg)
-        train(models[name], opts[name], 8, seed=4)
+        train(models[name], opts[name], steps, seed=4)
     torch.testing.assert_close(
         list(models["fused64"].parameters()),
         list(models["ref64"].parameters()),
@@ -53,12 +57,13 @@ def test_for_loop_equals_fused(row, cfg, lr_lag):
             rtol=1e-12,
             atol=1e-15,
         )
-    torch_error = max(_max_error(models[k], models["ref64"]) for k in ("loop32", "foreach32"))
-    fused_error = _max_error(models["fused32"], models["ref64"])
+    short = models["ref64_short"]
+    torch_error = max(_max_error(models[k], short) for k in ("loop32", "foreach32"))
+    fused_error = _max_error(models["fused32"], short)
     assert torch_error > 0  # the comparison means something
     assert fused_error <= 2 * torch_error
 
-    lr_ref = opts["ref64"].param_groups[0]["learned_lr"]
+    lr_ref = opts["ref64_short"].param_groups[0]["learned_lr"]
 
     def lr_error(name):
         return (opts[name].param_groups[0]["learned_lr"].double() - lr_ref).abs().max().item()
