@@ -89,6 +89,10 @@ class HDOptimizer(Optimizer):
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
+        # torch.amp.GradScaler then hands the step its scale and found_inf as device tensors
+        # (self.grad_scale / self.found_inf) instead of unscaling and syncing on found_inf: the
+        # fused kernels unscale on the fly and skip a step with inf/NaN gradients on the device.
+        self._step_supports_amp_scaling = bool(defaults.get("fused"))
 
     # ------------------------------------------------------------------ param groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -256,8 +260,16 @@ class HDOptimizer(Optimizer):
                 loss = closure()
         self._check_grads()
         objective_grads = self._validation_grads(val_closure)
-        for group in self.param_groups:
-            self._step_group(group, objective_grads)
+        # Set by torch.amp.GradScaler.step around this call when _step_supports_amp_scaling.
+        self._amp = {
+            "grad_scale": getattr(self, "grad_scale", None),
+            "found_inf": getattr(self, "found_inf", None),
+        }
+        try:
+            for group in self.param_groups:
+                self._step_group(group, objective_grads)
+        finally:
+            self._amp = {}
         return loss
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[int], list[Tensor]]:

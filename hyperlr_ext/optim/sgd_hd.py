@@ -128,6 +128,7 @@ class SGDHD(HDOptimizer):
             multiplicative=group["multiplicative"],
             lr_lag=group["lr_lag"],
             maximize=group["maximize"],
+            **self._amp,
         )
         for state, buf, direction in zip(states, momentum_buffers, prev_directions):
             if buf is not None:
