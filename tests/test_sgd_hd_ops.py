@@ -315,6 +315,8 @@ def test_torch_compile_fullgraph():
 
 
 # ---- CUDA -------------------------------------------------------------------------------------
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["float32", "float64", "bfloat16", "float16"]
 
 
 @pytest.mark.gpu
@@ -331,14 +333,24 @@ def test_opcheck_cuda(dtype):
 @pytest.mark.parametrize("lr_lag", [0, 1])
 @pytest.mark.parametrize("multiplicative", [False, True])
 @pytest.mark.parametrize("per_tensor", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cuda_matches_cpu_bitwise(setting, lr_lag, multiplicative, per_tensor, dtype):
     for seed in range(3):  # fresh random data each time
         cpu = _state("cpu", dtype, setting, per_tensor=per_tensor, objective=seed == 2, seed=seed)
         gpu = _state("cuda", dtype, setting, per_tensor=per_tensor, objective=seed == 2, seed=seed)
+        if dtype in (torch.bfloat16, torch.float16):
+            for state in (cpu, gpu):
+                for key in ("lrs", "hypergrads", "effective_lrs"):
+                    state[key] = [t.float() for t in state[key]]
+        # seed 1 with AMP: a grad scale to divide by, and no inf found
+        amp = {}
+        if seed == 1:
+            amp = dict(grad_scale=torch.full((), 8.0), found_inf=torch.zeros(()))
+        gpu_amp = {k: v.cuda() for k, v in amp.items()}
         for _ in range(2):  # the second step has the buffers the first one created
-            _step(_fused_sgd_hd, cpu, setting, lr_lag=lr_lag, multiplicative=multiplicative)
-            _step(_fused_sgd_hd, gpu, setting, lr_lag=lr_lag, multiplicative=multiplicative)
+            _step(_fused_sgd_hd, cpu, setting, lr_lag=lr_lag, multiplicative=multiplicative, **amp)
+            _step(_fused_sgd_hd, gpu, setting, lr_lag=lr_lag, multiplicative=multiplicative,
+                  **gpu_amp)  # fmt: skip
             cpu["has_previous"] = [True] * len(SHAPES)
             gpu["has_previous"] = [True] * len(SHAPES)
         for a, b in zip(_flat(cpu), _flat(gpu)):
@@ -383,3 +395,59 @@ def test_cuda_many_tensors_and_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert not torch.equal(before, lr_group)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("lr_lag", [0, 1])
+def test_cuda_graph_captures_a_training_step(lr_lag):
+    """Forward, backward and SGDHD(fused=True).step() captured in one CUDA graph: replays give the
+    same weights and LR as the same steps run eagerly (no host sync, no CPU-side LR)."""
+    import hyperlr_ext as hx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
+    ).cuda()
+    eager = copy.deepcopy(model)
+    x, y = torch.randn(16, 32, device="cuda"), torch.randn(16, 1, device="cuda")
+
+    def make(m):
+        return hx.SGDHD(m.parameters(), lr=0.01, hyper_lr=1e-3, momentum=0.9, fused=True,
+                        lr_lag=lr_lag)  # fmt: skip
+
+    opt, eager_opt = make(model), make(eager)
+
+    def step(m, o):
+        o.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        o.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up: creates the optimizer state outside the capture
+            step(model, opt)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):
+        step(eager, eager_opt)
+
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    for _ in range(5):
+        graph.replay()
+        eager_opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(eager(x), y).backward()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        opt.param_groups[0]["learned_lr"], eager_opt.param_groups[0]["learned_lr"]
+    )
+    assert not torch.equal(
+        opt.param_groups[0]["learned_lr"], torch.full_like(opt.param_groups[0]["learned_lr"], 0.01)
+    )
