@@ -167,6 +167,31 @@ TORCH_LIBRARY(hyperlr_ext, m) {
       "float momentum, float dampening, bool nesterov, bool maximize, bool multiplicative, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()",
       {at::Tag::pt2_compliant_tag});
+  // Fused Adam-HD (csrc/adam_hd.h; hyperlr_ext/functional/_adam_hd_fused.py). Exact mode:
+  // adam_hd_moments_ then adam_hd_param_step_; lr_lag=1: adam_hd_lagged_step_.
+  m.def(
+      "adam_hd_moments_(Tensor[] params, Tensor[] grads, Tensor[] objective_grads, "
+      "Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, Tensor(c!)[] max_exp_avg_sqs, "
+      "Tensor steps, int[] has_previous, Tensor(d!) lrs, Tensor(e!) hypergrads, "
+      "Tensor(f!) effective_lrs, float lr_scale, float prev_lr_scale, float hyper_lr, "
+      "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
+      "bool amsgrad, bool maximize, bool multiplicative, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "adam_hd_param_step_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] second_moments, "
+      "Tensor steps, Tensor effective_lrs, float beta1, float beta2, float eps, "
+      "float weight_decay, bool decoupled_weight_decay, Tensor? found_inf=None) -> ()",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "adam_hd_lagged_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] objective_grads, "
+      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, "
+      "Tensor steps, int[] has_previous, Tensor(e!) lrs, Tensor(f!) hypergrads, "
+      "Tensor(g!) effective_lrs, float lr_scale, float prev_lr_scale, float hyper_lr, "
+      "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
+      "bool amsgrad, bool maximize, bool multiplicative, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()",
+      {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(hyperlr_ext, CompositeExplicitAutograd, m) {

@@ -4,6 +4,7 @@
 // a block does; chunk sums are reduced per LR slot in chunk order (csrc/cpu_chunks.h). Results do
 // not depend on the thread count.
 #include "cpu_chunks.h"
+#include "cpu_hd_reduce.h"
 #include "sgd_hd.h"
 #include "sgd_hd_math.h"
 
@@ -11,15 +12,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <array>
-#include <type_traits>
 #include <vector>
 
 namespace hyperlr {
 namespace {
 
 using cpu::ChunkList;
+using cpu::float_ptr_or_null;
 using cpu::kLanes;
+using cpu::LaneSums;
+using cpu::with_bool;
 
 // Which state a group keeps: plain momentum (the buffer is d), Nesterov (the buffer, and d in
 // prev_directions) or no momentum (d in prev_directions).
@@ -36,13 +38,6 @@ struct ChunkData {
   const scalar_t* direction = nullptr;  // d_t (sgd_hd_param_step_)
   bool has_buffer = false;
   bool has_previous = false;
-};
-
-template <typename acc_t>
-struct LaneSums {
-  std::array<acc_t, kLanes> dot{};
-  std::array<acc_t, kLanes> grad_sq{};
-  std::array<acc_t, kLanes> dir_sq{};
 };
 
 // Everything one chunk of a reducing pass needs besides its data.
@@ -89,16 +84,8 @@ void direction_chunk(const ChunkData<scalar_t>& c, int64_t size, const PassSetti
           kKeepsDirection ? static_cast<acc_t>(prev_direction[lane]) : acc_t(0);
       const math::DirectionStep<acc_t> e =
           math::direction_step(g, w, objective_g, old_buffer, old_direction, flags, s);
-      if constexpr (kNorms) {
-        math::HdSums<acc_t> sums{dot[lane], grad_sq[lane], dir_sq[lane]};
-        math::hd_sums_step(sums, e.objective, e.previous, has_previous);
-        dot[lane] = sums.dot;
-        grad_sq[lane] = sums.grad_sq;
-        dir_sq[lane] = sums.dir_sq;
-      } else {
-        const acc_t new_dot = math::dot_step(dot[lane], e.objective, e.previous);
-        dot[lane] = has_previous ? new_dot : dot[lane];
-      }
+      cpu::add_to_lane<kNorms>(dot, grad_sq, dir_sq, lane, e.objective, e.previous,
+                               has_previous);
       if constexpr (kBuffer) {
         buffer[lane] = static_cast<scalar_t>(e.buffer);
       }
@@ -111,16 +98,6 @@ void direction_chunk(const ChunkData<scalar_t>& c, int64_t size, const PassSetti
         param[lane] = static_cast<scalar_t>(math::param_step(w, stored, ps.lr));
       }
     }
-  }
-}
-
-// Calls f(std::bool_constant<b>{}).
-template <typename F>
-void with_bool(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
   }
 }
 
@@ -159,38 +136,6 @@ void param_step_chunk(const ChunkData<scalar_t>& c, int64_t size, acc_t lr) {
   }
 }
 
-template <typename acc_t>
-math::HdSums<acc_t> tree_sums(LaneSums<acc_t>& lanes) {
-  return {cpu::tree_reduce(lanes.dot), cpu::tree_reduce(lanes.grad_sq),
-          cpu::tree_reduce(lanes.dir_sq)};
-}
-
-// Per-slot reduction of the chunk sums (in chunk order) and the HD rule of every slot.
-template <typename acc_t>
-void finish_slots(const ChunkList& list, const std::vector<math::HdSums<acc_t>>& chunk_sums,
-                  const SgdHdArgs& a, const math::HdRuleSettings<acc_t>& rule) {
-  const int64_t num_slots = a.lrs.numel();
-  std::vector<acc_t> dots(chunk_sums.size()), grad_sqs(chunk_sums.size()),
-      dir_sqs(chunk_sums.size());
-  for (size_t c = 0; c < chunk_sums.size(); ++c) {
-    dots[c] = chunk_sums[c].dot;
-    grad_sqs[c] = chunk_sums[c].grad_sq;
-    dir_sqs[c] = chunk_sums[c].dir_sq;
-  }
-  acc_t* lrs = a.lrs.mutable_data_ptr<acc_t>();
-  acc_t* hypergrads = a.hypergrads.mutable_data_ptr<acc_t>();
-  acc_t* effective_lrs = a.effective_lrs.mutable_data_ptr<acc_t>();
-  for (int64_t slot = 0; slot < num_slots; ++slot) {
-    const int64_t first = num_slots == 1 ? 0 : list.first_chunk[slot];
-    const int64_t count =
-        num_slots == 1 ? static_cast<int64_t>(chunk_sums.size()) : list.chunk_count[slot];
-    const math::HdSums<acc_t> sums{cpu::reduce_range(dots, first, count),
-                                   cpu::reduce_range(grad_sqs, first, count),
-                                   cpu::reduce_range(dir_sqs, first, count)};
-    math::hd_rule(lrs[slot], hypergrads[slot], effective_lrs[slot], sums, rule);
-  }
-}
-
 template <typename scalar_t>
 ChunkData<scalar_t> chunk_data(const SgdHdTensors& t, const cpu::ChunkRef& chunk,
                                const SgdHdArgs& a) {
@@ -212,10 +157,6 @@ ChunkData<scalar_t> chunk_data(const SgdHdTensors& t, const cpu::ChunkRef& chunk
   c.has_buffer = !a.has_buffer.empty() && a.has_buffer[i] != 0;
   c.has_previous = !a.has_previous.empty() && a.has_previous[i] != 0;
   return c;
-}
-
-const float* float_ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
 }
 
 template <typename scalar_t>
@@ -274,10 +215,10 @@ void run_cpu(SgdHdMode mode, const SgdHdArgs& a) {
         direction_chunk<false>(state, objective, rule.multiplicative, c, chunk.size, chunk_ps,
                                lanes);
       }
-      chunk_sums[k] = tree_sums(lanes);
+      chunk_sums[k] = cpu::tree_sums(lanes);
     }
   });
-  finish_slots(list, chunk_sums, a, rule);
+  cpu::finish_slots(list, chunk_sums, a.lrs, a.hypergrads, a.effective_lrs, rule);
   copy_back(a, t);
 }
 

@@ -221,3 +221,31 @@ if EXTENSION_AVAILABLE:
     for _name in ("sgd_hd_direction_", "sgd_hd_lagged_step_"):
         torch.library.register_fake(f"hyperlr_ext::{_name}")(_sgd_hd_reducing_fake(_name))
     torch.library.register_fake("hyperlr_ext::sgd_hd_param_step_")(_sgd_hd_param_step_fake)
+
+
+# ---- fused Adam-HD (csrc/adam_hd.h) -----------------------------------------------------------
+
+
+def _adam_hd_reducing_fake(op: str):
+    def fake(
+        params, grads, objective_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+        has_previous, lrs, hypergrads, effective_lrs, lr_scale, prev_lr_scale, hyper_lr, beta1,
+        beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, multiplicative,
+        grad_scale=None, found_inf=None,
+    ) -> None:  # fmt: skip
+        _check_sgd_hd_slots(op, params, lrs, hypergrads, effective_lrs)
+
+    return fake
+
+
+def _adam_hd_param_step_fake(
+    params, exp_avgs, second_moments, steps, effective_lrs, beta1, beta2, eps, weight_decay,
+    decoupled_weight_decay, found_inf=None,
+) -> None:  # fmt: skip
+    _check_sgd_hd_slots("adam_hd_param_step_", params, effective_lrs)
+
+
+if EXTENSION_AVAILABLE:
+    for _name in ("adam_hd_moments_", "adam_hd_lagged_step_"):
+        torch.library.register_fake(f"hyperlr_ext::{_name}")(_adam_hd_reducing_fake(_name))
+    torch.library.register_fake("hyperlr_ext::adam_hd_param_step_")(_adam_hd_param_step_fake)

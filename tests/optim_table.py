@@ -98,6 +98,7 @@ ADAM_ROW = OptimizerRow(
         (dict(amsgrad=None), "amsgrad"),
         (dict(decoupled_weight_decay=1), "decoupled_weight_decay"),
     ],
+    fused=True,
 )
 
 ROWS = [SGD_ROW, ADAM_ROW]

@@ -14,30 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hyperlr_ext.functional._fused_common import copy_back_slots, slot_tensors
+
 __all__ = ["_fused_sgd_hd"]
-
-
-def _slot_tensor(slots: list[Tensor]) -> tuple[Tensor, bool]:
-    """One 1-D tensor holding every slot, and whether it must be copied back into ``slots``.
-
-    One slot: a view of it. One per tensor: the group's 1-D tensor when ``slots`` are its
-    elements in order (the usual case: every parameter has a gradient), else a stacked copy.
-    """
-    if len(slots) == 1:
-        return slots[0].view(1), False
-    base = slots[0]._base
-    if (
-        base is not None
-        and base.dim() == 1
-        and base.is_contiguous()
-        and base.numel() == len(slots)
-        and all(
-            s._base is base and s.storage_offset() == base.storage_offset() + i
-            for i, s in enumerate(slots)
-        )
-    ):
-        return base, False
-    return torch.stack(slots), True
 
 
 def _created(tensors: list[Tensor | None], params: list[Tensor]) -> list[Tensor]:
@@ -86,8 +65,8 @@ def _fused_sgd_hd(
     flags = [int(bool(f)) for f in has_previous]
     objective = list(objective_grads) if objective_grads is not None else []
 
-    slot_tensors = [_slot_tensor(s) for s in (lrs, hypergrads, effective_lrs)]
-    lr_t, hypergrad_t, effective_t = (t for t, _ in slot_tensors)
+    slots = slot_tensors(lrs, hypergrads, effective_lrs)
+    lr_t, hypergrad_t, effective_t = (t for t, _ in slots)
     ops = torch.ops.hyperlr_ext
     step = ops.sgd_hd_lagged_step_ if lr_lag else ops.sgd_hd_direction_
     step(
@@ -99,6 +78,4 @@ def _fused_sgd_hd(
     if not lr_lag:
         new_directions = buffers if momentum != 0 and not nesterov else directions
         ops.sgd_hd_param_step_(params, new_directions, effective_t, found_inf)
-    for slots, (stacked, copy) in zip((lrs, hypergrads, effective_lrs), slot_tensors):
-        if copy:
-            torch._foreach_copy_(slots, list(stacked.unbind(0)))
+    copy_back_slots((lrs, hypergrads, effective_lrs), slots)

@@ -19,10 +19,13 @@ import torch
 from torch import Tensor
 
 from hyperlr_ext._dispatch import choose_implementation
+from hyperlr_ext.functional._adam_hd_fused import _fused_adam_hd
 from hyperlr_ext.functional._hd_rule import (
+    FoundInfGuard,
     apply_steps_,
     decayed_grads,
     slot_of,
+    unscaled_grads,
     update_learned_lrs_,
 )
 
@@ -72,11 +75,19 @@ def _adam_hd_impl(
     multiplicative: bool,
     lr_lag: int,
     maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     if not params:
         return
     n, num_slots = len(params), len(lrs)
     second_moments = max_exp_avg_sqs if amsgrad else exp_avg_sqs
+    guard = FoundInfGuard(
+        found_inf,
+        [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lrs, hypergrads,
+         effective_lrs],
+    )  # fmt: skip
+    grads = unscaled_grads(grads, grad_scale)
 
     # 1. Gradients: training (with L2 decay unless decoupled) and the objective's.
     l2 = 0.0 if decoupled_weight_decay else weight_decay
@@ -144,6 +155,7 @@ def _adam_hd_impl(
             for direction, param in zip(directions, params):
                 direction.add_(param, alpha=weight_decay)
     apply_steps_(params, directions, effective_lrs, foreach=foreach)
+    guard.restore()
 
 
 def _single_tensor_adam_hd(*args, **kwargs) -> None:
@@ -183,6 +195,8 @@ def adam_hd(
     multiplicative: bool,
     lr_lag: int,
     maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """One Adam-HD step over tensors sharing ``lrs`` (one slot, or one per tensor).
 
@@ -190,9 +204,15 @@ def adam_hd(
     (dE/d eta) and ``effective_lrs`` (``lr_scale * eta`` applied by this step; on entry, the LR
     applied by the previous step, which AdamW's d_{t-1} needs). ``max_exp_avg_sqs`` is used only
     with ``amsgrad``. ``has_previous[i]`` says whether tensor i moved at the previous step.
+    AMP: ``grads`` are divided by ``grad_scale`` (GradScaler's g * (1 / S)); when ``found_inf``
+    is nonzero the step changes nothing, step counts included.
     """
     impl = choose_implementation(params, foreach=foreach, fused=fused, algorithm="adam_hd")
-    func = {"single": _single_tensor_adam_hd, "foreach": _foreach_adam_hd}[impl]
+    func = {
+        "single": _single_tensor_adam_hd,
+        "foreach": _foreach_adam_hd,
+        "fused": _fused_adam_hd,
+    }[impl]
     func(
         params,
         grads,
@@ -217,4 +237,6 @@ def adam_hd(
         multiplicative=multiplicative,
         lr_lag=lr_lag,
         maximize=maximize,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
     )

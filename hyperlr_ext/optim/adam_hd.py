@@ -145,5 +145,6 @@ class AdamHD(HDOptimizer):
             multiplicative=group["multiplicative"],
             lr_lag=group["lr_lag"],
             maximize=group["maximize"],
+            **self._amp,
         )
         self._finish_group(group, indices, lr_scale)

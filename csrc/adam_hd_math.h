@@ -1,0 +1,125 @@
+// Layer 1 of the fused Adam-HD kernels (STYLE.md section 2): one element of torch.optim.Adam's /
+// AdamW's step, of the recomputed previous direction d_{t-1}, on registers. Shared by the CPU
+// kernel (csrc/adam_hd_cpu.cpp) and the CUDA functors (csrc/cuda/adam_hd.cu). The reference is
+// hyperlr_ext/functional/adam_hd.py (_adam_hd_impl); the HD rule and sums are sgd_hd_math.h's.
+#pragma once
+
+#include "sgd_hd_math.h"
+
+#include <cmath>
+
+namespace hyperlr {
+namespace math {
+
+template <typename acc_t>
+struct AdamSettings {
+  acc_t beta1;
+  acc_t beta2;
+  acc_t one_minus_beta1;  // formed in double on the host, as torch.optim passes 1 - beta
+  acc_t one_minus_beta2;
+  acc_t eps;
+  acc_t weight_decay;
+  bool decoupled;  // AdamW: decay applied to w, not added to the gradient
+  bool amsgrad;
+  bool maximize;
+};
+
+// The bias corrections of one step count t: 1 - beta1^t and sqrt(1 - beta2^t).
+template <typename acc_t>
+struct BiasCorrection {
+  acc_t first;
+  acc_t second_sqrt;
+};
+
+HYPERLR_INLINE float pow_dev(float x, float y) {
+#if defined(__CUDA_ARCH__)
+  return powf(x, y);
+#else
+  return std::pow(x, y);
+#endif
+}
+HYPERLR_INLINE double pow_dev(double x, double y) {
+#if defined(__CUDA_ARCH__)
+  return pow(x, y);
+#else
+  return std::pow(x, y);
+#endif
+}
+
+template <typename acc_t>
+HYPERLR_INLINE BiasCorrection<acc_t> bias_correction(acc_t step, const AdamSettings<acc_t>& s) {
+  return {add_rn(acc_t(1), -pow_dev(s.beta1, step)),
+          sqrt_rn(add_rn(acc_t(1), -pow_dev(s.beta2, step)))};
+}
+
+// torch.optim.Adam's gradient: +-g, plus lambda w unless the decay is decoupled.
+template <typename acc_t>
+HYPERLR_INLINE acc_t adam_grad(acc_t grad, acc_t param, const AdamSettings<acc_t>& s) {
+  const acc_t signed_grad = s.maximize ? -grad : grad;
+  const acc_t with_decay = add_rn(signed_grad, mul_rn(s.weight_decay, param));
+  return (s.weight_decay != acc_t(0) && !s.decoupled) ? with_decay : signed_grad;
+}
+
+// m_hat / (sqrt(v_hat) + eps) in torch's order: (m / (sqrt(v) / sqrt(bc2) + eps)) / bc1; v is the
+// second moment the step uses (the running maximum with amsgrad).
+template <typename acc_t>
+HYPERLR_INLINE acc_t adam_ratio(acc_t exp_avg, acc_t second_moment, const BiasCorrection<acc_t>& bc,
+                                const AdamSettings<acc_t>& s) {
+  const acc_t denom = add_rn(div_rn(sqrt_rn(second_moment), bc.second_sqrt), s.eps);
+  return div_rn(div_rn(exp_avg, denom), bc.first);
+}
+
+// d = ratio (+ lambda w for AdamW): the direction the step multiplies by the LR.
+template <typename acc_t>
+HYPERLR_INLINE acc_t adam_direction(acc_t ratio, acc_t param, const AdamSettings<acc_t>& s) {
+  const acc_t with_decay = add_rn(ratio, mul_rn(s.weight_decay, param));
+  return (s.decoupled && s.weight_decay != acc_t(0)) ? with_decay : ratio;
+}
+
+// d_{t-1} from the moments before this step, with t-1's bias corrections. AdamW's w_{t-1} is
+// gone; from w_t = w_{t-1} - c (a + lambda w_{t-1}): d_{t-1} = (a + lambda w_t) / (1 - lambda c),
+// c the LR the previous step applied.
+template <typename acc_t>
+HYPERLR_INLINE acc_t adam_previous_direction(acc_t exp_avg, acc_t second_moment, acc_t param,
+                                             acc_t previous_lr,
+                                             const BiasCorrection<acc_t>& bc,
+                                             const AdamSettings<acc_t>& s) {
+  const acc_t ratio = adam_ratio(exp_avg, second_moment, bc, s);
+  const acc_t numerator = add_rn(ratio, mul_rn(s.weight_decay, param));
+  const acc_t shrink = add_rn(acc_t(1), -mul_rn(s.weight_decay, previous_lr));
+  return (s.decoupled && s.weight_decay != acc_t(0)) ? div_rn(numerator, shrink) : ratio;
+}
+
+// torch's lerp(m, g, w): m + w (g - m) for |w| < 0.5, else g - (g - m)(1 - w).
+template <typename acc_t>
+HYPERLR_INLINE acc_t lerp(acc_t start, acc_t end, acc_t weight) {
+  const acc_t diff = add_rn(end, -start);
+  const acc_t small = add_rn(start, mul_rn(weight, diff));
+  const acc_t large = add_rn(end, -mul_rn(diff, add_rn(acc_t(1), -weight)));
+  const acc_t abs_weight = weight < acc_t(0) ? -weight : weight;
+  return abs_weight < acc_t(0.5) ? small : large;
+}
+
+// The new moments: m lerps towards g with weight 1 - beta1; v = beta2 v + (1 - beta2) g g.
+template <typename acc_t>
+struct AdamMoments {
+  acc_t exp_avg;
+  acc_t exp_avg_sq;
+  acc_t max_exp_avg_sq;  // = exp_avg_sq without amsgrad
+};
+
+template <typename acc_t>
+HYPERLR_INLINE AdamMoments<acc_t> adam_moments(acc_t grad, acc_t exp_avg, acc_t exp_avg_sq,
+                                               acc_t max_exp_avg_sq,
+                                               const AdamSettings<acc_t>& s) {
+  AdamMoments<acc_t> out;
+  out.exp_avg = lerp(exp_avg, grad, s.one_minus_beta1);
+  out.exp_avg_sq =
+      add_rn(mul_rn(exp_avg_sq, s.beta2), mul_rn(mul_rn(s.one_minus_beta2, grad), grad));
+  const acc_t larger = max_exp_avg_sq < out.exp_avg_sq ? out.exp_avg_sq : max_exp_avg_sq;
+  out.max_exp_avg_sq = s.amsgrad ? larger : out.exp_avg_sq;
+  return out;
+}
+
+}  // namespace math
+}  // namespace hyperlr

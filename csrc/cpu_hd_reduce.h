@@ -1,0 +1,93 @@
+// The hypergradient reduction of the fused CPU kernels (SGD-HD, Adam-HD): per-chunk lane sums of
+// <g^, d_{t-1}>, |g^|^2, |d_{t-1}|^2 laid out as the CUDA lanes (csrc/hd_math.h), their per-slot
+// reduction in chunk order, and the HD rule of every LR slot (csrc/sgd_hd_math.h).
+#pragma once
+
+#include "cpu_chunks.h"
+#include "sgd_hd_math.h"
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace hyperlr {
+namespace cpu {
+
+template <typename acc_t>
+struct LaneSums {
+  std::array<acc_t, kLanes> dot{};
+  std::array<acc_t, kLanes> grad_sq{};
+  std::array<acc_t, kLanes> dir_sq{};
+};
+
+// Adds one element to lane `lane`. The additive rule needs only the dot product (kNorms false:
+// the norms stay 0). A tensor without d_{t-1} adds nothing to the dot product and |d|^2.
+template <bool kNorms, typename acc_t>
+inline void add_to_lane(acc_t* __restrict__ dot, acc_t* __restrict__ grad_sq,
+                        acc_t* __restrict__ dir_sq, int lane, acc_t objective, acc_t previous,
+                        bool has_previous) {
+  if constexpr (kNorms) {
+    math::HdSums<acc_t> sums{dot[lane], grad_sq[lane], dir_sq[lane]};
+    math::hd_sums_step(sums, objective, previous, has_previous);
+    dot[lane] = sums.dot;
+    grad_sq[lane] = sums.grad_sq;
+    dir_sq[lane] = sums.dir_sq;
+  } else {
+    const acc_t new_dot = math::dot_step(dot[lane], objective, previous);
+    dot[lane] = has_previous ? new_dot : dot[lane];
+  }
+}
+
+template <typename acc_t>
+math::HdSums<acc_t> tree_sums(LaneSums<acc_t>& lanes) {
+  return {tree_reduce(lanes.dot), tree_reduce(lanes.grad_sq), tree_reduce(lanes.dir_sq)};
+}
+
+// Per-slot reduction of the chunk sums (in chunk order) and the HD rule of every slot; the slot
+// tensors are 1-D of length 1 (every chunk) or one per tensor.
+template <typename acc_t>
+void finish_slots(const ChunkList& list, const std::vector<math::HdSums<acc_t>>& chunk_sums,
+                  const at::Tensor& lrs, const at::Tensor& hypergrads,
+                  const at::Tensor& effective_lrs, const math::HdRuleSettings<acc_t>& rule) {
+  const int64_t num_slots = lrs.numel();
+  std::vector<acc_t> dots(chunk_sums.size()), grad_sqs(chunk_sums.size()),
+      dir_sqs(chunk_sums.size());
+  for (size_t c = 0; c < chunk_sums.size(); ++c) {
+    dots[c] = chunk_sums[c].dot;
+    grad_sqs[c] = chunk_sums[c].grad_sq;
+    dir_sqs[c] = chunk_sums[c].dir_sq;
+  }
+  acc_t* lr = lrs.mutable_data_ptr<acc_t>();
+  acc_t* hypergrad = hypergrads.mutable_data_ptr<acc_t>();
+  acc_t* effective_lr = effective_lrs.mutable_data_ptr<acc_t>();
+  for (int64_t slot = 0; slot < num_slots; ++slot) {
+    const int64_t first = num_slots == 1 ? 0 : list.first_chunk[slot];
+    const int64_t count =
+        num_slots == 1 ? static_cast<int64_t>(chunk_sums.size()) : list.chunk_count[slot];
+    const math::HdSums<acc_t> sums{reduce_range(dots, first, count),
+                                   reduce_range(grad_sqs, first, count),
+                                   reduce_range(dir_sqs, first, count)};
+    math::hd_rule(lr[slot], hypergrad[slot], effective_lr[slot], sums, rule);
+  }
+}
+
+// Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template argument.
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// The data of an optional float32 tensor (AMP's grad_scale / found_inf), or null.
+inline const float* float_ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
+}
+
+}  // namespace cpu
+}  // namespace hyperlr

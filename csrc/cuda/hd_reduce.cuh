@@ -1,0 +1,145 @@
+// The hypergradient reduction shared by the fused CUDA kernels (SGD-HD, Adam-HD): each block
+// writes its three partial sums (dot, |g^|^2, |d|^2) to a scratch buffer; the last block to finish
+// reduces them per LR slot in block order (lane i % kLanes, then the tree of hd_math.h) and
+// applies the HD rule on the device. No float atomics, no host sync; the CPU kernels
+// (csrc/cpu_hd_reduce.h) reduce in the same order.
+//
+// Scratch layout (one byte tensor per call): int64 slot_first_block[S], int64 slot_blocks[S],
+// uint32 blocks_done (padded to 8 bytes), acc_t partials[3][total_blocks]. slot_blocks and
+// blocks_done are zeroed before the launch; the block holding chunk 0 of tensor i records where
+// slot i (per-tensor slots) starts. Chunk tags carry the tensor index above kTagShift.
+#pragma once
+
+#include "cuda/block_reduce.cuh"
+#include "cuda/multi_tensor_apply.cuh"
+#include "sgd_hd_math.h"
+
+#include <ATen/Functions.h>
+#include <ATen/cuda/CUDAContext.h>
+
+namespace hyperlr {
+namespace cuda {
+
+constexpr int kTagShift = 2;  // the low bits of a tag are per-tensor flags
+
+template <typename acc_t>
+struct HdReduction {
+  math::HdRuleSettings<acc_t> rule;
+  int64_t num_slots;
+  acc_t* lrs;
+  acc_t* hypergrads;
+  acc_t* effective_lrs;
+  int64_t* slot_first_block;
+  int64_t* slot_blocks;
+  unsigned int* blocks_done;
+  acc_t* partials;
+  int64_t total_blocks;
+};
+
+template <typename acc_t>
+__device__ inline int64_t slot_of(const HdReduction<acc_t>& r, int32_t tag) {
+  return r.num_slots == 1 ? 0 : static_cast<int64_t>(tag >> kTagShift);
+}
+
+// A load that bypasses L1: the value was written by another block.
+__device__ inline int64_t load_cg(const int64_t* address) {
+  return static_cast<int64_t>(__ldcg(reinterpret_cast<const long long*>(address)));
+}
+
+// The last block: per slot, the partials of its blocks in block order (lane i % kLanes, then the
+// tree), and the HD rule. Other blocks return.
+template <int kDepth, typename acc_t>
+__device__ void finish_reduction(const Chunk<kDepth>& chunk, const HdReduction<acc_t>& p,
+                                 const math::HdSums<acc_t>& block_sums) {
+  const int lane = static_cast<int>(threadIdx.x);
+  const acc_t dot = block_tree_reduce(block_sums.dot);
+  const acc_t grad_sq = block_tree_reduce(block_sums.grad_sq);
+  const acc_t dir_sq = block_tree_reduce(block_sums.dir_sq);
+  __shared__ bool is_last_block;
+  if (lane == 0) {
+    p.partials[chunk.block] = dot;
+    p.partials[p.total_blocks + chunk.block] = grad_sq;
+    p.partials[2 * p.total_blocks + chunk.block] = dir_sq;
+    if (chunk.offset == 0 && p.num_slots > 1) {
+      const int64_t slot = slot_of(p, chunk.tag);
+      const int64_t numel = chunk.meta->numel[chunk.slot];
+      p.slot_first_block[slot] = chunk.block;
+      p.slot_blocks[slot] = (numel + kChunkSize - 1) / kChunkSize;
+    }
+    __threadfence();  // the partials are visible before the counter says so
+    const unsigned int finished_before = atomicAdd(p.blocks_done, 1u);
+    is_last_block = static_cast<int64_t>(finished_before) == p.total_blocks - 1;
+  }
+  __syncthreads();
+  if (!is_last_block) {
+    return;
+  }
+  __threadfence();
+  for (int64_t slot = 0; slot < p.num_slots; ++slot) {
+    const int64_t first = p.num_slots == 1 ? 0 : load_cg(p.slot_first_block + slot);
+    const int64_t count = p.num_slots == 1 ? p.total_blocks : load_cg(p.slot_blocks + slot);
+    math::HdSums<acc_t> lane_sums{acc_t(0), acc_t(0), acc_t(0)};
+    for (int64_t i = lane; i < count; i += kBlockThreads) {
+      lane_sums.dot = math::sum_step(lane_sums.dot, __ldcg(p.partials + first + i));
+      lane_sums.grad_sq =
+          math::sum_step(lane_sums.grad_sq, __ldcg(p.partials + p.total_blocks + first + i));
+      lane_sums.dir_sq =
+          math::sum_step(lane_sums.dir_sq, __ldcg(p.partials + 2 * p.total_blocks + first + i));
+    }
+    const math::HdSums<acc_t> sums{block_tree_reduce(lane_sums.dot),
+                                   block_tree_reduce(lane_sums.grad_sq),
+                                   block_tree_reduce(lane_sums.dir_sq)};
+    if (lane == 0) {
+      math::hd_rule(p.lrs[slot], p.hypergrads[slot], p.effective_lrs[slot], sums, p.rule);
+    }
+  }
+  if (lane == 0) {
+    *p.blocks_done = 0;
+  }
+}
+
+// Allocates and lays out the scratch buffer of `r` (total_blocks and num_slots set) on the
+// current stream; the returned tensor must outlive the launch (the caching allocator keeps it
+// valid for the stream).
+template <typename acc_t>
+at::Tensor prepare_reduction(HdReduction<acc_t>& r, const at::TensorOptions& options) {
+  const int64_t header_bytes = (2 * r.num_slots + 1) * static_cast<int64_t>(sizeof(int64_t));
+  const int64_t scratch_bytes =
+      header_bytes + 3 * r.total_blocks * static_cast<int64_t>(sizeof(acc_t));
+  at::Tensor scratch = at::empty({scratch_bytes}, options.dtype(at::kByte));
+  auto* base = static_cast<uint8_t*>(scratch.mutable_data_ptr());
+  r.slot_first_block = reinterpret_cast<int64_t*>(base);
+  r.slot_blocks = r.slot_first_block + r.num_slots;
+  r.blocks_done = reinterpret_cast<unsigned int*>(r.slot_blocks + r.num_slots);
+  r.partials = reinterpret_cast<acc_t*>(base + header_bytes);
+  C10_CUDA_CHECK(cudaMemsetAsync(r.slot_blocks, 0, (r.num_slots + 1) * sizeof(int64_t),
+                                 at::cuda::getCurrentCUDAStream()));
+  return scratch;
+}
+
+// Every tensor is empty (no block to launch): the rule with zero sums, or nothing when AMP says
+// to skip the step (selected on the device, no host sync).
+inline void empty_reduction(const at::Tensor& lrs, const at::Tensor& hypergrads,
+                            const at::Tensor& effective_lrs, double lr_scale, bool lr_lag,
+                            const std::optional<at::Tensor>& found_inf) {
+  const at::Tensor old_lrs = lrs.clone();
+  at::Tensor new_lrs = lrs.clamp_min(0);
+  at::Tensor new_hypergrads = at::zeros_like(hypergrads);
+  at::Tensor new_effective = (lr_lag ? old_lrs : new_lrs).mul(lr_scale);
+  if (found_inf.has_value()) {
+    const at::Tensor skip = found_inf->reshape({}).ne(0);
+    new_lrs = at::where(skip, lrs, new_lrs);
+    new_hypergrads = at::where(skip, hypergrads, new_hypergrads);
+    new_effective = at::where(skip, effective_lrs, new_effective);
+  }
+  lrs.copy_(new_lrs);
+  hypergrads.copy_(new_hypergrads);
+  effective_lrs.copy_(new_effective);
+}
+
+inline const float* float_ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
+}
+
+}  // namespace cuda
+}  // namespace hyperlr

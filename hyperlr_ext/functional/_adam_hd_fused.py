@@ -1,0 +1,74 @@
+"""The fused implementation of Adam-HD: the compiled ops of csrc/adam_hd*.{h,cpp} and
+csrc/cuda/adam_hd.cu, behind the signature of ``_single_tensor_adam_hd``.
+
+Exact mode (``lr_lag=0``) is two passes: ``adam_hd_moments_`` recomputes d_{t-1} from the moments
+before it updates them, reduces <g_hat, d_{t-1}> (and the squared norms) per LR slot and applies
+the HD rule on the device; ``adam_hd_param_step_`` then steps with the effective LR it wrote.
+``lr_lag=1`` is one pass, ``adam_hd_lagged_step_``, stepping with s_t * eta_{t-1}. The step
+counts stay device tensors; nothing here reads a tensor's value.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hyperlr_ext.functional._fused_common import copy_back_slots, slot_tensors
+
+__all__ = ["_fused_adam_hd"]
+
+
+def _fused_adam_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    has_previous: list[bool],
+    lrs: list[Tensor],
+    hypergrads: list[Tensor],
+    effective_lrs: list[Tensor],
+    objective_grads: list[Tensor] | None,
+    *,
+    lr_scale: float,
+    prev_lr_scale: float,
+    hyper_lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    multiplicative: bool,
+    lr_lag: int,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Adam-HD with the compiled kernels; same signature and results as the reference."""
+    if not params:
+        return
+    torch._foreach_add_(state_steps, 1)
+    if found_inf is not None:  # a skipped step does not count (as in torch's fused Adam)
+        torch._foreach_sub_(state_steps, [found_inf.reshape(())] * len(state_steps))
+    steps = torch.stack(state_steps)
+    flags = [1 if f else 0 for f in has_previous]
+    objective = list(objective_grads) if objective_grads is not None else []
+    max_sqs = list(max_exp_avg_sqs) if amsgrad else []
+    slots = slot_tensors(lrs, hypergrads, effective_lrs)
+    lr_t, hypergrad_t, effective_t = (t for t, _ in slots)
+    ops = torch.ops.hyperlr_ext
+    step = ops.adam_hd_lagged_step_ if lr_lag else ops.adam_hd_moments_
+    step(
+        params, grads, objective, exp_avgs, exp_avg_sqs, max_sqs, steps, flags,
+        lr_t, hypergrad_t, effective_t, lr_scale, prev_lr_scale, hyper_lr,
+        beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+        multiplicative, grad_scale, found_inf,
+    )  # fmt: skip
+    if not lr_lag:
+        ops.adam_hd_param_step_(
+            params, exp_avgs, max_sqs if amsgrad else exp_avg_sqs, steps, effective_t,
+            beta1, beta2, eps, weight_decay, decoupled_weight_decay, found_inf,
+        )  # fmt: skip
+    copy_back_slots((lrs, hypergrads, effective_lrs), slots)
