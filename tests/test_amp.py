@@ -18,6 +18,10 @@ pytestmark = pytest.mark.skipif(
 
 OPTIMIZERS = {
     "SGDHD": lambda p, **kw: hx.SGDHD(p, lr=0.05, hyper_lr=0.01, momentum=0.9, **kw),
+    "AdamHD": lambda p, **kw: hx.AdamHD(p, lr=0.01, hyper_lr=1e-3, **kw),
+    "AdamW-HD": lambda p, **kw: hx.AdamHD(
+        p, lr=0.01, hyper_lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True, **kw
+    ),
 }
 
 

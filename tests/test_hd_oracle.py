@@ -148,15 +148,12 @@ def test_matches_oracle_with_validation_and_schedule(kind, cfg, foreach):
     _run(kind, cfg, per_tensor=False, lr_lag=0, validation=True, schedule=True, foreach=foreach)
 
 
-SGD_CASES = [c for c in CASES if c[0] == "sgd"]
-
-
 @pytest.mark.skipif(not _ops.EXTENSION_AVAILABLE, reason="compiled extension unavailable")
-@pytest.mark.parametrize("kind,cfg", SGD_CASES, ids=[f"sgd-{i}" for i in range(len(SGD_CASES))])
+@pytest.mark.parametrize("kind,cfg", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)])
 @pytest.mark.parametrize("per_tensor,lr_lag", list(itertools.product([False, True], [0, 1])))
 @pytest.mark.parametrize("validation", [False, True])
 def test_fused_matches_oracle(kind, cfg, per_tensor, lr_lag, validation):
-    """The fused kernels (SGDHD(fused=True)) against the same oracle, with a scheduler."""
+    """The fused kernels (SGDHD/AdamHD(fused=True)) against the same oracle, with a scheduler."""
     _run(
         kind,
         cfg,
