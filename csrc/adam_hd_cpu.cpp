@@ -43,61 +43,96 @@ struct PassSettings {
   acc_t previous_lr;                                 // the LR step t - 1 applied (AdamW's d_{t-1})
 };
 
-// Pass 1 of exact mode (kStep false) or the lagged pass (kStep true) over one chunk; templates on
-// the lists present, so the hot loop has no conditional load or store.
-template <bool kObjective, bool kNorms, bool kStep, bool kAmsgrad, typename scalar_t,
-          typename acc_t>
-void moments_chunk(const ChunkData<scalar_t>& c, int64_t size, const PassSettings<acc_t> ps,
-                   LaneSums<acc_t>& lanes) {
-  const math::AdamSettings<acc_t> s = ps.adam;
-  const bool has_previous = c.has_previous;
-  // w is needed for weight decay (L2 or AdamW's d_{t-1}) and for the step; else the gradient
-  // stands in (it is in cache).
-  const scalar_t* weight_source = s.weight_decay != acc_t(0) ? c.param : c.grad;
-  for (int64_t base = 0; base < size; base += kLanes) {
-    const int width = static_cast<int>(std::min<int64_t>(kLanes, size - base));
-    scalar_t* __restrict__ param = kStep ? c.param + base : nullptr;
-    const scalar_t* __restrict__ weight = kStep ? nullptr : weight_source + base;
-    const scalar_t* __restrict__ grad = c.grad + base;
-    const scalar_t* __restrict__ objective_grad = kObjective ? c.objective + base : nullptr;
-    scalar_t* __restrict__ exp_avg = c.exp_avg + base;
-    scalar_t* __restrict__ exp_avg_sq = c.exp_avg_sq + base;
-    scalar_t* __restrict__ max_exp_avg_sq = kAmsgrad ? c.max_exp_avg_sq + base : nullptr;
-    acc_t* __restrict__ dot = lanes.dot.data();
-    acc_t* __restrict__ grad_sq = lanes.grad_sq.data();
-    acc_t* __restrict__ dir_sq = lanes.dir_sq.data();
-    for (int lane = 0; lane < width; ++lane) {
-      const acc_t w = static_cast<acc_t>(kStep ? param[lane] : weight[lane]);
-      const acc_t g =
-          math::adam_grad(math::unscale(static_cast<acc_t>(grad[lane]), ps.inv_grad_scale), w, s);
-      acc_t objective = g;
-      if constexpr (kObjective) {
-        const acc_t og = static_cast<acc_t>(objective_grad[lane]);
-        objective = s.maximize ? -og : og;
-      }
-      const acc_t m = static_cast<acc_t>(exp_avg[lane]);
-      const acc_t v = static_cast<acc_t>(exp_avg_sq[lane]);
-      const acc_t v_max = kAmsgrad ? static_cast<acc_t>(max_exp_avg_sq[lane]) : v;
-      const acc_t previous = math::adam_previous_direction(m, v_max, w, ps.previous_lr,
-                                                           ps.previous_correction, s);
-      cpu::add_to_lane<kNorms>(dot, grad_sq, dir_sq, lane, objective,
-                               has_previous ? previous : acc_t(0), has_previous);
-      const math::AdamMoments<acc_t> next = math::adam_moments(g, m, v, v_max, s);
-      exp_avg[lane] = static_cast<scalar_t>(next.exp_avg);
-      exp_avg_sq[lane] = static_cast<scalar_t>(next.exp_avg_sq);
-      if constexpr (kAmsgrad) {
-        max_exp_avg_sq[lane] = static_cast<scalar_t>(next.max_exp_avg_sq);
-      }
-      if constexpr (kStep) {
-        // The stored moments, as the exact mode's second pass reads them back.
-        const acc_t stored_m = static_cast<acc_t>(static_cast<scalar_t>(next.exp_avg));
-        const acc_t stored_v = static_cast<acc_t>(static_cast<scalar_t>(next.max_exp_avg_sq));
-        const acc_t ratio = math::adam_ratio(stored_m, stored_v, ps.correction, s);
-        param[lane] =
-            static_cast<scalar_t>(math::param_step(w, math::adam_direction(ratio, w, s), ps.lr));
-      }
+// One run of width <= kLanes elements. Its pointers are function parameters: GCC trusts
+// __restrict__ there (not on local variables), so the loop vectorises without a runtime alias
+// check (which, when it fails, falls back to a scalar loop). The settings come by value: stores
+// through the float pointers cannot change them, so their flags stay loop-invariant selects.
+template <bool kObjective, bool kNorms, bool kStep, bool kAmsgrad, bool kPrevious,
+          typename scalar_t, typename acc_t>
+HYPERLR_INLINE void moments_run(scalar_t* __restrict__ param, const scalar_t* __restrict__ weight,
+                        const scalar_t* __restrict__ grad,
+                        const scalar_t* __restrict__ objective_grad,
+                        scalar_t* __restrict__ exp_avg, scalar_t* __restrict__ exp_avg_sq,
+                        scalar_t* __restrict__ max_exp_avg_sq, acc_t* __restrict__ dot,
+                        acc_t* __restrict__ grad_sq, acc_t* __restrict__ dir_sq, int width,
+                        const PassSettings<acc_t> ps, const math::AdamSettings<acc_t> s) {
+  for (int lane = 0; lane < width; ++lane) {
+    const acc_t w = static_cast<acc_t>(kStep ? param[lane] : weight[lane]);
+    const acc_t g =
+        math::adam_grad(math::unscale(static_cast<acc_t>(grad[lane]), ps.inv_grad_scale), w, s);
+    acc_t objective = g;
+    if constexpr (kObjective) {
+      const acc_t og = static_cast<acc_t>(objective_grad[lane]);
+      objective = math::mul_rn(s.sign, og);
+    }
+    const acc_t m = static_cast<acc_t>(exp_avg[lane]);
+    const acc_t v = static_cast<acc_t>(exp_avg_sq[lane]);
+    const acc_t v_max = kAmsgrad ? static_cast<acc_t>(max_exp_avg_sq[lane]) : v;
+    acc_t previous = acc_t(0);
+    if constexpr (kPrevious) {
+      previous =
+          math::adam_previous_direction(m, v_max, w, ps.previous_lr, ps.previous_correction, s);
+    }
+    cpu::add_to_lane<kNorms>(dot, grad_sq, dir_sq, lane, objective, previous, kPrevious);
+    const math::AdamMoments<acc_t> next = math::adam_moments(g, m, v, v_max, s);
+    exp_avg[lane] = static_cast<scalar_t>(next.exp_avg);
+    exp_avg_sq[lane] = static_cast<scalar_t>(next.exp_avg_sq);
+    if constexpr (kAmsgrad) {
+      max_exp_avg_sq[lane] = static_cast<scalar_t>(next.max_exp_avg_sq);
+    }
+    if constexpr (kStep) {
+      // The stored moments, as the exact mode's second pass reads them back.
+      const acc_t stored_m = static_cast<acc_t>(static_cast<scalar_t>(next.exp_avg));
+      const acc_t stored_v = static_cast<acc_t>(static_cast<scalar_t>(next.max_exp_avg_sq));
+      const acc_t ratio = math::adam_ratio(stored_m, stored_v, ps.correction, s);
+      param[lane] =
+          static_cast<scalar_t>(math::param_step(w, math::adam_direction(ratio, w, s), ps.lr));
     }
   }
+}
+
+// Pass 1 of exact mode (kStep false) or the lagged pass (kStep true) over one chunk; templates on
+// the lists present, so the hot loop has no conditional load or store.
+template <bool kObjective, bool kNorms, bool kStep, bool kAmsgrad, bool kPrevious,
+          typename scalar_t, typename acc_t>
+HYPERLR_INLINE void moments_chunk_body(const ChunkData<scalar_t>& c, int64_t size,
+                                       const PassSettings<acc_t> ps, LaneSums<acc_t>& lanes) {
+  math::AdamSettings<acc_t> s = ps.adam;
+  s.amsgrad = kAmsgrad;  // a constant in this instantiation
+  // w is needed for weight decay (L2 or AdamW's d_{t-1}) and for the step; else the gradient
+  // stands in (it is in cache).
+  const bool decays = s.l2_decay != acc_t(0) || s.adamw_decay != acc_t(0);
+  const scalar_t* weight_source = decays ? c.param : c.grad;
+  for (int64_t base = 0; base < size; base += kLanes) {
+    const int width = static_cast<int>(std::min<int64_t>(kLanes, size - base));
+    moments_run<kObjective, kNorms, kStep, kAmsgrad, kPrevious>(
+        kStep ? c.param + base : nullptr, kStep ? nullptr : weight_source + base, c.grad + base,
+        kObjective ? c.objective + base : nullptr, c.exp_avg + base, c.exp_avg_sq + base,
+        kAmsgrad ? c.max_exp_avg_sq + base : nullptr, lanes.dot.data(), lanes.grad_sq.data(),
+        lanes.dir_sq.data(), width, ps, s);
+  }
+}
+
+#if HYPERLR_HAVE_AVX2_VARIANTS
+template <bool kObjective, bool kNorms, bool kStep, bool kAmsgrad, bool kPrevious,
+          typename scalar_t, typename acc_t>
+HYPERLR_TARGET_AVX2 void moments_chunk_avx2(const ChunkData<scalar_t>& c, int64_t size,
+                                            const PassSettings<acc_t> ps, LaneSums<acc_t>& lanes) {
+  moments_chunk_body<kObjective, kNorms, kStep, kAmsgrad, kPrevious>(c, size, ps, lanes);
+}
+#endif
+
+template <bool kObjective, bool kNorms, bool kStep, bool kAmsgrad, bool kPrevious,
+          typename scalar_t, typename acc_t>
+void moments_chunk(const ChunkData<scalar_t>& c, int64_t size, const PassSettings<acc_t> ps,
+                   LaneSums<acc_t>& lanes) {
+#if HYPERLR_HAVE_AVX2_VARIANTS
+  if (cpu::use_avx2()) {
+    moments_chunk_avx2<kObjective, kNorms, kStep, kAmsgrad, kPrevious>(c, size, ps, lanes);
+    return;
+  }
+#endif
+  moments_chunk_body<kObjective, kNorms, kStep, kAmsgrad, kPrevious>(c, size, ps, lanes);
 }
 
 template <bool kStep, typename scalar_t, typename acc_t>
@@ -106,8 +141,11 @@ void moments_chunk(bool objective, bool norms, bool amsgrad, const ChunkData<sca
   with_bool(objective, [&](auto kObjective) {
     with_bool(norms, [&](auto kNorms) {
       with_bool(amsgrad, [&](auto kAmsgrad) {
-        moments_chunk<decltype(kObjective)::value, decltype(kNorms)::value, kStep,
-                      decltype(kAmsgrad)::value>(c, size, ps, lanes);
+        with_bool(c.has_previous, [&](auto kPrevious) {
+          moments_chunk<decltype(kObjective)::value, decltype(kNorms)::value, kStep,
+                        decltype(kAmsgrad)::value, decltype(kPrevious)::value>(c, size, ps,
+                                                                               lanes);
+        });
       });
     });
   });
@@ -115,7 +153,8 @@ void moments_chunk(bool objective, bool norms, bool amsgrad, const ChunkData<sca
 
 // Pass 2 of exact mode: w - lr * d_t from the new moments.
 template <typename scalar_t, typename acc_t>
-void param_step_chunk(const ChunkData<scalar_t>& c, int64_t size, const PassSettings<acc_t> ps) {
+HYPERLR_INLINE void param_step_body(const ChunkData<scalar_t>& c, int64_t size,
+                                    const PassSettings<acc_t> ps) {
   scalar_t* __restrict__ param = c.param;
   const scalar_t* __restrict__ exp_avg = c.exp_avg;
   const scalar_t* __restrict__ second_moment = c.exp_avg_sq;
@@ -127,6 +166,25 @@ void param_step_chunk(const ChunkData<scalar_t>& c, int64_t size, const PassSett
     param[i] = static_cast<scalar_t>(
         math::param_step(w, math::adam_direction(ratio, w, ps.adam), ps.lr));
   }
+}
+
+#if HYPERLR_HAVE_AVX2_VARIANTS
+template <typename scalar_t, typename acc_t>
+HYPERLR_TARGET_AVX2 void param_step_avx2(const ChunkData<scalar_t>& c, int64_t size,
+                                         const PassSettings<acc_t> ps) {
+  param_step_body(c, size, ps);
+}
+#endif
+
+template <typename scalar_t, typename acc_t>
+void param_step_chunk(const ChunkData<scalar_t>& c, int64_t size, const PassSettings<acc_t> ps) {
+#if HYPERLR_HAVE_AVX2_VARIANTS
+  if (cpu::use_avx2()) {
+    param_step_avx2(c, size, ps);
+    return;
+  }
+#endif
+  param_step_body(c, size, ps);
 }
 
 template <typename scalar_t>

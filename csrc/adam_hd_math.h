@@ -18,8 +18,13 @@ struct AdamSettings {
   acc_t one_minus_beta1;  // formed in double on the host, as torch.optim passes 1 - beta
   acc_t one_minus_beta2;
   acc_t eps;
-  acc_t weight_decay;
-  bool decoupled;  // AdamW: decay applied to w, not added to the gradient
+  // lambda where it applies, else 0: the decay terms are then exactly +0 (finite w) and the
+  // element loops need no select around them (a select guarding a division stops GCC's
+  // vectorisation).
+  acc_t l2_decay;     // Adam: lambda w added to the gradient
+  acc_t adamw_decay;  // AdamW: lambda w added to the direction
+  bool small_lerp_weight;  // |1 - beta1| < 0.5: torch's lerp takes its first form
+  acc_t sign;              // -1 with maximize, else 1 (a multiply, exact, instead of a select)
   bool amsgrad;
   bool maximize;
 };
@@ -55,9 +60,7 @@ HYPERLR_INLINE BiasCorrection<acc_t> bias_correction(acc_t step, const AdamSetti
 // torch.optim.Adam's gradient: +-g, plus lambda w unless the decay is decoupled.
 template <typename acc_t>
 HYPERLR_INLINE acc_t adam_grad(acc_t grad, acc_t param, const AdamSettings<acc_t>& s) {
-  const acc_t signed_grad = s.maximize ? -grad : grad;
-  const acc_t with_decay = add_rn(signed_grad, mul_rn(s.weight_decay, param));
-  return (s.weight_decay != acc_t(0) && !s.decoupled) ? with_decay : signed_grad;
+  return add_rn(mul_rn(s.sign, grad), mul_rn(s.l2_decay, param));
 }
 
 // m_hat / (sqrt(v_hat) + eps) in torch's order: (m / (sqrt(v) / sqrt(bc2) + eps)) / bc1; v is the
@@ -72,8 +75,7 @@ HYPERLR_INLINE acc_t adam_ratio(acc_t exp_avg, acc_t second_moment, const BiasCo
 // d = ratio (+ lambda w for AdamW): the direction the step multiplies by the LR.
 template <typename acc_t>
 HYPERLR_INLINE acc_t adam_direction(acc_t ratio, acc_t param, const AdamSettings<acc_t>& s) {
-  const acc_t with_decay = add_rn(ratio, mul_rn(s.weight_decay, param));
-  return (s.decoupled && s.weight_decay != acc_t(0)) ? with_decay : ratio;
+  return add_rn(ratio, mul_rn(s.adamw_decay, param));
 }
 
 // d_{t-1} from the moments before this step, with t-1's bias corrections. AdamW's w_{t-1} is
@@ -85,19 +87,20 @@ HYPERLR_INLINE acc_t adam_previous_direction(acc_t exp_avg, acc_t second_moment,
                                              const BiasCorrection<acc_t>& bc,
                                              const AdamSettings<acc_t>& s) {
   const acc_t ratio = adam_ratio(exp_avg, second_moment, bc, s);
-  const acc_t numerator = add_rn(ratio, mul_rn(s.weight_decay, param));
-  const acc_t shrink = add_rn(acc_t(1), -mul_rn(s.weight_decay, previous_lr));
-  return (s.decoupled && s.weight_decay != acc_t(0)) ? div_rn(numerator, shrink) : ratio;
+  const acc_t numerator = add_rn(ratio, mul_rn(s.adamw_decay, param));
+  return div_rn(numerator, add_rn(acc_t(1), -mul_rn(s.adamw_decay, previous_lr)));  // 1 unless AdamW
 }
 
-// torch's lerp(m, g, w): m + w (g - m) for |w| < 0.5, else g - (g - m)(1 - w).
+// torch's lerp(m, g, w): m + w (g - m) for |w| < 0.5, else g - (g - m)(1 - w), written as
+// base + c (g - m) with (base, c) = (m, w) or (g, -(1 - w)): the same roundings. The base is
+// picked arithmetically (x * 1 + y * 0 is x for finite y; only the sign of a zero may differ),
+// which keeps the CPU element loops free of selects that GCC leaves as branches.
 template <typename acc_t>
-HYPERLR_INLINE acc_t lerp(acc_t start, acc_t end, acc_t weight) {
-  const acc_t diff = add_rn(end, -start);
-  const acc_t small = add_rn(start, mul_rn(weight, diff));
-  const acc_t large = add_rn(end, -mul_rn(diff, add_rn(acc_t(1), -weight)));
-  const acc_t abs_weight = weight < acc_t(0) ? -weight : weight;
-  return abs_weight < acc_t(0.5) ? small : large;
+HYPERLR_INLINE acc_t lerp(acc_t start, acc_t end, acc_t weight, bool small_weight) {
+  const acc_t coefficient = small_weight ? weight : -add_rn(acc_t(1), -weight);
+  const acc_t from_start = small_weight ? acc_t(1) : acc_t(0);
+  const acc_t base = add_rn(mul_rn(start, from_start), mul_rn(end, add_rn(acc_t(1), -from_start)));
+  return add_rn(base, mul_rn(coefficient, add_rn(end, -start)));
 }
 
 // The new moments: m lerps towards g with weight 1 - beta1; v = beta2 v + (1 - beta2) g g.
@@ -113,7 +116,7 @@ HYPERLR_INLINE AdamMoments<acc_t> adam_moments(acc_t grad, acc_t exp_avg, acc_t 
                                                acc_t max_exp_avg_sq,
                                                const AdamSettings<acc_t>& s) {
   AdamMoments<acc_t> out;
-  out.exp_avg = lerp(exp_avg, grad, s.one_minus_beta1);
+  out.exp_avg = lerp(exp_avg, grad, s.one_minus_beta1, s.small_lerp_weight);
   out.exp_avg_sq =
       add_rn(mul_rn(exp_avg_sq, s.beta2), mul_rn(mul_rn(s.one_minus_beta2, grad), grad));
   const acc_t larger = max_exp_avg_sq < out.exp_avg_sq ? out.exp_avg_sq : max_exp_avg_sq;

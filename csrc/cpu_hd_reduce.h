@@ -13,6 +13,16 @@
 #include <type_traits>
 #include <vector>
 
+// x86-64 builds with GCC or Clang also compile the CPU element loops for AVX2 (function
+// attributes, chosen at run time by use_avx2()): twice the vector width of the x86-64 baseline,
+// which the division- and sqrt-heavy Adam loops need.
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define HYPERLR_HAVE_AVX2_VARIANTS 1
+#define HYPERLR_TARGET_AVX2 __attribute__((target("avx2")))
+#else
+#define HYPERLR_HAVE_AVX2_VARIANTS 0
+#endif
+
 namespace hyperlr {
 namespace cpu {
 
@@ -26,7 +36,7 @@ struct LaneSums {
 // Adds one element to lane `lane`. The additive rule needs only the dot product (kNorms false:
 // the norms stay 0). A tensor without d_{t-1} adds nothing to the dot product and |d|^2.
 template <bool kNorms, typename acc_t>
-inline void add_to_lane(acc_t* __restrict__ dot, acc_t* __restrict__ grad_sq,
+HYPERLR_INLINE void add_to_lane(acc_t* __restrict__ dot, acc_t* __restrict__ grad_sq,
                         acc_t* __restrict__ dir_sq, int lane, acc_t objective, acc_t previous,
                         bool has_previous) {
   if constexpr (kNorms) {
@@ -83,6 +93,14 @@ void with_bool(bool b, F&& f) {
     f(std::false_type{});
   }
 }
+
+// Whether the CPU kernels may use their AVX2 variants: the CPU has AVX2 and the variants were not
+// switched off (hyperlr_ext._C.set_cpu_avx2(False), for tests). The variants compute the same
+// bits: the same IEEE operations, no FMA (-ffp-contract=off), only wider vectors.
+bool use_avx2();
+
+// Allows or forbids the AVX2 variants; returns whether they were in use before.
+bool set_avx2_allowed(bool allowed);
 
 // The data of an optional float32 tensor (AMP's grad_scale / found_inf), or null.
 inline const float* float_ptr_or_null(const std::optional<at::Tensor>& t) {

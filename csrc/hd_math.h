@@ -10,7 +10,12 @@
 #else
 #define HYPERLR_HOST_DEVICE
 #endif
+// Forced inline on the host: a call left in a CPU kernel's element loop stops its vectorisation.
+#if defined(__CUDACC__) || !(defined(__GNUC__) || defined(__clang__))
 #define HYPERLR_INLINE HYPERLR_HOST_DEVICE inline
+#else
+#define HYPERLR_INLINE inline __attribute__((always_inline))
+#endif
 
 namespace hyperlr {
 namespace math {

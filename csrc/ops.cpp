@@ -3,6 +3,8 @@
 // Kernels: csrc/<op>_cpu.cpp (CPU) and csrc/cuda/<op>.cu (CUDA), one file per op.
 #include "ops.h"
 
+#include "cpu_hd_reduce.h"
+
 #include <ATen/Functions.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -218,6 +220,13 @@ PYBIND11_MODULE(_C, m) {
 #endif
       },
       "True if the CUDA kernels were compiled into this extension.");
+  m.def(
+      "set_cpu_avx2", &hyperlr::cpu::set_avx2_allowed, pybind11::arg("allowed"),
+      "Allow (default) or forbid the AVX2 variants of the CPU kernels; returns whether they were "
+      "in use. They compute the same bits; this exists so the tests can check that.");
+  m.def(
+      "cpu_avx2", &hyperlr::cpu::use_avx2,
+      "True when the CPU kernels run their AVX2 variants (x86-64 CPU with AVX2).");
   m.def(
       "built_with_torch", []() { return std::string(HYPERLR_TORCH_VERSION); },
       "The torch version (torch.__version__) this extension was compiled against.");

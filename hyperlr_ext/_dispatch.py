@@ -27,7 +27,10 @@ FUSED_DEVICES = ("cpu", "cuda")
 # Where the fused kernels are the default (fused=None and foreach=None): the devices on which
 # benchmarks/overhead.py measured them faster than foreach and the for-loop, and whose kernels the
 # test suite has run. CUDA joins once the GPU tests have passed on a lent GPU.
-DEFAULT_FUSED: dict[str, frozenset[str]] = {"sgd_hd": frozenset({"cpu"})}
+DEFAULT_FUSED: dict[str, frozenset[str]] = {
+    "sgd_hd": frozenset({"cpu"}),
+    "adam_hd": frozenset({"cpu"}),
+}
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 

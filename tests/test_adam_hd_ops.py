@@ -307,3 +307,22 @@ def test_cuda_matches_cpu(setting, lr_lag, multiplicative, per_tensor, dtype):
                   **gpu_amp)  # fmt: skip
         for a, b in zip(_flat(cpu), _flat(gpu)):
             torch.testing.assert_close(b.cpu(), a, rtol=8 * torch.finfo(a.dtype).eps, atol=1e-30)
+
+
+@pytest.mark.skipif(not _ops.EXTENSION_AVAILABLE, reason="compiled extension unavailable")
+@pytest.mark.parametrize("lr_lag", [0, 1])
+def test_avx2_variant_computes_the_same_bits(lr_lag):
+    """The AVX2 and baseline x86-64 variants of the CPU loops give identical results."""
+    from hyperlr_ext import _C
+
+    results = []
+    was_on = _C.cpu_avx2()
+    try:
+        for allowed in (False, True):
+            _C.set_cpu_avx2(allowed)
+            s = _state("cpu", torch.float32, SETTINGS[2], per_tensor=False, objective=True)
+            _step(_fused_adam_hd, s, SETTINGS[2], lr_lag=lr_lag, multiplicative=True)
+            results.append(_flat(s))
+    finally:
+        _C.set_cpu_avx2(was_on)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

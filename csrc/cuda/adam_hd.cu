@@ -61,7 +61,7 @@ struct MomentsFunctor {
     // the LR the previous step applied (AdamW's d_{t-1}) and s_t eta_{t-1} (lagged step).
     const acc_t previous_lr = r.effective_lrs[slot];
     const acc_t lr = kStep ? math::mul_rn(r.lrs[slot], r.rule.lr_scale) : acc_t(0);
-    const bool reads_param = kStep || s.weight_decay != acc_t(0);
+    const bool reads_param = kStep || s.l2_decay != acc_t(0) || s.adamw_decay != acc_t(0);
     math::HdSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0)};
     for (int64_t i = threadIdx.x; i < chunk.size; i += kBlockThreads) {
       const acc_t w = reads_param ? static_cast<acc_t>(param[i]) : acc_t(0);
@@ -70,7 +70,7 @@ struct MomentsFunctor {
       acc_t objective = g;
       if (p.has_objective) {
         const acc_t og = static_cast<acc_t>(objective_grad[i]);
-        objective = s.maximize ? -og : og;
+        objective = math::mul_rn(s.sign, og);
       }
       const acc_t m = static_cast<acc_t>(exp_avg[i]);
       const acc_t v = static_cast<acc_t>(exp_avg_sq[i]);
