@@ -1,6 +1,7 @@
 """Optimizer classes: argument checks, state and param groups over the functional algorithms."""
 
 from hyperlr_ext.optim.adam_hd import AdamHD
+from hyperlr_ext.optim.marthe import MARTHE, RTHO
 from hyperlr_ext.optim.sgd_hd import SGDHD
 
-__all__ = ["SGDHD", "AdamHD"]
+__all__ = ["SGDHD", "AdamHD", "MARTHE", "RTHO"]

@@ -1,0 +1,272 @@
+"""MARTHE / RTHO with SGD dynamics (hyperlr_ext/optim/marthe.py) against exact references:
+
+- the tangent hypergradient equals dE(w_T)/d eta from autograd through the unrolled trajectory
+  (float64, T = 20 minibatch steps, SGD / momentum / Nesterov with L2 decay, training or
+  validation objective), with Hessian products by double backward or finite differences;
+- MARTHE's adaptive mu and beta against an oracle written from DESIGN.md §2 on a quadratic whose
+  Hessian is explicit;
+- mu = 0 reproduces SGDHD, beta = 0 reproduces torch.optim.SGD; LR >= 0; no host sync; errors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hyperlr_ext as hx
+
+SGD_CONFIGS = {
+    "sgd": dict(momentum=0.0, weight_decay=0.01),
+    "momentum": dict(momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "nesterov": dict(momentum=0.9, nesterov=True, weight_decay=0.02),
+}
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)
+    ).double()
+
+
+def _batches(n, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(8, 4, generator=gen, dtype=torch.float64),
+         torch.randn(8, 1, generator=gen, dtype=torch.float64))
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+def _loss(model, weights, batch):
+    x, y = batch
+    names = [n for n, _ in model.named_parameters()]
+    out = functional_call(model, dict(zip(names, weights)), (x,))
+    return torch.nn.functional.mse_loss(out, y)
+
+
+def _unrolled_hypergrad(model, batches, lr, cfg, val_batch=None):
+    """dE(w_T)/d eta for a constant eta, by autograd through T steps of torch.optim.SGD's update
+    written out from its documentation (L2 decay in the gradient, first buffer = gradient)."""
+    eta = torch.tensor(lr, dtype=torch.float64, requires_grad=True)
+    m, tau = cfg.get("momentum", 0.0), cfg.get("dampening", 0.0)
+    wd, nesterov = cfg.get("weight_decay", 0.0), cfg.get("nesterov", False)
+    w = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    bufs = [None] * len(w)
+    for batch in batches[:-1]:
+        grads = torch.autograd.grad(_loss(model, w, batch), w, create_graph=True)
+        new_w = []
+        for i, (wi, gi) in enumerate(zip(w, grads)):
+            gi = gi + wd * wi
+            if m != 0:
+                bufs[i] = gi if bufs[i] is None else m * bufs[i] + (1 - tau) * gi
+                di = gi + m * bufs[i] if nesterov else bufs[i]
+            else:
+                di = gi
+            new_w.append(wi - eta * di)
+        w = new_w
+    if val_batch is None:
+        objective = _loss(model, w, batches[-1]) + 0.5 * wd * sum((wi * wi).sum() for wi in w)
+    else:
+        objective = _loss(model, w, val_batch)
+    return torch.autograd.grad(objective, eta)[0]
+
+
+def _run(opt, model, batches, val_batch=None):
+    for batch in batches:
+        closure = lambda b=batch: _loss(model, list(model.parameters()), b)  # noqa: E731
+        val = None
+        if val_batch is not None:
+            val = lambda: _loss(model, list(model.parameters()), val_batch)  # noqa: E731
+        opt.step(closure, val_closure=val)
+
+
+@pytest.mark.parametrize("name", list(SGD_CONFIGS))
+@pytest.mark.parametrize("validation", [False, True])
+@pytest.mark.parametrize("hvp", ["autograd", "finite_difference"])
+def test_tangent_hypergradient_is_exact(name, validation, hvp):
+    """mu = 1, beta = 0: after T = 20 steps, Delta_T = dE(w_T)/d eta (autograd, unrolled)."""
+    cfg = SGD_CONFIGS[name]
+    model = _model()
+    batches = _batches(21)
+    val_batch = _batches(1, seed=9)[0] if validation else None
+    expected = _unrolled_hypergrad(model, batches, 0.05, cfg, val_batch)
+    opt = hx.RTHO(model.parameters(), lr=0.05, hyper_lr=0.0, hvp=hvp, **cfg)
+    _run(opt, model, batches, val_batch)  # the 21st step computes Delta_20 (beta = 0: no change)
+    got = opt.param_groups[0]["hypergrad"]
+    rtol = 1e-8 if hvp == "autograd" else 1e-5
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=0.0)
+    assert expected.abs() > 1e-6  # the comparison means something
+
+
+def _quadratic_oracle(a, centres, w0, *, lr, beta, beta_prime, momentum, wd, steps):
+    """MARTHE from DESIGN.md §2, steps 1-6, on L_t(w) = 1/2 (w - c_t)^T A (w - c_t): H = A."""
+    w, z_w, z_b, b, d_prev = w0.clone(), torch.zeros_like(w0), None, None, None
+    eta, mu, c, delta_prev = lr, 0.0, 0.0, 0.0
+    trace = []
+    for t in range(steps):
+        g = a @ (w - centres[t]) + wd * w
+        if t > 0:
+            delta = float(z_w @ g)
+            g_prime = -float(d_prev @ g)
+            q_tilde = min(max(delta * g_prime / g_prime**2, 0.0), 1.0) if g_prime != 0 else 0.0
+            mu, c = q_tilde ** (1.0 / (c + 1.0)), mu * (1.0 + c)
+            beta = max(beta + beta_prime * delta * delta_prev, 0.0)
+            eta = max(eta - beta * delta, 0.0)
+            delta_prev = delta
+        zw, zb = mu * z_w, (mu * z_b if z_b is not None else None)
+        hz = a @ zw + wd * zw
+        if momentum:
+            if b is None:
+                b, z_b = g.clone(), hz.clone()
+            else:
+                b, z_b = momentum * b + g, momentum * zb + hz
+            d, z_d = b, z_b
+        else:
+            d, z_d = g, hz
+        z_w = zw - eta * z_d - d
+        w = w - eta * d
+        d_prev = d
+        trace.append((eta, mu, beta, w.clone()))
+    return trace
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_adaptive_mu_and_beta_match_the_oracle(momentum):
+    gen = torch.Generator().manual_seed(3)
+    n = 5
+    q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    a = q @ torch.diag(torch.linspace(0.5, 3.0, n, dtype=torch.float64)) @ q.T
+    centres = [torch.randn(n, generator=gen, dtype=torch.float64) * 0.3 + 1.0 for _ in range(15)]
+    w0 = torch.zeros(n, dtype=torch.float64)
+    settings = dict(lr=0.05, beta=1e-3, beta_prime=1e-4, momentum=momentum, wd=0.01, steps=15)
+    trace = _quadratic_oracle(a, centres, w0, **settings)
+
+    w = torch.nn.Parameter(w0.clone())
+    opt = hx.MARTHE([w], lr=0.05, hyper_lr=1e-3, hyper_hyper_lr=1e-4, momentum=momentum,
+                    weight_decay=0.01)  # fmt: skip
+    mus = []
+    for t in range(15):
+        opt.step(lambda t=t: 0.5 * (w - centres[t]) @ a @ (w - centres[t]))
+        group = opt.param_groups[0]
+        eta, mu, beta, w_ref = trace[t]
+        torch.testing.assert_close(group["learned_lr"].item(), eta, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(group["learned_mu"].item(), mu, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(group["adapted_hyper_lr"].item(), beta, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(w.detach(), w_ref, rtol=1e-10, atol=1e-12)
+        mus.append(mu)
+    assert 0 < max(mus) <= 1 and min(mus[1:]) < 1  # mu adapts (not stuck at 0 or 1)
+
+
+@pytest.mark.parametrize("name", list(SGD_CONFIGS))
+def test_mu_zero_is_sgdhd_and_beta_zero_is_sgd(name):
+    cfg = SGD_CONFIGS[name]
+    batches = _batches(12)
+    models = {k: _model() for k in ("marthe", "hd", "rtho", "sgd")}
+    opts = {
+        "marthe": hx.MARTHE(models["marthe"].parameters(), lr=0.05, hyper_lr=0.01, mu=0.0, **cfg),
+        "hd": hx.SGDHD(models["hd"].parameters(), lr=0.05, hyper_lr=0.01, foreach=False, **cfg),
+        "rtho": hx.RTHO(models["rtho"].parameters(), lr=0.05, hyper_lr=0.0, **cfg),
+        "sgd": torch.optim.SGD(models["sgd"].parameters(), lr=0.05, **cfg),
+    }
+    for batch in batches:
+        for k in ("marthe", "rtho"):
+            m = models[k]
+            opts[k].step(lambda m=m: _loss(m, list(m.parameters()), batch))
+        for k in ("hd", "sgd"):
+            m = models[k]
+            opts[k].zero_grad()
+            _loss(m, list(m.parameters()), batch).backward()
+            opts[k].step()
+    for a, b in (("marthe", "hd"), ("rtho", "sgd")):
+        for p, q in zip(models[a].parameters(), models[b].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        opts["marthe"].param_groups[0]["learned_lr"], opts["hd"].param_groups[0]["learned_lr"],
+        rtol=1e-12, atol=1e-15,
+    )  # fmt: skip
+    assert opts["marthe"].param_groups[0]["learned_lr"] != 0.05  # the LR moved
+
+
+def test_lr_stays_non_negative():
+    model = _model()
+    opt = hx.RTHO(model.parameters(), lr=1e-3, hyper_lr=1e3)  # a huge hyper-LR drives eta to 0
+    _run(opt, model, _batches(6))
+    lr = opt.param_groups[0]["learned_lr"]
+    assert lr >= 0 and (lr == 0 or opt.param_groups[0]["hypergrad"] < 0)
+
+
+class _NoSync(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("host-device sync inside step(): aten._local_scalar_dense")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mu", ["adaptive", 1.0])
+def test_step_never_syncs(mu):
+    model = _model()
+    opt = hx.MARTHE(model.parameters(), lr=0.05, hyper_lr=0.01, hyper_hyper_lr=0.1, mu=mu,
+                    momentum=0.9)  # fmt: skip
+    batches = _batches(4)
+    with _NoSync():
+        with pytest.raises(AssertionError, match="sync"):
+            torch.ones(()).item()
+        _run(opt, model, batches)
+
+
+class _OnceDifferentiableTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+def test_errors():
+    model = _model()
+    params = list(model.parameters())
+    batch = _batches(1)[0]
+    with pytest.raises(ValueError, match="inner"):
+        hx.MARTHE(params, inner="adam")
+    with pytest.raises(ValueError, match="mu"):
+        hx.MARTHE(params, mu=1.5)
+    with pytest.raises(ValueError, match="hvp"):
+        hx.MARTHE(params, hvp="exact")
+    opt = hx.RTHO(params, lr=0.05, hyper_lr=0.01)
+
+    def calls_backward():
+        loss = _loss(model, params, batch)
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="without calling backward"):
+        opt.step(calls_backward)
+    with pytest.raises(ValueError, match="scalar"):
+        opt.step(lambda: model(batch[0]))
+
+    # A model without double backward: a clear error that names hvp="finite_difference", which
+    # then works.
+    w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def loss_once():
+        return (_OnceDifferentiableTanh.apply(w) ** 2).sum()
+
+    opt = hx.RTHO([w], lr=0.05, hyper_lr=0.01)
+    opt.step(loss_once)  # the first step needs no Hessian product
+    with pytest.raises(RuntimeError, match='hvp="finite_difference"'):
+        opt.step(loss_once)
+    opt = hx.RTHO([copy.deepcopy(w)], lr=0.05, hyper_lr=0.01, hvp="finite_difference")
+    v = opt.param_groups[0]["params"][0]
+    for _ in range(3):
+        opt.step(lambda: (_OnceDifferentiableTanh.apply(v) ** 2).sum())
