@@ -270,3 +270,23 @@ def test_errors():
     v = opt.param_groups[0]["params"][0]
     for _ in range(3):
         opt.step(lambda: (_OnceDifferentiableTanh.apply(v) ** 2).sum())
+
+
+def test_state_dict_resume_is_bit_identical():
+    cfg = dict(momentum=0.9, weight_decay=0.01)
+    batches = _batches(10)
+    model = _model()
+    opt = hx.MARTHE(model.parameters(), lr=0.05, hyper_lr=1e-3, hyper_hyper_lr=1e-4, **cfg)
+    _run(opt, model, batches[:5])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved = copy.deepcopy(opt.state_dict())
+    _run(opt, model, batches[5:])
+
+    resumed = _model()
+    resumed.load_state_dict(saved_model)
+    opt2 = hx.MARTHE(resumed.parameters(), lr=0.05, hyper_lr=1e-3, hyper_hyper_lr=1e-4, **cfg)
+    opt2.load_state_dict(saved)
+    _run(opt2, resumed, batches[5:])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+    for key in ("learned_lr", "learned_mu", "adapted_hyper_lr", "hypergrad"):
+        assert torch.equal(opt.param_groups[0][key], opt2.param_groups[0][key])
