@@ -194,6 +194,21 @@ TORCH_LIBRARY(hyperlr_ext, m) {
       "bool amsgrad, bool maximize, bool multiplicative, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()",
       {at::Tag::pt2_compliant_tag});
+  // The fused tangent step of MARTHE / RTHO (csrc/tangent.h; hyperlr_ext/functional/
+  // _marthe_fused.py): the inner step and the tangent update of every state buffer, one pass.
+  m.def(
+      "tangent_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] hvps, "
+      "Tensor(b!)[] momentum_buffers, Tensor(c!)[] z_params, Tensor(d!)[] z_buffers, "
+      "Tensor(e!)[] directions, Tensor lr, Tensor mu, float lr_scale, float momentum, "
+      "float dampening, bool nesterov, float weight_decay, bool first_step) -> ()",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "tangent_adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] hvps, "
+      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] z_params, "
+      "Tensor(e!)[] z_exp_avgs, Tensor(f!)[] z_exp_avg_sqs, Tensor(g!)[] directions, "
+      "Tensor lr, Tensor mu, Tensor step, float lr_scale, float beta1, float beta2, float eps, "
+      "float weight_decay, bool decoupled_weight_decay) -> ()",
+      {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(hyperlr_ext, CompositeExplicitAutograd, m) {

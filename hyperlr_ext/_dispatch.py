@@ -22,7 +22,7 @@ __all__ = [
 
 # Algorithms that have a fused kernel in this build (csrc/<algorithm>_cpu.cpp for the CPU,
 # csrc/cuda/<algorithm>.cu for CUDA); the others run the pure-PyTorch paths on every device.
-FUSED_ALGORITHMS: frozenset[str] = frozenset({"sgd_hd", "adam_hd"})
+FUSED_ALGORITHMS: frozenset[str] = frozenset({"sgd_hd", "adam_hd", "marthe_sgd", "marthe_adam"})
 FUSED_DEVICES = ("cpu", "cuda")
 # Where the fused kernels are the default (fused=None and foreach=None): the devices on which
 # benchmarks/overhead.py measured them faster than foreach and the for-loop, and whose kernels the
@@ -30,6 +30,8 @@ FUSED_DEVICES = ("cpu", "cuda")
 DEFAULT_FUSED: dict[str, frozenset[str]] = {
     "sgd_hd": frozenset({"cpu"}),
     "adam_hd": frozenset({"cpu"}),
+    "marthe_sgd": frozenset({"cpu"}),
+    "marthe_adam": frozenset({"cpu"}),
 }
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 

@@ -249,3 +249,30 @@ if EXTENSION_AVAILABLE:
     for _name in ("adam_hd_moments_", "adam_hd_lagged_step_"):
         torch.library.register_fake(f"hyperlr_ext::{_name}")(_adam_hd_reducing_fake(_name))
     torch.library.register_fake("hyperlr_ext::adam_hd_param_step_")(_adam_hd_param_step_fake)
+
+
+# ---- fused tangent step of MARTHE / RTHO (csrc/tangent.h) -------------------------------------
+
+
+def _check_tangent_scalars(op: str, *scalars: Tensor) -> None:
+    for t in scalars:
+        torch._check(t.dim() == 0, lambda: f"{op}: lr, mu and step must be 0-dim tensors")
+
+
+def _tangent_sgd_step_fake(
+    params, grads, hvps, momentum_buffers, z_params, z_buffers, directions, lr, mu, lr_scale,
+    momentum, dampening, nesterov, weight_decay, first_step,
+) -> None:  # fmt: skip
+    _check_tangent_scalars("tangent_sgd_step_", lr, mu)
+
+
+def _tangent_adam_step_fake(
+    params, grads, hvps, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs, directions,
+    lr, mu, step, lr_scale, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+) -> None:  # fmt: skip
+    _check_tangent_scalars("tangent_adam_step_", lr, mu, step)
+
+
+if EXTENSION_AVAILABLE:
+    torch.library.register_fake("hyperlr_ext::tangent_sgd_step_")(_tangent_sgd_step_fake)
+    torch.library.register_fake("hyperlr_ext::tangent_adam_step_")(_tangent_adam_step_fake)

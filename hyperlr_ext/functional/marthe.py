@@ -1,22 +1,36 @@
-"""Forward-mode (tangent) hypergradients of the LR for SGD dynamics: RTHO, RT-HPO and MARTHE.
+"""Forward-mode (tangent) hypergradients of the LR: RTHO, RT-HPO and MARTHE.
 
-Notation of DESIGN.md §2 ("Tangent-system methods"). The inner step is torch.optim.SGD's
-(L2 decay g~ = g + lambda w, momentum m, dampening tau, Nesterov), written w' = w - s eta d with
-s the scheduler scale. The tangents Z_w = dw/d eta and Z_b = db/d eta follow
+Notation of DESIGN.md §2 ("Tangent-system methods"); docs/tangents.md derives every line. The
+inner step is torch.optim.SGD's or Adam's / AdamW's, written w' = w - s eta d with s the
+scheduler scale (AdamW's decay is folded into d = ratio + lambda w). The tangents Z = d(state)/d eta
+of the weights and of every state buffer follow
 
-    Z_{t+1} = mu_t A_t Z_t + B_t,   B_t = (-s_t d_t, 0),
+    Z_{t+1} = mu_t A_t Z_t + B_t,   B_t = (-s_t d_t, 0, ...),
 
-where A_t is the Jacobian of one SGD step with respect to (w, b). With H~ = H + lambda I the
-Hessian of the training loss plus the decay, and z = mu Z (A is linear):
+where A_t is the Jacobian of one inner step with respect to (w, state). A is linear, so every
+function below takes the Hessian-vector products H Z_w of the *undamped* tangent and applies mu
+itself (z = mu Z). With H~ = H + lambda I for L2 decay:
 
-    Hz       = H~ z_w
-    Z_b'     = Hz                       on a tensor's first step (torch sets b = g~)
-             = m z_b + (1 - tau) Hz     afterwards
-    Z_d      = Z_b' (plain momentum),  Hz + m Z_b' (Nesterov),  Hz (no momentum)
-    Z_w'     = z_w - s eta Z_d - s d.
+SGD (buffer b, momentum m, dampening tau):
+
+    Hz   = mu (H Z_w) + lambda z_w
+    Z_b' = Hz on the first step (torch sets b = g~), else m z_b + (1 - tau) Hz
+    Z_d  = Z_b' (momentum), Hz + m Z_b' (Nesterov), Hz (no momentum)
+    Z_w' = z_w - s eta Z_d - s d
+
+Adam (moments m, v; bias corrections c1 = 1 - beta1^t, c2 = 1 - beta2^t; r = sqrt(v') / sqrt(c2)):
+
+    Z_m' = beta1 z_m + (1 - beta1) Hz
+    Z_v' = beta2 z_v + 2 (1 - beta2) g~ Hz
+    Z_r  = Z_v' / (2 sqrt(v') sqrt(c2))             (0 where v' = 0; then Z_v' = 0 too)
+    ratio = m' / (c1 (r + eps)),  Z_ratio = (Z_m' / c1 - ratio Z_r) / (r + eps)
+    Z_d  = Z_ratio (+ lambda z_w for AdamW),  Z_w' = z_w - s eta Z_d - s d
 
 The LR moves along Delta_t = <Z_w, grad E(w_t)>: eta_t = max(eta_{t-1} - beta Delta_t, 0).
-docs/tangents.md derives these equations.
+
+``sgd_tangent_step_`` and ``adam_tangent_step_`` are the pure-PyTorch references; the fused ops
+(csrc/tangent_math.h, one pass over all tensors) share their signatures and compute the same
+arithmetic in the same order (hyperlr_ext/functional/_marthe_fused.py).
 """
 
 from __future__ import annotations
@@ -24,7 +38,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sgd_tangent_step_", "marthe_mu_", "tensor_list_dot"]
+__all__ = [
+    "adam_tangent_step_",
+    "marthe_mu_",
+    "sgd_tangent_step_",
+    "tensor_list_dot",
+]
 
 
 def tensor_list_dot(a: list[Tensor], b: list[Tensor], dtype: torch.dtype) -> Tensor:
@@ -46,53 +65,131 @@ def marthe_mu_(mu: Tensor, c: Tensor, delta: Tensor, g_prime: Tensor) -> None:
     mu.copy_(new_mu)
 
 
+def _upcast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _store(target: Tensor, value: Tensor) -> None:
+    """Writes an accumulation-type result into a (possibly lower-precision) state tensor."""
+    target.copy_(value)
+
+
 def sgd_tangent_step_(
     params: list[Tensor],
     grads: list[Tensor],
-    hvps: list[Tensor] | None,
-    buffers: list[Tensor | None],
+    hvps: list[Tensor],
+    momentum_buffers: list[Tensor],
     z_params: list[Tensor],
-    z_buffers: list[Tensor | None],
+    z_buffers: list[Tensor],
     directions: list[Tensor],
     *,
     lr: Tensor,
+    mu: Tensor,
     lr_scale: float,
-    mu: Tensor | float,
     momentum: float,
     dampening: float,
     nesterov: bool,
     weight_decay: float,
+    first_step: bool,
 ) -> None:
-    """One SGD step and its tangent update, in place.
+    """One torch.optim.SGD step and its tangent update, in place, for every tensor.
 
-    ``grads`` are the training gradients g (without decay) at w; ``hvps`` the products H z_w with
-    z_w = mu * Z_w (None when z_w is known to be 0); ``lr`` the learned LR eta (0-dim, on device).
-    ``buffers``/``z_buffers`` entries that are None are created (first step). ``directions``
-    receives d_t for each tensor (overwritten in place), which MARTHE's adaptive mu needs next
-    step.
+    ``grads``: the training gradients g at w (without decay); ``hvps``: H Z_w for the undamped
+    tangent, or an empty list where no product was computed (it counts as 0); ``lr``: the
+    learned eta (0-dim, on the device) and ``mu`` the damping (0-dim). ``momentum_buffers`` and
+    ``z_buffers`` are empty lists without momentum; on ``first_step`` the buffers are set to g~
+    and H~ z as torch does. ``directions`` receives d_t (MARTHE's adaptive mu needs it next step).
+    Math in float32 (float64 for float64 tensors), results stored in the tensors' dtype.
     """
+    acc = lr.dtype
     step_lr = lr * lr_scale
-    for i, (w, g) in enumerate(zip(params, grads)):
-        z_w = z_params[i] * mu
-        decayed = g.add(w, alpha=weight_decay) if weight_decay != 0 else g
-        h_z = hvps[i] if hvps is not None else torch.zeros_like(w)
-        if weight_decay != 0:
-            h_z = h_z.add(z_w, alpha=weight_decay)
-        if momentum != 0:
-            if buffers[i] is None:
-                buffers[i] = decayed.detach().clone()
-                z_buffers[i] = h_z.clone()
+    has_momentum = momentum != 0
+    for i, w_stored in enumerate(params):
+        w = _upcast(w_stored, acc)
+        g = _upcast(grads[i], acc)
+        z_w = _upcast(z_params[i], acc) * mu
+        h_z = (_upcast(hvps[i], acc) * mu if hvps else torch.zeros_like(w)) + weight_decay * z_w
+        decayed = g + weight_decay * w
+        if has_momentum:
+            buffer, z_buffer = momentum_buffers[i], z_buffers[i]
+            if first_step:
+                new_buffer, new_z_buffer = decayed, h_z
             else:
-                buffers[i].mul_(momentum).add_(decayed, alpha=1 - dampening)
-                z_buffers[i] = (z_buffers[i] * mu).mul_(momentum).add_(h_z, alpha=1 - dampening)
+                new_buffer = _upcast(buffer, acc) * momentum + (1 - dampening) * decayed
+                new_z_buffer = (_upcast(z_buffer, acc) * mu) * momentum + (1 - dampening) * h_z
+            _store(buffer, new_buffer)
+            _store(z_buffer, new_z_buffer)
             if nesterov:
-                direction = decayed.add(buffers[i], alpha=momentum)
-                z_direction = h_z.add(z_buffers[i], alpha=momentum)
+                direction = decayed + momentum * new_buffer
+                z_direction = h_z + momentum * new_z_buffer
             else:
-                direction, z_direction = buffers[i], z_buffers[i]
+                direction, z_direction = new_buffer, new_z_buffer
         else:
             direction, z_direction = decayed, h_z
-        # Z_w' = z_w - s eta Z_d - s d, then w' = w - s eta d (the tangent uses d before w moves).
-        z_params[i] = z_w - step_lr * z_direction - lr_scale * direction
-        directions[i].copy_(direction)
-        w.sub_(step_lr * direction)
+        # Z_w' = z_w - s eta Z_d - s d, then w' = w - s eta d (the tangent reads w before it moves).
+        _store(z_params[i], (z_w - step_lr * z_direction) - lr_scale * direction)
+        _store(directions[i], direction)
+        _store(w_stored, w + direction * -step_lr)
+
+
+def adam_tangent_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    hvps: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    z_params: list[Tensor],
+    z_exp_avgs: list[Tensor],
+    z_exp_avg_sqs: list[Tensor],
+    directions: list[Tensor],
+    *,
+    lr: Tensor,
+    mu: Tensor,
+    step: Tensor,
+    lr_scale: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+) -> None:
+    """One torch.optim.Adam (or AdamW, ``decoupled_weight_decay``) step and its tangent update.
+
+    Arguments as :func:`sgd_tangent_step_`; ``step`` is the step count t of this step (0-dim,
+    already incremented, on the device), from which the bias corrections are formed. The moments
+    start at zero as in torch, so the first step needs no special case. ``directions`` receives
+    d_t = ratio (+ lambda w for AdamW), so that the step is w' = w - s eta d_t.
+    """
+    acc = lr.dtype
+    step_lr = lr * lr_scale
+    l2 = 0.0 if decoupled_weight_decay else weight_decay
+    adamw = weight_decay if decoupled_weight_decay else 0.0
+    step = _upcast(step, acc)
+    bias1 = 1 - torch.pow(beta1, step)
+    bias2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
+    tiny = torch.finfo(acc).tiny
+    for i, w_stored in enumerate(params):
+        w = _upcast(w_stored, acc)
+        g = _upcast(grads[i], acc) + l2 * w
+        z_w = _upcast(z_params[i], acc) * mu
+        h_z = (_upcast(hvps[i], acc) * mu if hvps else torch.zeros_like(w)) + l2 * z_w
+        exp_avg = torch.lerp(_upcast(exp_avgs[i], acc), g, 1 - beta1)
+        exp_avg_sq = _upcast(exp_avg_sqs[i], acc) * beta2 + ((1 - beta2) * g) * g
+        z_exp_avg = (_upcast(z_exp_avgs[i], acc) * mu) * beta1 + (1 - beta1) * h_z
+        z_exp_avg_sq = (_upcast(z_exp_avg_sqs[i], acc) * mu) * beta2 + (
+            (2 * (1 - beta2)) * g
+        ) * h_z
+        root = exp_avg_sq.sqrt()
+        denom = root / bias2_sqrt + eps
+        ratio = (exp_avg / denom) / bias1
+        z_root = z_exp_avg_sq / ((2 * root.clamp_min(tiny)) * bias2_sqrt)
+        z_ratio = (z_exp_avg / bias1 - ratio * z_root) / denom
+        direction = ratio + adamw * w
+        z_direction = z_ratio + adamw * z_w
+        _store(exp_avgs[i], exp_avg)
+        _store(exp_avg_sqs[i], exp_avg_sq)
+        _store(z_exp_avgs[i], z_exp_avg)
+        _store(z_exp_avg_sqs[i], z_exp_avg_sq)
+        _store(z_params[i], (z_w - step_lr * z_direction) - lr_scale * direction)
+        _store(directions[i], direction)
+        _store(w_stored, w + direction * -step_lr)

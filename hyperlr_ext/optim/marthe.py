@@ -1,45 +1,74 @@
 """MARTHE and RTHO: the LR learned from forward-mode (tangent) hypergradients.
 
-Equations: DESIGN.md §2 "Tangent-system methods" and hyperlr_ext/functional/marthe.py. RTHO is
-MARTHE with mu = 1 and a fixed hyper-LR; with ``val_closure`` it is RT-HPO; mu = 0 is HD.
-This version implements the SGD inner dynamics (momentum, dampening, Nesterov, L2 decay).
+Equations: DESIGN.md §2 "Tangent-system methods", hyperlr_ext/functional/marthe.py and
+docs/tangents.md. RTHO is MARTHE with mu = 1 and a fixed hyper-LR; with ``val_closure`` it is
+RT-HPO; mu = 0 is HD. The inner dynamics are torch.optim.SGD's (momentum, dampening, Nesterov, L2
+decay) or Adam's / AdamW's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hyperlr_ext.functional.marthe import marthe_mu_, sgd_tangent_step_, tensor_list_dot
-from hyperlr_ext.optim._checks import check_bool, check_choice, check_number
+from hyperlr_ext._dispatch import check_fused_params, check_fused_request, choose_implementation
+from hyperlr_ext.functional._marthe_fused import (
+    fused_adam_tangent_step_,
+    fused_list_dot,
+    fused_sgd_tangent_step_,
+)
+from hyperlr_ext.functional.marthe import (
+    adam_tangent_step_,
+    marthe_mu_,
+    sgd_tangent_step_,
+    tensor_list_dot,
+)
+from hyperlr_ext.optim._checks import check_bool, check_choice, check_number, check_optional_bool
 from hyperlr_ext.optim._hd_base import _lr_scale
 
 __all__ = ["MARTHE", "RTHO"]
 
+# Per-parameter state of each inner optimizer, besides Z_w ("z_param") and d ("direction").
+_BUFFERS = {
+    "sgd": ("momentum_buffer", "z_buffer"),
+    "adam": ("exp_avg", "exp_avg_sq", "z_exp_avg", "z_exp_avg_sq"),
+}
+_GROUP_TENSORS = (
+    "learned_lr", "effective_lr", "hypergrad", "prev_hypergrad", "learned_mu", "mu_c",
+    "adapted_hyper_lr",
+)  # fmt: skip
+
 
 class MARTHE(Optimizer):
-    """SGD whose LR follows the tangent hypergradient (Donini et al., MARTHE).
+    """SGD, Adam or AdamW whose LR follows the tangent hypergradient (Donini et al., MARTHE).
 
     Args:
         params: parameters or param groups.
-        lr: initial learned LR eta_0 (>= 0).
+        lr: initial learned LR eta_0 (>= 0; the paper suggests 0 without prior knowledge).
         hyper_lr: beta_0, the hyper-LR (>= 0).
-        inner: the inner optimizer; ``"sgd"`` (torch.optim.SGD's dynamics).
-        momentum, dampening, nesterov, weight_decay: as torch.optim.SGD.
+        inner: the inner optimizer: ``"sgd"`` (torch.optim.SGD), ``"adam"`` (torch.optim.Adam,
+            L2 decay in the gradient) or ``"adamw"`` (torch.optim.AdamW, decoupled decay).
+        momentum, dampening, nesterov: as torch.optim.SGD (``inner="sgd"`` only).
+        betas, eps: as torch.optim.Adam (``inner="adam"``/``"adamw"`` only).
+        weight_decay: lambda, L2 for SGD and Adam, decoupled for AdamW.
         mu: ``"adaptive"`` (MARTHE's rule) or a fixed number in [0, 1] (1: RTHO, 0: HD).
         hyper_hyper_lr: beta', the step of HD on beta (0 keeps beta fixed).
         hvp: ``"autograd"`` (double backward) or ``"finite_difference"`` (two extra gradient
-            evaluations at w +- eps Z, for models without double-backward support).
-        fd_eps: the relative step of the finite difference.
+            evaluations at w +- e Z, for models without double-backward support).
+        fd_eps: the step of the finite difference, relative to |Z|.
+        fused: the compiled one-pass tangent step (None: where it is the default, see
+            hyperlr_ext/_dispatch.py; True: required; False: the pure-PyTorch reference).
 
     ``step(closure, val_closure=None)``: ``closure()`` returns the training loss on the current
     batch and must not call ``backward()``; ``val_closure()`` optionally returns a validation loss
-    (the objective E). Each group exposes device tensors ``learned_lr``, ``effective_lr``,
-    ``hypergrad`` (Delta = dE/d eta), ``learned_mu`` (mu) and ``adapted_hyper_lr`` (beta).
+    (the objective E, RT-HPO). Without it E is the training objective (with its L2 term; AdamW's
+    decoupled decay is not part of it). Each group exposes device tensors ``learned_lr``,
+    ``effective_lr``, ``hypergrad`` (Delta = dE/d eta), ``learned_mu`` (mu) and
+    ``adapted_hyper_lr`` (beta).
     """
 
     def __init__(
@@ -52,11 +81,14 @@ class MARTHE(Optimizer):
         momentum: float = 0.0,
         dampening: float = 0.0,
         nesterov: bool = False,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
         weight_decay: float = 0.0,
         mu: str | float = "adaptive",
         hyper_hyper_lr: float = 0.0,
         hvp: str = "autograd",
         fd_eps: float = 1e-4,
+        fused: bool | None = None,
     ) -> None:
         check_number("lr", lr, label="learning rate")
         check_number("hyper_lr", hyper_lr)
@@ -64,15 +96,17 @@ class MARTHE(Optimizer):
         check_number("momentum", momentum)
         check_number("dampening", dampening, high=1.0, high_inclusive=True)
         check_number("weight_decay", weight_decay)
+        check_number("eps", eps)
         check_number("fd_eps", fd_eps, low=0.0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2) in [0, 1), got {betas!r}")
+        for index, beta in enumerate(betas):
+            check_number(f"betas[{index}]", beta, high=1.0, label="beta parameter at index "
+                         f"{index}")  # fmt: skip
         check_bool("nesterov", nesterov)
+        check_optional_bool("fused", fused)
         check_choice("hvp", hvp, ("autograd", "finite_difference"))
-        check_choice("inner", inner, ("sgd", "adam"))
-        if inner != "sgd":
-            raise ValueError(
-                "inner='adam' is not available yet in this version of MARTHE/RTHO; inner must "
-                "be 'sgd' (use AdamHD for the Adam dynamics with the HD rule)"
-            )
+        check_choice("inner", inner, ("sgd", "adam", "adamw"))
         if mu != "adaptive":
             check_number("mu", mu, high=1.0, high_inclusive=True)
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -80,37 +114,57 @@ class MARTHE(Optimizer):
                 "Nesterov momentum requires a momentum and zero dampening "
                 f"(got momentum={momentum}, dampening={dampening})"
             )
+        if inner != "sgd" and (momentum != 0 or dampening != 0 or nesterov):
+            raise ValueError(
+                f"momentum, dampening and nesterov are SGD settings; inner={inner!r} takes betas"
+            )
+        check_fused_request(self._algorithm_of(inner), None, fused)
         defaults = dict(
-            lr=lr, hyper_lr=hyper_lr, momentum=momentum, dampening=dampening,
-            nesterov=nesterov, weight_decay=weight_decay, mu=mu, hyper_hyper_lr=hyper_hyper_lr,
-            hvp=hvp, fd_eps=fd_eps, inner=inner,
+            lr=lr, hyper_lr=hyper_lr, inner=inner, momentum=momentum, dampening=dampening,
+            nesterov=nesterov, betas=tuple(float(b) for b in betas), eps=eps,
+            weight_decay=weight_decay, mu=mu, hyper_hyper_lr=hyper_hyper_lr, hvp=hvp,
+            fd_eps=fd_eps, fused=fused,
         )  # fmt: skip
         super().__init__(params, defaults)
 
+    @staticmethod
+    def _algorithm_of(inner: str) -> str:
+        return "marthe_sgd" if inner == "sgd" else "marthe_adam"
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._init_group(self.param_groups[-1])
+        group = self.param_groups[-1]
+        if group["fused"]:
+            check_fused_params(self._algorithm_of(group["inner"]), group["params"])
+        self._init_group(group)
 
     @staticmethod
     def _init_group(group: dict[str, Any]) -> None:
+        """Create the group's hyper-state where missing, on the params' device (no value read)."""
         params = group["params"]
         device = params[0].device if params else torch.device("cpu")
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         group.setdefault("initial_lr", group["lr"])
-
-        def full(value: float) -> Tensor:
-            return torch.full((), float(value), dtype=dtype, device=device)
-
-        group.setdefault("learned_lr", full(group["lr"]))
-        group.setdefault("effective_lr", full(group["lr"]))
-        group.setdefault("hypergrad", full(0.0))
-        group.setdefault("prev_hypergrad", full(0.0))
-        group.setdefault("learned_mu", full(0.0 if group["mu"] == "adaptive" else group["mu"]))
-        group.setdefault("mu_c", full(0.0))
-        group.setdefault("adapted_hyper_lr", full(group["hyper_lr"]))
+        initial = {
+            "learned_lr": group["lr"], "effective_lr": group["lr"], "hypergrad": 0.0,
+            "prev_hypergrad": 0.0, "mu_c": 0.0, "adapted_hyper_lr": group["hyper_lr"],
+            "learned_mu": 0.0 if group["mu"] == "adaptive" else group["mu"],
+        }  # fmt: skip
+        for key in _GROUP_TENSORS:
+            value = group.get(key)
+            if value is None:
+                group[key] = torch.full((), float(initial[key]), dtype=dtype, device=device)
+            elif value.device != device:
+                group[key] = value.to(device)
         group.setdefault("hd_prev_scale", 1.0)
 
-    # ------------------------------------------------------------------ step
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's load; the group hyper-state then goes back to the params' devices."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._init_group(group)
+
+    # ------------------------------------------------------------------ gradients and HVPs
     def _training_grads(self, closure: Callable[[], Tensor], params: list[Tensor], graph: bool):
         before = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
         with torch.enable_grad():
@@ -178,6 +232,7 @@ class MARTHE(Optimizer):
             out.append(g)
         return [(a - b) / (2 * eps) for a, b in zip(*out)]
 
+    # ------------------------------------------------------------------ the step
     def step(  # type: ignore[override]
         self, closure: Callable[[], Tensor], val_closure: Callable[[], Tensor] | None = None
     ) -> Tensor:
@@ -209,62 +264,179 @@ class MARTHE(Optimizer):
         started = any("z_param" in self.state.get(p, {}) for p in params)
         return started and group["mu"] != 0
 
+    def _init_state(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Zero tangents and buffers for every tensor (all of a group start together)."""
+        inner = "sgd" if group["inner"] == "sgd" else "adam"
+        _, dtype = group["learned_lr"].device, group["learned_lr"].dtype
+        for p in params:
+            state = self.state[p]
+            state.clear()
+            for key in ("z_param", "direction"):
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if inner == "adam" or group["momentum"] != 0:
+                for key in _BUFFERS[inner]:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if inner == "adam":
+                state["step"] = torch.zeros((), dtype=dtype, device=p.device)
+
+    def _objective(self, group, params, grads, val_grads) -> list[Tensor]:
+        """grad E(w_t): the validation gradient, else the training objective's (L2 included)."""
+        if val_grads is not None:
+            return val_grads
+        l2 = group["weight_decay"] if group["inner"] != "adamw" else 0.0
+        return [g.add(p, alpha=l2) if l2 != 0 else g for g, p in zip(grads, params)]
+
+    def _hyper_update(self, group, states, objective, implementation) -> None:
+        """Steps 1, 5 and 6 of DESIGN.md §2: Delta_t, then mu, beta and eta, on the device."""
+        lr, mu = group["learned_lr"], group["learned_mu"]
+        dtype = lr.dtype
+
+        def dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+            if implementation == "fused":
+                return fused_list_dot(a, b, dtype)
+            return tensor_list_dot(a, b, dtype)
+
+        delta = dot([s["z_param"] for s in states], objective)
+        if group["mu"] == "adaptive":
+            # g' = <B_{t-1}, grad E(w_t)> with B_{t-1} = -s_{t-1} d_{t-1}.
+            g_prime = -group["hd_prev_scale"] * dot([s["direction"] for s in states], objective)
+            marthe_mu_(mu, group["mu_c"], delta, g_prime)
+        beta = group["adapted_hyper_lr"]
+        if group["hyper_hyper_lr"] != 0:
+            beta.copy_(
+                (beta + group["hyper_hyper_lr"] * delta * group["prev_hypergrad"]).clamp_min(0)
+            )
+        lr.copy_((lr - beta * delta).clamp_min(0))
+        group["hypergrad"].copy_(delta)
+        group["prev_hypergrad"].copy_(delta)
+
     def _step_group(self, group, params, grads, val_grads, closure) -> None:
         states = [self.state[p] for p in params]
         started = all("z_param" in s for s in states)
-        lr_scale = _lr_scale(group)
-        lr, mu = group["learned_lr"], group["learned_mu"]
-        wd = group["weight_decay"]
+        algorithm = self._algorithm_of(group["inner"])
+        implementation = choose_implementation(
+            params, foreach=None, fused=group["fused"], algorithm=algorithm
+        )
         with torch.no_grad():
             detached = [g.detach() for g in grads]
-            objective = val_grads or [
-                g.add(p, alpha=wd) if wd != 0 else g for g, p in zip(detached, params)
-            ]
             if started:
-                dtype = lr.dtype
-                z_params = [s["z_param"] for s in states]
-                delta = tensor_list_dot(z_params, objective, dtype)
-                if group["mu"] == "adaptive":
-                    # g' = <B_{t-1}, grad E(w_t)> with B_{t-1} = -s_{t-1} d_{t-1}.
-                    directions = [s["direction"] for s in states]
-                    g_prime = -group["hd_prev_scale"] * tensor_list_dot(
-                        directions, objective, dtype
-                    )
-                    marthe_mu_(mu, group["mu_c"], delta, g_prime)
-                beta = group["adapted_hyper_lr"]
-                if group["hyper_hyper_lr"] != 0:
-                    beta.copy_(
-                        (
-                            beta + group["hyper_hyper_lr"] * delta * group["prev_hypergrad"]
-                        ).clamp_min(0)
-                    )
-                lr.copy_((lr - beta * delta).clamp_min(0))
-                group["hypergrad"].copy_(delta)
-                group["prev_hypergrad"].copy_(delta)
-        hvps = None
-        if started and group["mu"] != 0:
-            z = [s["z_param"] * mu for s in states]
-            if group["hvp"] == "autograd":
-                hvps = self._hvp_autograd(grads, params, z)
+                objective = self._objective(group, params, detached, val_grads)
+                self._hyper_update(group, states, objective, implementation)
             else:
-                hvps = self._hvp_finite_difference(closure, params, z, group["fd_eps"])
+                self._init_state(group, params)
+        z_params = [s["z_param"] for s in states]
+        # H Z_w of the undamped tangent (the step multiplies by mu); none is needed while Z_w is
+        # 0 (the first step) or mu is fixed at 0: an empty list counts as 0.
+        hvps: list[Tensor] = []
+        if started and group["mu"] != 0:
+            if group["hvp"] == "autograd":
+                hvps = self._hvp_autograd(grads, params, z_params)
+            else:
+                hvps = self._hvp_finite_difference(closure, params, z_params, group["fd_eps"])
+        lr_scale = _lr_scale(group)
         with torch.no_grad():
-            buffers = [s.get("momentum_buffer") for s in states]
-            z_buffers = [s.get("z_buffer") for s in states]
-            z_params = [s.get("z_param", torch.zeros_like(p)) for s, p in zip(states, params)]
-            directions = [s.get("direction", torch.zeros_like(p)) for s, p in zip(states, params)]
-            sgd_tangent_step_(
-                params, detached, hvps, buffers, z_params, z_buffers, directions,
-                lr=lr, lr_scale=lr_scale, mu=mu if started else 0.0,
-                momentum=group["momentum"], dampening=group["dampening"],
-                nesterov=group["nesterov"], weight_decay=wd,
-            )  # fmt: skip
-            for s, b, zb, zp, d in zip(states, buffers, z_buffers, z_params, directions):
-                s["z_param"], s["direction"] = zp, d
-                if b is not None:
-                    s["momentum_buffer"], s["z_buffer"] = b, zb
-            group["effective_lr"].copy_(lr * lr_scale)
+            self._inner_step(group, params, detached, hvps, states, lr_scale, started,
+                             implementation)  # fmt: skip
+            group["effective_lr"].copy_(group["learned_lr"] * lr_scale)
             group["hd_prev_scale"] = lr_scale
+
+    def _inner_step(self, group, params, grads, hvps, states, lr_scale, started, implementation):
+        """The inner step and the tangent update of every state buffer (one fused pass, or the
+        reference with the same signature)."""
+        lr, mu = group["learned_lr"], group["learned_mu"]
+        z_params = [s["z_param"] for s in states]
+        directions = [s["direction"] for s in states]
+        fused = implementation == "fused"
+        if group["inner"] == "sgd":
+            has_buffer = group["momentum"] != 0
+            buffers = [s["momentum_buffer"] for s in states] if has_buffer else []
+            z_buffers = [s["z_buffer"] for s in states] if has_buffer else []
+            step = fused_sgd_tangent_step_ if fused else sgd_tangent_step_
+            step(
+                params, grads, hvps, buffers, z_params, z_buffers, directions,
+                lr=lr, mu=mu, lr_scale=lr_scale, momentum=group["momentum"],
+                dampening=group["dampening"], nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"], first_step=not started,
+            )  # fmt: skip
+            return
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        beta1, beta2 = group["betas"]
+        step = fused_adam_tangent_step_ if fused else adam_tangent_step_
+        step(
+            params, grads, hvps,
+            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], z_params,
+            [s["z_exp_avg"] for s in states], [s["z_exp_avg_sq"] for s in states], directions,
+            lr=lr, mu=mu, step=steps[0], lr_scale=lr_scale, beta1=beta1, beta2=beta2,
+            eps=group["eps"], weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["inner"] == "adamw",
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ selecting beta
+    @classmethod
+    def find_hyper_lr(
+        cls,
+        params: Iterable[Tensor],
+        closure: Callable[[], Tensor],
+        *,
+        steps: int = 100,
+        start: float = 1.0,
+        factor: float = 10.0,
+        smallest: float = 1e-12,
+        argument: str = "hyper_lr",
+        divergence_ratio: float = 2.0,
+        val_closure: Callable[[], Tensor] | None = None,
+        **kwargs: Any,
+    ) -> float:
+        """The paper's selection of the hyper-LR (end of its section 4): start high and divide by
+        ``factor`` until a short run of ``steps`` steps does not diverge; return that value.
+
+        ``params`` are restored after every trial (the call leaves them as it found them);
+        ``closure``/``val_closure`` are those of :meth:`step` (let the closure draw a new batch at
+        each call). ``argument`` is the value searched: ``"hyper_lr"`` (beta, fixed or initial)
+        or ``"hyper_hyper_lr"`` (beta', for MARTHE with adaptive beta and ``hyper_lr=0``).
+        ``kwargs`` go to the constructor. A run diverges when a loss is not finite, or when the
+        mean loss of its last tenth exceeds ``divergence_ratio`` times the first loss. Outside
+        ``step()``, so it reads losses on the host. Raises RuntimeError when every value down to
+        ``smallest`` diverges.
+        """
+        params = list(params)
+        check_choice("argument", argument, ("hyper_lr", "hyper_hyper_lr"))
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        check_number("start", start, low=0.0)
+        check_number("smallest", smallest, low=0.0)
+        check_number("factor", factor, low=1.0)
+        check_number("divergence_ratio", divergence_ratio, low=1.0)
+        if factor == 1.0 or not (0 < smallest <= start):
+            raise ValueError("find_hyper_lr needs factor > 1 and 0 < smallest <= start")
+        saved = [p.detach().clone() for p in params]
+        value = start
+        try:
+            while value >= smallest:
+                opt = cls(params, **{argument: value}, **kwargs)
+                losses = []
+                for _ in range(steps):
+                    losses.append(opt.step(closure, val_closure=val_closure))
+                    if not torch.isfinite(losses[-1]):
+                        break
+                with torch.no_grad():
+                    for p, s in zip(params, saved):
+                        p.copy_(s)
+                history = torch.stack(losses).double()
+                tail = history[-max(1, steps // 10) :]
+                finite = len(losses) == steps and bool(torch.isfinite(history).all())
+                if finite and float(tail.mean()) <= divergence_ratio * float(history[0]):
+                    return value
+                value /= factor
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+        raise RuntimeError(
+            f"find_hyper_lr: every {argument} from {start} down to {smallest} diverged within "
+            f"{steps} steps; lower start or smallest, or check the closure"
+        )
 
 
 class RTHO(MARTHE):
@@ -276,3 +448,4 @@ class RTHO(MARTHE):
             if name in kwargs:
                 raise ValueError(f"RTHO fixes {name}; use MARTHE to set it")
         super().__init__(params, lr, hyper_lr, mu=1.0, hyper_hyper_lr=0.0, **kwargs)
+
