@@ -371,3 +371,63 @@ def test_state_dict_resume_is_bit_identical():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
     for key in ("learned_lr", "learned_mu", "adapted_hyper_lr", "hypergrad"):
         assert torch.equal(opt.param_groups[0][key], opt2.param_groups[0][key])
+
+
+@pytest.mark.parametrize("name", ["momentum", "adam"])
+def test_state_dict_resume_is_bit_identical_for_every_inner(name):
+    cfg = CONFIGS[name]
+    batches = _batches(8)
+    model = _model()
+    kwargs = dict(lr=_lr(name), hyper_lr=1e-4, hyper_hyper_lr=1e-5, **cfg)
+    opt = hx.MARTHE(model.parameters(), **kwargs)
+    _run(opt, model, batches[:4])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved = copy.deepcopy(opt.state_dict())
+    _run(opt, model, batches[4:])
+    resumed = _model()
+    resumed.load_state_dict(saved_model)
+    opt2 = hx.MARTHE(resumed.parameters(), **kwargs)
+    opt2.load_state_dict(saved)
+    _run(opt2, resumed, batches[4:])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+    for key in ("learned_lr", "learned_mu", "adapted_hyper_lr", "hypergrad"):
+        assert torch.equal(opt.param_groups[0][key], opt2.param_groups[0][key])
+
+
+@pytest.mark.parametrize("fused", [False, None])
+@pytest.mark.parametrize("inner", ["adam", "adamw"])
+def test_adam_step_never_syncs(inner, fused):
+    model = _model()
+    opt = hx.MARTHE(model.parameters(), lr=0.01, hyper_lr=1e-4, hyper_hyper_lr=1e-3,
+                    inner=inner, weight_decay=0.01, fused=fused)  # fmt: skip
+    with _NoSync():
+        _run(opt, model, _batches(4))
+
+
+def test_find_hyper_lr_divides_until_a_short_run_does_not_diverge():
+    """On L(w) = 1/2 a w^2 a large hyper-LR drives eta past 2/a and the run diverges. The search
+    returns the largest start / 10^k whose run stays finite and does not end above twice the
+    first loss (checked here by running each candidate), and leaves the weights unchanged."""
+    a = 4.0
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+
+    def closure():
+        return 0.5 * a * (w * w).sum()
+
+    found = hx.RTHO.find_hyper_lr([w], closure, steps=60, start=10.0, lr=0.01)
+    assert torch.equal(w.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64))
+
+    def diverges(beta):
+        v = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+        opt = hx.RTHO([v], lr=0.01, hyper_lr=beta)
+        losses = [float(opt.step(lambda: 0.5 * a * (v * v).sum())) for _ in range(60)]
+        finite = all(torch.isfinite(torch.tensor(losses)))
+        return not finite or sum(losses[-6:]) / 6 > 2 * losses[0]
+
+    exponent = round(torch.log10(torch.tensor(10.0 / found)).item())
+    assert found == pytest.approx(10.0 / 10**exponent)
+    assert exponent >= 1 and diverges(found * 10) and not diverges(found)
+    with pytest.raises(RuntimeError, match="diverged"):
+        hx.RTHO.find_hyper_lr([w], lambda: closure() * float("nan"), steps=3, smallest=1e-3)
+    with pytest.raises(ValueError, match="argument"):
+        hx.MARTHE.find_hyper_lr([w], closure, argument="lr")
