@@ -137,8 +137,14 @@ def test_fused_matches_reference(inner, name, first_step, hvp, dtype):
                 torch.testing.assert_close(got, want, rtol=torch.finfo(dtype).eps, atol=1e-6)
             else:
                 torch.testing.assert_close(got, want, **_tolerance(dtype, want))
-    moved = [not torch.equal(a, b) for a, b in zip(state["params"], _state(
-        inner, setting, dtype, hvp=hvp, first_step=first_step)[0]["params"]) if a.numel()]
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(
+            state["params"],
+            _state(inner, setting, dtype, hvp=hvp, first_step=first_step)[0]["params"],
+        )
+        if a.numel()
+    ]
     assert all(moved)  # every non-empty parameter took a step
 
 

@@ -176,9 +176,7 @@ def adam_tangent_step_(
         exp_avg = torch.lerp(_upcast(exp_avgs[i], acc), g, 1 - beta1)
         exp_avg_sq = _upcast(exp_avg_sqs[i], acc) * beta2 + ((1 - beta2) * g) * g
         z_exp_avg = (_upcast(z_exp_avgs[i], acc) * mu) * beta1 + (1 - beta1) * h_z
-        z_exp_avg_sq = (_upcast(z_exp_avg_sqs[i], acc) * mu) * beta2 + (
-            (2 * (1 - beta2)) * g
-        ) * h_z
+        z_exp_avg_sq = (_upcast(z_exp_avg_sqs[i], acc) * mu) * beta2 + ((2 * (1 - beta2)) * g) * h_z
         root = exp_avg_sq.sqrt()
         denom = root / bias2_sqrt + eps
         ratio = (exp_avg / denom) / bias1

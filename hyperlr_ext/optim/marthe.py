@@ -448,4 +448,3 @@ class RTHO(MARTHE):
             if name in kwargs:
                 raise ValueError(f"RTHO fixes {name}; use MARTHE to set it")
         super().__init__(params, lr, hyper_lr, mu=1.0, hyper_hyper_lr=0.0, **kwargs)
-
