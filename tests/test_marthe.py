@@ -431,3 +431,21 @@ def test_find_hyper_lr_divides_until_a_short_run_does_not_diverge():
         hx.RTHO.find_hyper_lr([w], lambda: closure() * float("nan"), steps=3, smallest=1e-3)
     with pytest.raises(ValueError, match="argument"):
         hx.MARTHE.find_hyper_lr([w], closure, argument="lr")
+
+
+@pytest.mark.parametrize("name", ["momentum", "adamw"])
+def test_scheduler_scales_the_learned_lr(name):
+    """A torch scheduler's factor s multiplies the learned LR (as for the HD optimizers): the run
+    follows the inner optimizer with LR s * eta, and the tangent carries s (B = -s d), so
+    Delta = dE/d eta = s * dE/d(s eta) (autograd through the trajectory with LR s * eta)."""
+    cfg, lr, s = CONFIGS[name], _lr(name), 0.5
+    model = _model()
+    batches = _batches(11)
+    expected = s * _unrolled_hypergrad(model, batches, s * lr, cfg)
+    opt = hx.RTHO(model.parameters(), lr=lr, hyper_lr=0.0, **cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: s)
+    _run(opt, model, batches)
+    group = opt.param_groups[0]
+    assert sched.get_last_lr() == [s * lr]
+    torch.testing.assert_close(group["hypergrad"], expected, rtol=1e-8, atol=0.0)
+    torch.testing.assert_close(group["effective_lr"], torch.tensor(s * lr, dtype=torch.float64))
