@@ -50,7 +50,7 @@ void check_tangent_args(const TangentArgs& a) {
   check_fused_dtype(op, "tangent", params[0].scalar_type());
   const bool has_buffers = adam || a.momentum != 0.0;
   for (int list = 0; list < kNumTangentLists; ++list) {
-    const bool optional = list == kHvps || (!adam && (list == kState1 || list == kZState1)) ||
+    const bool optional = list == kHvps || list == kDirections || (!adam && (list == kState1 || list == kZState1)) ||
                           (!has_buffers && (list == kState0 || list == kZState0));
     check_list(op, list_name(a.inner, list), a.lists[list], params, optional);
   }

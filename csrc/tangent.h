@@ -10,8 +10,9 @@
 //                      z_exp_avg_sqs, directions, lr, mu, step, lr_scale, beta1, beta2, eps,
 //                      weight_decay, decoupled_weight_decay)
 //
-// hvps is empty when no Hessian product was computed (it then counts as 0); momentum_buffers and
-// z_buffers are empty exactly when momentum == 0. lr (the learned eta), mu and step (Adam's step
+// hvps is empty when no Hessian product was computed (it then counts as 0); directions is empty
+// when d_t is not kept (only MARTHE's adaptive mu reads it); momentum_buffers and z_buffers are
+// empty exactly when momentum == 0. lr (the learned eta), mu and step (Adam's step
 // count t, already incremented) are 0-dim tensors on the params' device in float32 (float64 for
 // float64 params), read by the kernel: nothing is synchronised.
 #pragma once

@@ -449,3 +449,14 @@ def test_scheduler_scales_the_learned_lr(name):
     assert sched.get_last_lr() == [s * lr]
     torch.testing.assert_close(group["hypergrad"], expected, rtol=1e-8, atol=0.0)
     torch.testing.assert_close(group["effective_lr"], torch.tensor(s * lr, dtype=torch.float64))
+
+
+def test_params_the_loss_does_not_reach_keep_still():
+    """A parameter outside the loss (a frozen branch, an unused head) has a zero gradient and a
+    zero Hessian row: it does not move and does not break the Hessian product."""
+    model = _model()
+    unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = hx.RTHO([*model.parameters(), unused], lr=0.05, hyper_lr=1e-3, momentum=0.9)
+    _run(opt, model, _batches(3))
+    assert torch.equal(unused.detach(), torch.ones(3, dtype=torch.float64))
+    assert torch.isfinite(opt.param_groups[0]["learned_lr"])

@@ -120,11 +120,16 @@ CASE_IDS = [f"{inner}-{k}{'-first' if first else ''}" for inner, k, first in CAS
 
 
 @pytest.mark.parametrize("inner, name, first_step", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("hvp", [True, False], ids=["hvp", "no_hvp"])
+@pytest.mark.parametrize(
+    "hvp, keep_direction", [(True, True), (False, True), (True, False)],
+    ids=["hvp", "no_hvp", "no_direction"],
+)  # fmt: skip
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_fused_matches_reference(inner, name, first_step, hvp, dtype):
+def test_fused_matches_reference(inner, name, first_step, hvp, keep_direction, dtype):
     setting = (SGD if inner == "sgd" else ADAM)[name]
     state, scalars = _state(inner, setting, dtype, hvp=hvp, first_step=first_step)
+    if not keep_direction:
+        state["directions"] = []
     expected = copy.deepcopy(state)
     _call(inner, False, expected, scalars)
     _call(inner, True, state, scalars)

@@ -25,6 +25,7 @@ struct TangentParams {
   const acc_t* step;  // Adam only
   bool has_hvp;
   bool has_state;
+  bool has_direction;
   bool first_step;
 };
 
@@ -70,7 +71,9 @@ struct TangentFunctor {
         z_state0[i] = static_cast<scalar_t>(out.z_state0);
       }
       z_param[i] = static_cast<scalar_t>(out.z_param);
-      direction[i] = static_cast<scalar_t>(out.direction);
+      if (p.has_direction) {
+        direction[i] = static_cast<scalar_t>(out.direction);
+      }
       param[i] = static_cast<scalar_t>(out.param);
     }
   }
@@ -90,6 +93,7 @@ void run_cuda(const TangentArgs& a) {
   p.step = a.inner == TangentInner::kAdam ? a.step.const_data_ptr<acc_t>() : nullptr;
   p.has_hvp = !t[kHvps].empty();
   p.has_state = !t[kState0].empty();
+  p.has_direction = !t[kDirections].empty();
   p.first_step = a.first_step;
   std::array<at::TensorList, kNumTangentLists> lists;
   for (int list = 0; list < kNumTangentLists; ++list) {

@@ -202,11 +202,16 @@ class MARTHE(Optimizer):
                 "without double backward (once_differentiable); pass "
                 'hvp="finite_difference"'
             )
+        # Gradients of params the loss does not reach are constant zeros: their rows of H are 0.
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        if not live:
+            return [torch.zeros_like(p) for p in params]
         try:
             with torch.enable_grad():
                 out = torch.autograd.grad(
-                    grads, params, grad_outputs=z, retain_graph=True, allow_unused=True
-                )
+                    [grads[i] for i in live], params, grad_outputs=[z[i] for i in live],
+                    retain_graph=True, allow_unused=True,
+                )  # fmt: skip
         except RuntimeError as error:
             raise RuntimeError(
                 "MARTHE/RTHO could not differentiate the gradient a second time (the Hessian-"
@@ -271,13 +276,24 @@ class MARTHE(Optimizer):
         for p in params:
             state = self.state[p]
             state.clear()
-            for key in ("z_param", "direction"):
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["z_param"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self._direction_key(group) == "direction":
+                state["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if inner == "adam" or group["momentum"] != 0:
                 for key in _BUFFERS[inner]:
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if inner == "adam":
                 state["step"] = torch.zeros((), dtype=dtype, device=p.device)
+
+    @staticmethod
+    def _direction_key(group: dict[str, Any]) -> str | None:
+        """Where d_{t-1} is kept for MARTHE's adaptive mu: with plain SGD momentum the buffer is
+        the direction (no copy); otherwise a "direction" state tensor; None without adaptive mu."""
+        if group["mu"] != "adaptive":
+            return None
+        if group["inner"] == "sgd" and group["momentum"] != 0 and not group["nesterov"]:
+            return "momentum_buffer"
+        return "direction"
 
     def _objective(self, group, params, grads, val_grads) -> list[Tensor]:
         """grad E(w_t): the validation gradient, else the training objective's (L2 included)."""
@@ -299,7 +315,12 @@ class MARTHE(Optimizer):
         delta = dot([s["z_param"] for s in states], objective)
         if group["mu"] == "adaptive":
             # g' = <B_{t-1}, grad E(w_t)> with B_{t-1} = -s_{t-1} d_{t-1}.
-            g_prime = -group["hd_prev_scale"] * dot([s["direction"] for s in states], objective)
+            key = self._direction_key(group)
+            if all(key in s for s in states):
+                directions = [s[key] for s in states]
+                g_prime = -group["hd_prev_scale"] * dot(directions, objective)
+            else:  # mu switched to "adaptive" mid-run: no d_{t-1} yet, g' = 0 (then mu = 0)
+                g_prime = torch.zeros_like(delta)
             marthe_mu_(mu, group["mu_c"], delta, g_prime)
         beta = group["adapted_hyper_lr"]
         if group["hyper_hyper_lr"] != 0:
@@ -345,7 +366,14 @@ class MARTHE(Optimizer):
         reference with the same signature)."""
         lr, mu = group["learned_lr"], group["learned_mu"]
         z_params = [s["z_param"] for s in states]
-        directions = [s["direction"] for s in states]
+        # d_t only for MARTHE's adaptive mu (g' = -s <d_{t-1}, grad E>) where no buffer holds it;
+        # a group switched to adaptive mu mid-run starts from d = 0.
+        directions = []
+        if self._direction_key(group) == "direction":
+            for s, p in zip(states, params):
+                if "direction" not in s:
+                    s["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                directions.append(s["direction"])
         fused = implementation == "fused"
         if group["inner"] == "sgd":
             has_buffer = group["momentum"] != 0
