@@ -209,6 +209,12 @@ TORCH_LIBRARY(hyperlr_ext, m) {
       "Tensor lr, Tensor mu, Tensor step, float lr_scale, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled_weight_decay) -> ()",
       {at::Tag::pt2_compliant_tag});
+  // The fused TLR window end (csrc/tlr.h; hyperlr_ext/functional/tlr.py): u, the two sums and
+  // the new snapshot in one pass; returns [<u_prev, u>, |u_prev|^2].
+  m.def(
+      "tlr_window_(Tensor[] params, Tensor(a!)[] snapshots, Tensor(b!)[] prev_updates, "
+      "Tensor lr, bool has_previous) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(hyperlr_ext, CompositeExplicitAutograd, m) {

@@ -22,7 +22,9 @@ __all__ = [
 
 # Algorithms that have a fused kernel in this build (csrc/<algorithm>_cpu.cpp for the CPU,
 # csrc/cuda/<algorithm>.cu for CUDA); the others run the pure-PyTorch paths on every device.
-FUSED_ALGORITHMS: frozenset[str] = frozenset({"sgd_hd", "adam_hd", "marthe_sgd", "marthe_adam"})
+FUSED_ALGORITHMS: frozenset[str] = frozenset(
+    {"sgd_hd", "adam_hd", "marthe_sgd", "marthe_adam", "tlr"}
+)
 FUSED_DEVICES = ("cpu", "cuda")
 # Where the fused kernels are the default (fused=None and foreach=None): the devices on which
 # benchmarks/overhead.py measured them faster than foreach and the for-loop, and whose kernels the
@@ -32,6 +34,7 @@ DEFAULT_FUSED: dict[str, frozenset[str]] = {
     "adam_hd": frozenset({"cpu"}),
     "marthe_sgd": frozenset({"cpu"}),
     "marthe_adam": frozenset({"cpu"}),
+    "tlr": frozenset({"cpu"}),
 }
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 

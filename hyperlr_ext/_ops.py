@@ -276,3 +276,15 @@ def _tangent_adam_step_fake(
 if EXTENSION_AVAILABLE:
     torch.library.register_fake("hyperlr_ext::tangent_sgd_step_")(_tangent_sgd_step_fake)
     torch.library.register_fake("hyperlr_ext::tangent_adam_step_")(_tangent_adam_step_fake)
+
+
+# ---- fused TLR window end (csrc/tlr.h) --------------------------------------------------------
+
+
+def _tlr_window_fake(params, snapshots, prev_updates, lr, has_previous) -> Tensor:
+    torch._check(lr.dim() == 0, lambda: "tlr_window_: lr must be a 0-dim tensor")
+    return lr.new_empty((2,))
+
+
+if EXTENSION_AVAILABLE:
+    torch.library.register_fake("hyperlr_ext::tlr_window_")(_tlr_window_fake)

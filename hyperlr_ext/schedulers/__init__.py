@@ -1,0 +1,5 @@
+"""LR schedulers that learn the LR of any torch.optim optimizer (and of ours)."""
+
+from hyperlr_ext.schedulers.tlr import TLR
+
+__all__ = ["TLR"]
