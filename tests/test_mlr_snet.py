@@ -207,3 +207,30 @@ def test_pretrained_nets_load_offline_and_drive_training(name):
         sched.step(loss)
         assert 0 < opt.param_groups[0]["lr"] < sched.gamma
     assert mean_loss() < 0.5 * first
+
+
+def test_multi_phase_switches_nets_at_the_boundaries():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    nets = [MLRSNetModule(6) for _ in range(3)]
+    sched = hx.MLRSNet.multi_phase(opt, nets, boundaries=[2, 4], gamma=0.5)
+    val = _batches(1, seed=7)[0]
+    expected = 0.5 * torch.sigmoid(nets[0].head.bias.detach()).item()
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-6)
+    seen = []
+    for step, batch in enumerate(_batches(6), start=1):
+        opt.zero_grad()
+        loss = _loss(model, batch)
+        loss.backward()
+        opt.step()
+        sched.step(loss, val_closure=lambda: _loss(model, val))  # frozen: no meta-training
+        phase = 0 if step < 2 else (1 if step < 4 else 2)
+        seen.append(phase)
+        for a, b in zip(sched.net.parameters(), nets[phase].parameters()):
+            assert torch.equal(a.detach(), b.detach())
+    assert seen == [0, 1, 1, 2, 2, 2]
+    with pytest.raises(ValueError, match="boundaries"):
+        hx.MLRSNet.multi_phase(opt, nets, boundaries=[3])
+    named = hx.MLRSNet.multi_phase(opt, ["mnist-mlp", "digits-mlp"], boundaries=[10])
+    assert not named.train and len(named.phases) == 1

@@ -146,6 +146,7 @@ class MLRSNet(LRScheduler):
         self.last_input: Tensor | None = None  # the net's input and state that produced it
         self.last_state: list[Tensor] | None = None
         self.last_hypergrad = torch.zeros((), device=device)
+        self.phases: list[list[Any]] = []  # [first step, net state_dict] of later phases
         super().__init__(optimizer, last_epoch)
 
     # ------------------------------------------------------------------ construction helpers
@@ -168,6 +169,34 @@ class MLRSNet(LRScheduler):
         kwargs.setdefault("input_scale", float(saved.get("input_scale", 1.0)))
         kwargs.setdefault("train", False)
         return cls(optimizer, net=net, **kwargs)
+
+    @classmethod
+    def multi_phase(
+        cls,
+        optimizer: Optimizer,
+        nets: list[MLRSNetModule | str],
+        boundaries: list[int],
+        **kwargs: Any,
+    ) -> MLRSNet:
+        """The paper's multi-phase transfer: frozen nets (modules or pretrained names), net i
+        driving the steps from ``boundaries[i - 1]`` (0 for the first) to ``boundaries[i]``.
+        The LSTM state carries over from one net to the next."""
+        if len(boundaries) != len(nets) - 1 or any(
+            b <= a for a, b in zip([0, *boundaries], boundaries)
+        ):
+            raise ValueError(
+                "multi_phase needs len(nets) - 1 increasing positive boundaries, got "
+                f"{len(nets)} nets and boundaries {boundaries}"
+            )
+        modules = []
+        for net in nets:
+            if isinstance(net, str):
+                net = cls.from_pretrained(optimizer, net, **kwargs).net
+            modules.append(net)
+        kwargs = {k: v for k, v in kwargs.items() if k != "train"}
+        sched = cls(optimizer, net=modules[0], train=False, **kwargs)
+        sched.phases = [[int(b), _copy_net(m).state_dict()] for b, m in zip(boundaries, modules[1:])]
+        return sched
 
     @staticmethod
     def pretrained_names() -> list[str]:
@@ -249,6 +278,8 @@ class MLRSNet(LRScheduler):
             self.val_steps += 1
             if self.val_steps % self.meta_every == 0 and self.snapshot is not None:
                 self._meta_step(val_closure)
+        while self.phases and self.steps >= self.phases[0][0]:
+            self.net.load_state_dict(self.phases.pop(0)[1])  # the next phase's net
         state = self.lstm_state
         with torch.no_grad():
             p, self.lstm_state = self.net(x, state)
