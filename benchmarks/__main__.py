@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import marthe_overhead, overhead, quality, toys
+from benchmarks import marthe_overhead, overhead, quality, schedulers, toys
 from benchmarks.overhead_report import write_overhead
 from benchmarks.quality_report import write_quality_report
 
@@ -30,9 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=("quality", "toys", "overhead", "marthe"),
-        help="run one benchmark (default: all four; marthe: MARTHE/RTHO training-step overhead, "
-        "CPU)",
+        choices=("quality", "toys", "schedulers", "overhead", "marthe"),
+        help="run one benchmark (default: all; schedulers: TLR and MLR-SNet; marthe: "
+        "MARTHE/RTHO training-step overhead, CPU)",
     )
     parser.add_argument(
         "--quick",
@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
         written += [path, *write_quality_report(results, args.out)]
     if args.only in (None, "toys"):
         written += toys.write_toys(toys.run_toys(steps=50 if args.quick else toys.STEPS), args.out)
+    if args.only in (None, "schedulers"):
+        cfg = schedulers.QUICK if args.quick else schedulers.SchedulerConfig()
+        written += schedulers.write_schedulers(schedulers.run_schedulers(cfg), args.out)
     if args.only in (None, "overhead"):
         if args.quick:
             result = overhead.run_overhead(

@@ -195,7 +195,8 @@ class MLRSNet(LRScheduler):
             modules.append(net)
         kwargs = {k: v for k, v in kwargs.items() if k != "train"}
         sched = cls(optimizer, net=modules[0], train=False, **kwargs)
-        sched.phases = [[int(b), _copy_net(m).state_dict()] for b, m in zip(boundaries, modules[1:])]
+        later = zip(boundaries, modules[1:])
+        sched.phases = [[int(b), _copy_net(m).state_dict()] for b, m in later]
         return sched
 
     @staticmethod
