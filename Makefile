@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 # source tree first and import its hyperlr_ext, which has no compiled _C (the fallback path).
 RUN_MODULE = $(PY) -c "import os, runpy, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())] + [os.getcwd()]; runpy.run_module('$(1)', run_name='__main__', alter_sys=True)"
 
-.PHONY: venv install test bench lint clean distclean
+.PHONY: venv install test bench lint wheel wheel-test clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,22 @@ test: install
 
 bench: install
 	$(call RUN_MODULE,benchmarks) $(BENCH_ARGS)
+
+# A compiled wheel in dist/: the CPU kernels and, where nvcc is found, the CUDA kernels (SASS for
+# sm_80 and sm_90 plus PTX, TORCH_CUDA_ARCH_LIST in CMakeLists.txt); it records the torch it was
+# built against and runs only under that torch release (else the pure-PyTorch paths).
+wheel: venv
+	rm -rf dist
+	CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) $(PIP) wheel --no-build-isolation --no-deps -w dist .
+
+# Installs the wheel into a fresh virtual environment (with torch, nothing from the source tree)
+# and runs tests/wheel/smoke.py from outside the source tree.
+WHEEL_VENV ?= /tmp/hyperlr-wheel-venv
+wheel-test: wheel
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install -q "$(TORCH_SPEC)" dist/*.whl
+	cd /tmp && $(WHEEL_VENV)/bin/python $(CURDIR)/tests/wheel/smoke.py $(WHEEL_SMOKE_ARGS)
 
 # ruff comes with the test extra; CI runs this after the tests.
 lint: install

@@ -7,7 +7,9 @@ Importing this module never fails. It tries ``hyperlr_ext._C`` (whose import reg
 - ``EXTENSION_ERROR``: why not (not built, or the ImportError/OSError of a broken build, such as
   one compiled against another torch), else ``None``;
 - ``CUDA_COMPILED``: the extension contains the CUDA kernels (not only the CPU ones);
-- ``BUILT_WITH_TORCH``: the ``torch.__version__`` it was compiled against, else ``None``.
+- ``BUILT_WITH_TORCH``: the ``torch.__version__`` it was compiled against, else ``None``. Under
+  another torch release the module is not used (one RuntimeWarning at import, then the
+  pure-PyTorch paths), unless ``HYPERLR_ALLOW_TORCH_MISMATCH=1``.
 
 Each public op here calls the compiled op when the extension is loaded and otherwise a pure-PyTorch
 fallback with the same semantics, so callers need no branch of their own. Code that must have the
@@ -17,6 +19,7 @@ compiled kernels (a ``fused=True`` path) calls :func:`require_extension` first.
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from collections.abc import Sequence
 from types import ModuleType
@@ -62,19 +65,40 @@ def _load_extension() -> tuple[ModuleType | None, str | None]:
     return _C, None
 
 
+def _release(version: str) -> str:
+    """The public release part of a version string: "2.14.1+cu130" -> "2.14.1"."""
+    return version.split("+", 1)[0]
+
+
+def torch_mismatch(built: str | None, installed: str) -> str | None:
+    """Why a compiled module built against torch ``built`` must not run under ``installed``
+    (another release: torch has no stable C++ ABI across versions), else None."""
+    if built is None or _release(built) == _release(installed):
+        return None
+    return (
+        f"hyperlr_ext._C was compiled against torch {built} but torch {installed} is installed, "
+        "and torch has no stable C++ ABI across versions"
+    )
+
+
 _C, EXTENSION_ERROR = _load_extension()
+BUILT_WITH_TORCH: str | None = _C.built_with_torch() if _C is not None else None
+_MISMATCH = torch_mismatch(BUILT_WITH_TORCH, torch.__version__)
+if _MISMATCH is not None:
+    if os.environ.get("HYPERLR_ALLOW_TORCH_MISMATCH") == "1":
+        warnings.warn(f"{_MISMATCH}; using it anyway (HYPERLR_ALLOW_TORCH_MISMATCH=1).",
+                      RuntimeWarning, stacklevel=2)  # fmt: skip
+    else:
+        # Said once, at import; every optimizer then runs its pure-PyTorch path.
+        warnings.warn(
+            f"{_MISMATCH}: hyperlr_ext falls back to its pure-PyTorch implementations. "
+            f"{_REINSTALL_HINT} to get the compiled kernels back.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        _C, EXTENSION_ERROR = None, f"{_MISMATCH} (the compiled module is not used)"
 EXTENSION_AVAILABLE: bool = _C is not None
 CUDA_COMPILED: bool = bool(_C is not None and _C.cuda_compiled())
-BUILT_WITH_TORCH: str | None = _C.built_with_torch() if _C is not None else None
-
-if BUILT_WITH_TORCH is not None and BUILT_WITH_TORCH != torch.__version__:
-    warnings.warn(
-        f"hyperlr_ext._C was compiled against torch {BUILT_WITH_TORCH} but torch "
-        f"{torch.__version__} is installed, and torch has no stable C++ ABI across versions. "
-        f"{_REINSTALL_HINT}.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
 
 
 def require_extension(what: str, *, cuda: bool = False) -> None:
