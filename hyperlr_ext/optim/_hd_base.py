@@ -29,6 +29,7 @@ from hyperlr_ext.optim._checks import (
     check_optional_bool,
     check_tensor_lr,
 )
+from hyperlr_ext.optim._state_check import check_state_dict
 
 __all__ = ["HDOptimizer"]
 
@@ -86,6 +87,10 @@ class HDOptimizer(Optimizer):
     """Base class of the HD optimizers. Subclasses implement ``_step_group``."""
 
     _algorithm = "hd"
+    # Group keys every state_dict of the subclass has, and the per-parameter state it keeps
+    # (load_state_dict refuses others: _state_check.py).
+    _IDENTITY_KEYS: tuple[str, ...] = ("hyper_lr", "lr_lag")
+    _STATE_KEYS: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -175,6 +180,10 @@ class HDOptimizer(Optimizer):
         torch casts floating per-parameter state to the parameter's dtype and, for fused or
         capturable groups, ``step`` to float32; our ``step`` counts stay in the LR's dtype.
         """
+        check_state_dict(
+            type(self).__name__, state_dict, self.param_groups, identity=self._IDENTITY_KEYS,
+            structural=("per_tensor",), state_keys=self._STATE_KEYS,
+        )  # fmt: skip
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)

@@ -38,6 +38,8 @@ class AdamHD(HDOptimizer):
     """
 
     _algorithm = "adam_hd"
+    _IDENTITY_KEYS = ("hyper_lr", "lr_lag", "betas", "eps", "amsgrad")
+    _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(
         self,

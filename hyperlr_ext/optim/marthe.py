@@ -29,6 +29,7 @@ from hyperlr_ext.functional.marthe import (
 )
 from hyperlr_ext.optim._checks import check_bool, check_choice, check_number, check_optional_bool
 from hyperlr_ext.optim._hd_base import _lr_scale
+from hyperlr_ext.optim._state_check import check_state_dict
 
 __all__ = ["MARTHE", "RTHO"]
 
@@ -159,7 +160,13 @@ class MARTHE(Optimizer):
         group.setdefault("hd_prev_scale", 1.0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch.optim's load; the group hyper-state then goes back to the params' devices."""
+        """torch.optim's load; the group hyper-state then goes back to the params' devices. A
+        state_dict of another optimizer, or of another inner optimizer, is refused first."""
+        check_state_dict(
+            type(self).__name__, state_dict, self.param_groups,
+            identity=("hyper_lr", "inner", "mu", "hvp"), structural=("inner",),
+            state_keys=("z_param", "direction", "step", *_BUFFERS["sgd"], *_BUFFERS["adam"]),
+        )  # fmt: skip
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             self._init_group(group)

@@ -51,6 +51,8 @@ class SGDHD(HDOptimizer):
     """
 
     _algorithm = "sgd_hd"
+    _IDENTITY_KEYS = ("hyper_lr", "lr_lag", "momentum", "dampening", "nesterov")
+    _STATE_KEYS = ("momentum_buffer", "prev_direction")
 
     def __init__(
         self,
