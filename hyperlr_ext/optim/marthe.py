@@ -172,6 +172,7 @@ class MARTHE(Optimizer):
             self._init_group(group)
 
     # ------------------------------------------------------------------ gradients and HVPs
+    @torch.compiler.disable  # autograd's own work (double backward cannot be compiled)
     def _training_grads(self, closure: Callable[[], Tensor], params: list[Tensor], graph: bool):
         before = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
         with torch.enable_grad():
@@ -200,10 +201,15 @@ class MARTHE(Optimizer):
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         return loss.detach(), grads
 
+    @torch.compiler.disable  # autograd's own work (double backward cannot be compiled)
     def _hvp_autograd(self, grads: list[Tensor], params: list[Tensor], z: list[Tensor]):
         # A once_differentiable op leaves an error node in the gradient's graph, which autograd
         # skips silently with allow_unused: refuse it here rather than use a zero Hessian.
-        if any(type(g.grad_fn).__name__ in ("Error", "DelayedError") for g in grads):
+        # (Skipped under torch.compile, which cannot inspect grad_fn; the error then comes from
+        # autograd itself.)
+        if not torch.compiler.is_compiling() and any(
+            type(g.grad_fn).__name__ in ("Error", "DelayedError") for g in grads
+        ):
             raise RuntimeError(
                 "MARTHE/RTHO need the Hessian-vector product, but the loss goes through an op "
                 "without double backward (once_differentiable); pass "
@@ -227,6 +233,7 @@ class MARTHE(Optimizer):
             ) from error
         return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, out)]
 
+    @torch.compiler.disable  # autograd's own work (double backward cannot be compiled)
     def _hvp_finite_difference(self, closure, params, z, fd_eps):
         """H z ~ (g(w + e z) - g(w - e z)) / (2 e), e = fd_eps / max(|z|, tiny) (no host sync)."""
         dtype = params[0].dtype
