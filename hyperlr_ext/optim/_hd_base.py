@@ -29,7 +29,7 @@ from hyperlr_ext.optim._checks import (
     check_optional_bool,
     check_tensor_lr,
 )
-from hyperlr_ext.optim._state_check import check_state_dict
+from hyperlr_ext.optim._state_check import check_state_dict, check_state_matches_params
 
 __all__ = ["HDOptimizer"]
 
@@ -145,8 +145,7 @@ class HDOptimizer(Optimizer):
             group.setdefault("initial_lr", group["lr"])
             self._init_hyper_state(group)
             return
-        params = group["params"]
-        device = params[0].device if params else torch.device("cpu")
+        device, dtype = self._hyper_device_dtype(group)
         expected = (len(group["params"]),) if group["per_tensor"] else ()
         for key in _GROUP_TENSORS:
             value = group[key]
@@ -155,8 +154,8 @@ class HDOptimizer(Optimizer):
                     f"param_group[{key!r}] has shape {tuple(value.shape)} but per_tensor="
                     f"{group['per_tensor']} with {len(group['params'])} params needs {expected}"
                 )
-            if value.device != device:
-                group[key] = value.to(device)
+            if value.device != device or value.dtype != dtype:
+                group[key] = value.to(device=device, dtype=dtype)
         group.setdefault("hd_prev_scale", 1.0)
         group.setdefault("hd_stale", [])
 
@@ -187,14 +186,14 @@ class HDOptimizer(Optimizer):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
+        # The step counts stay in the LR's dtype (float64 for float64 params, else float32).
+        dtypes = [self._hyper_device_dtype(g)[1] for g in self.param_groups for _ in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        for param_id, param in zip(saved_ids, params):
+        for param_id, param, dtype in zip(saved_ids, params, dtypes):
             saved = saved_state.get(param_id, {})
             step = saved.get("step")
             if isinstance(step, Tensor):
-                self.state[param]["step"] = step.to(
-                    device=param.device, dtype=step.dtype, copy=True
-                )
+                self.state[param]["step"] = step.to(device=param.device, dtype=dtype, copy=True)
         for group in self.param_groups:
             self._ensure_hyper_state(group)
 
@@ -232,6 +231,7 @@ class HDOptimizer(Optimizer):
         """Reject what the step cannot do before anything is modified."""
         for group in self.param_groups:
             _lr_scale(group)
+            check_state_matches_params(type(self).__name__, group["params"], self.state)
             for p in group["params"]:
                 grad = p.grad
                 if grad is None or not (

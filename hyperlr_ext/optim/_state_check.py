@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_state_dict"]
+__all__ = ["check_state_dict", "check_state_matches_params"]
 
 
 def check_state_dict(
@@ -56,3 +56,26 @@ def check_state_dict(
                 f"{name}.load_state_dict: the state of parameter {param_id} holds {unknown}, "
                 f"which {name} never keeps: the state_dict comes from another optimizer"
             )
+
+
+def check_state_matches_params(name: str, params: Iterable[Any], state: dict[Any, Any]) -> None:
+    """A parameter whose dtype or device changed after its state was made (``model.double()``,
+    ``model.to(...)`` after building the optimizer) gets a TypeError before anything moves.
+    Looks at one state tensor per parameter (the state is created in the parameter's dtype and
+    on its device); ``step`` counts are exempt."""
+    for index, p in enumerate(params):
+        param_state = state.get(p)
+        if not param_state:
+            continue
+        for key, value in param_state.items():
+            if key == "step" or not hasattr(value, "dtype") or value.dim() == 0:
+                continue
+            if value.dtype != p.dtype or value.device != p.device:
+                raise TypeError(
+                    f"{name}: parameter {index} is now {p.dtype} on {p.device}, but its optimizer "
+                    f"state ({key!r}) is {value.dtype} on {value.device}: the parameter changed "
+                    "dtype or device after the optimizer was built. Build the optimizer after "
+                    "moving the model, or move the state with optimizer.load_state_dict("
+                    "optimizer.state_dict())"
+                )
+            break

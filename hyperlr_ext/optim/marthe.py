@@ -29,7 +29,7 @@ from hyperlr_ext.functional.marthe import (
 )
 from hyperlr_ext.optim._checks import check_bool, check_choice, check_number, check_optional_bool
 from hyperlr_ext.optim._hd_base import _lr_scale
-from hyperlr_ext.optim._state_check import check_state_dict
+from hyperlr_ext.optim._state_check import check_state_dict, check_state_matches_params
 
 __all__ = ["MARTHE", "RTHO"]
 
@@ -155,8 +155,8 @@ class MARTHE(Optimizer):
             value = group.get(key)
             if value is None:
                 group[key] = torch.full((), float(initial[key]), dtype=dtype, device=device)
-            elif value.device != device:
-                group[key] = value.to(device)
+            elif value.device != device or value.dtype != dtype:
+                group[key] = value.to(device=device, dtype=dtype)
         group.setdefault("hd_prev_scale", 1.0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -260,6 +260,7 @@ class MARTHE(Optimizer):
             raise ValueError("MARTHE/RTHO need a closure returning the training loss")
         groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
         params = [p for _, ps in groups for p in ps]
+        check_state_matches_params(type(self).__name__, params, self.state)
         needs_hvp = any(self._needs_hvp(g, ps) for g, ps in groups)
         autograd_hvp = needs_hvp and any(g["hvp"] == "autograd" for g, _ in groups)
         loss, grads = self._training_grads(closure, params, graph=autograd_hvp)

@@ -1,0 +1,136 @@
+"""Hostile input, property-based (hypothesis): constructor arguments anywhere on the real line
+(NaN and inf included) are accepted exactly when they are in range and otherwise rejected by a
+ValueError naming the argument; random parameter shapes (zero-size, 0-dim) and dtypes train;
+empty and duplicate parameter lists, and parameters that change dtype after construction, are
+rejected clearly, and a rejected step changes nothing."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hyperlr_ext as hx
+
+ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True, width=64)
+# argument -> (accepted range as a predicate, the constructor to call)
+ARGUMENTS = {
+    ("SGDHD", "lr"): lambda v: 0 <= v < math.inf,
+    ("SGDHD", "hyper_lr"): lambda v: 0 <= v < math.inf,
+    ("SGDHD", "momentum"): lambda v: 0 <= v < math.inf,
+    ("SGDHD", "weight_decay"): lambda v: 0 <= v < math.inf,
+    ("AdamHD", "lr"): lambda v: 0 <= v < math.inf,
+    ("AdamHD", "eps"): lambda v: 0 <= v < math.inf,
+    ("AdamHD", "weight_decay"): lambda v: 0 <= v < math.inf,
+    ("MARTHE", "lr"): lambda v: 0 <= v < math.inf,
+    ("MARTHE", "hyper_lr"): lambda v: 0 <= v < math.inf,
+    ("MARTHE", "hyper_hyper_lr"): lambda v: 0 <= v < math.inf,
+    ("MARTHE", "mu"): lambda v: 0 <= v <= 1,
+    ("MARTHE", "dampening"): lambda v: 0 <= v <= 1,
+    ("TLR", "gamma"): lambda v: 0 < v <= 1,
+    ("TLR", "max_factor"): lambda v: 1 <= v < math.inf,
+    ("MLRSNet", "gamma"): lambda v: 0 < v < math.inf,
+    ("MLRSNet", "meta_lr"): lambda v: 0 <= v < math.inf,
+}
+
+
+def _construct(cls_name: str, arg: str, value: float):
+    params = [torch.nn.Parameter(torch.randn(3))]
+    if cls_name in ("TLR", "MLRSNet"):
+        opt = torch.optim.SGD(params, lr=0.1)
+        extra = {"update_every": 2} if cls_name == "TLR" else {}
+        return getattr(hx, cls_name)(opt, **{arg: value}, **extra)
+    return getattr(hx, cls_name)(params, **{arg: value})
+
+
+@settings(max_examples=30, deadline=None)
+@given(key=st.sampled_from(sorted(ARGUMENTS)), value=ANY_FLOAT)
+def test_arguments_are_accepted_exactly_in_range(key, value):
+    cls_name, arg = key
+    if ARGUMENTS[key](value):
+        _construct(cls_name, arg, value)
+    else:
+        with pytest.raises(ValueError, match=arg):
+            _construct(cls_name, arg, value)
+
+
+SHAPES = st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=3), min_size=1, max_size=4)
+DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])
+MAKERS = {
+    "SGDHD": lambda p: hx.SGDHD(p, lr=0.01, hyper_lr=1e-3, momentum=0.9),
+    "AdamHD": lambda p: hx.AdamHD(p, lr=1e-3, hyper_lr=1e-7),
+    "MARTHE": lambda p: hx.MARTHE(p, lr=0.01, hyper_lr=1e-4, momentum=0.5),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes=SHAPES, dtype=DTYPES, name=st.sampled_from(sorted(MAKERS)),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_any_shapes_and_dtypes_train(shapes, dtype, name, seed):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    opt = MAKERS[name](params)
+
+    def loss():
+        return sum((p.float() ** 2).sum() for p in params) + torch.zeros((), requires_grad=True)
+
+    for _ in range(3):
+        if name == "MARTHE":
+            opt.step(loss)
+        else:
+            opt.zero_grad()
+            loss().backward()
+            opt.step()
+    for p in params:
+        assert p.dtype == dtype and torch.isfinite(p.float()).all()
+    for group in opt.param_groups:
+        assert torch.isfinite(group["effective_lr"]).all() and (group["effective_lr"] >= 0).all()
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_empty_duplicate_and_non_tensor_params_are_rejected(name):
+    with pytest.raises(ValueError, match="empty parameter list"):
+        MAKERS[name]([])
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        MAKERS[name]([{"params": [p]}, {"params": [p]}])
+    with pytest.raises(TypeError, match="Tensors"):
+        MAKERS[name]([1.0])
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_dtype_change_after_construction_is_refused_without_change(name):
+    model = torch.nn.Linear(3, 2)
+    opt = MAKERS[name](model.parameters())
+    x = torch.randn(4, 3)
+
+    def loss():
+        return model(x.to(model.weight.dtype)).pow(2).mean()
+
+    def step():
+        if name == "MARTHE":
+            opt.step(loss)
+        else:
+            opt.zero_grad()
+            loss().backward()
+            opt.step()
+
+    step()
+    step()
+    model.double()
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(TypeError, match="changed dtype or device after the optimizer was built"):
+        step()
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    after = opt.state_dict()
+    for key, value in state["state"].items():
+        for k, v in value.items():
+            assert torch.equal(v, after["state"][key][k]) if torch.is_tensor(v) else v == after[
+                "state"][key][k]  # fmt: skip
+    opt.load_state_dict(opt.state_dict())  # the documented way out: the state follows the params
+    step()
