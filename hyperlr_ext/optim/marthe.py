@@ -90,6 +90,7 @@ class MARTHE(Optimizer):
         hvp: str = "autograd",
         fd_eps: float = 1e-4,
         fused: bool | None = None,
+        distributed: bool | None = None,
     ) -> None:
         check_number("lr", lr, label="learning rate")
         check_number("hyper_lr", hyper_lr)
@@ -106,6 +107,7 @@ class MARTHE(Optimizer):
                          f"{index}")  # fmt: skip
         check_bool("nesterov", nesterov)
         check_optional_bool("fused", fused)
+        check_optional_bool("distributed", distributed)
         check_choice("hvp", hvp, ("autograd", "finite_difference"))
         check_choice("inner", inner, ("sgd", "adam", "adamw"))
         if mu != "adaptive":
@@ -127,6 +129,36 @@ class MARTHE(Optimizer):
             fd_eps=fd_eps, fused=fused,
         )  # fmt: skip
         super().__init__(params, defaults)
+        self.distributed = distributed
+
+    def _world(self):
+        """The default process group when gradients must be averaged across ranks, else None.
+        MARTHE differentiates with torch.autograd.grad, which DDP's gradient hooks never see, so
+        it averages its gradients and Hessian products itself (one all-reduce each)."""
+        import torch.distributed as dist
+
+        active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.distributed is None:
+            return dist.group.WORLD if active else None
+        if self.distributed and not active:
+            raise RuntimeError("MARTHE(distributed=True) needs an initialised process group")
+        return dist.group.WORLD if self.distributed else None
+
+    @staticmethod
+    def _all_reduce_mean(tensors: list[Tensor], group) -> list[Tensor]:
+        """The mean over ranks of every tensor, through one all-reduce of a flat buffer."""
+        import torch.distributed as dist
+
+        if group is None or not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=group)
+        flat /= dist.get_world_size(group)
+        out, offset = [], 0
+        for t in tensors:
+            out.append(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return out
 
     @staticmethod
     def _algorithm_of(inner: str) -> str:
@@ -264,20 +296,26 @@ class MARTHE(Optimizer):
         needs_hvp = any(self._needs_hvp(g, ps) for g, ps in groups)
         autograd_hvp = needs_hvp and any(g["hvp"] == "autograd" for g, _ in groups)
         loss, grads = self._training_grads(closure, params, graph=autograd_hvp)
+        world = self._world()
+        # The step uses the gradients averaged over ranks (as DDP would give them); `grads` keep
+        # their graph for the Hessian product.
+        step_grads = self._all_reduce_mean([g.detach() for g in grads], world)
         val_grads = None
         if val_closure is not None:
             with torch.enable_grad():
                 val_loss = val_closure()
                 val_grads = torch.autograd.grad(val_loss.reshape(()), params, allow_unused=True)
             val_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, val_grads)]
+            val_grads = self._all_reduce_mean(val_grads, world)
         offset = 0
         for group, ps in groups:
             n = len(ps)
             group_grads = grads[offset : offset + n]
+            group_step = step_grads[offset : offset + n]
             group_val = None if val_grads is None else val_grads[offset : offset + n]
             offset += n
             if ps:
-                self._step_group(group, ps, group_grads, group_val, closure)
+                self._step_group(group, ps, group_grads, group_step, group_val, closure, world)
         return loss
 
     def _needs_hvp(self, group: dict[str, Any], params: list[Tensor]) -> bool:
@@ -346,7 +384,7 @@ class MARTHE(Optimizer):
         group["hypergrad"].copy_(delta)
         group["prev_hypergrad"].copy_(delta)
 
-    def _step_group(self, group, params, grads, val_grads, closure) -> None:
+    def _step_group(self, group, params, grads, step_grads, val_grads, closure, world) -> None:
         states = [self.state[p] for p in params]
         started = all("z_param" in s for s in states)
         algorithm = self._algorithm_of(group["inner"])
@@ -354,7 +392,7 @@ class MARTHE(Optimizer):
             params, foreach=None, fused=group["fused"], algorithm=algorithm
         )
         with torch.no_grad():
-            detached = [g.detach() for g in grads]
+            detached = step_grads
             if started:
                 objective = self._objective(group, params, detached, val_grads)
                 self._hyper_update(group, states, objective, implementation)
@@ -369,6 +407,7 @@ class MARTHE(Optimizer):
                 hvps = self._hvp_autograd(grads, params, z_params)
             else:
                 hvps = self._hvp_finite_difference(closure, params, z_params, group["fd_eps"])
+            hvps = self._all_reduce_mean(hvps, world)
         lr_scale = _lr_scale(group)
         with torch.no_grad():
             self._inner_step(group, params, detached, hvps, states, lr_scale, started,

@@ -1,0 +1,102 @@
+"""Distributed training with an existing engine (torch.distributed, gloo on CPU): DDP runs of
+SGDHD, AdamHD, TLR and MARTHE over 2 and 4 processes follow the single-process trajectory
+(float64). DDP all-reduces the gradients before ``step()``, so every rank's HD optimizer sees the
+full-batch gradient and takes the same step. MARTHE differentiates the closure's loss with
+torch.autograd.grad, which DDP's hooks do not see: it averages its gradients and Hessian
+products over the ranks itself (one all-reduce each).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import hyperlr_ext as hx
+
+pytestmark = pytest.mark.distributed
+STEPS, BATCH = 8, 16  # the global batch splits evenly over 2 and 4 ranks
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)
+    ).double()
+
+
+def _batch(t):
+    gen = torch.Generator().manual_seed(t)
+    x = torch.randn(BATCH, 4, generator=gen, dtype=torch.float64)
+    return x, torch.randn(BATCH, 2, generator=gen, dtype=torch.float64)
+
+
+def _make(name, params):
+    if name == "MARTHE":
+        return hx.MARTHE(params, lr=0.05, hyper_lr=1e-2, hyper_hyper_lr=1e-3, momentum=0.9), None
+    if name == "SGDHD":
+        return hx.SGDHD(params, lr=0.05, hyper_lr=1e-2, momentum=0.9), None
+    if name == "AdamHD":
+        return hx.AdamHD(params, lr=1e-2, hyper_lr=1e-4), None
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    return opt, hx.TLR(opt, update_every=2)
+
+
+def _train(model, opt, sched, rank=0, world=1):
+    for t in range(STEPS):
+        x, y = _batch(t)
+        x, y = x[rank::world], y[rank::world]
+        if isinstance(opt, hx.MARTHE):
+            opt.step(lambda x=x, y=y: torch.nn.functional.mse_loss(model(x), y))
+            continue
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def _result(model, opt):
+    lrs = [torch.as_tensor(g.get("learned_lr", g["lr"]), dtype=torch.float64) for g in
+           opt.param_groups]  # fmt: skip
+    return [p.detach().clone() for p in model.parameters()] + lrs
+
+
+def _worker(rank, world, name, port, path):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        opt, sched = _make(name, model.parameters())
+        _train(model, opt, sched, rank, world)
+        torch.save(_result(model.module, opt), f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["SGDHD", "AdamHD", "TLR", "MARTHE"])
+def test_ddp_follows_the_single_process_trajectory(name, world, tmp_path):
+    model = _model()
+    opt, sched = _make(name, model.parameters())
+    _train(model, opt, sched)
+    expected = _result(model, opt)
+
+    path = tmp_path / "result"
+    mp.spawn(_worker, args=(world, name, _free_port(), str(path)), nprocs=world, join=True)
+    for rank in range(world):
+        got = torch.load(f"{path}.{rank}", weights_only=True)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert expected[-1] != 0.05 and expected[-1] != 1e-2  # the LR moved
