@@ -1,6 +1,8 @@
 """Distributed training with an existing engine (torch.distributed, gloo on CPU): DDP runs of
-SGDHD, AdamHD, TLR and MARTHE over 2 and 4 processes follow the single-process trajectory
-(float64). DDP all-reduces the gradients before ``step()``, so every rank's HD optimizer sees the
+SGDHD, AdamHD, TLR and MARTHE, and FSDP2 (fully_shard, DTensor shards) runs of SGDHD and AdamHD,
+over 2 and 4 processes follow the single-process trajectory (float64). Under FSDP2 the partial
+dot products of all tensors are summed by exactly one all-reduce per step, on every rank.
+DDP all-reduces the gradients before ``step()``, so every rank's HD optimizer sees the
 full-batch gradient and takes the same step. MARTHE differentiates the closure's loss with
 torch.autograd.grad, which DDP's hooks do not see: it averages its gradients and Hessian
 products over the ranks itself (one all-reduce each).
@@ -75,6 +77,7 @@ def _worker(rank, world, name, port, path):
         opt, sched = _make(name, model.parameters())
         _train(model, opt, sched, rank, world)
         torch.save(_result(model.module, opt), f"{path}.{rank}")
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
@@ -100,3 +103,61 @@ def test_ddp_follows_the_single_process_trajectory(name, world, tmp_path):
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert expected[-1] != 0.05 and expected[-1] != 1e-2  # the LR moved
+
+
+# ---- FSDP2 (fully_shard: DTensor shards) ------------------------------------------------------
+
+
+def _fsdp_worker(rank, world, name, port, path):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        torch.set_num_threads(1)
+        model = _model()
+        fully_shard(model)
+        opt, sched = _make(name, model.parameters())
+        calls = []
+        original = dist.all_reduce
+
+        def counting_all_reduce(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        step = opt.step
+
+        def counted_step(*args, **kwargs):
+            dist.all_reduce = counting_all_reduce
+            try:
+                return step(*args, **kwargs)
+            finally:
+                dist.all_reduce = original
+
+        opt.step = counted_step
+        _train(model, opt, sched, rank, world)
+        full = [p.full_tensor().detach().clone() for p in model.parameters()]
+        lrs = [torch.as_tensor(g["learned_lr"], dtype=torch.float64) for g in opt.param_groups]
+        torch.save({"result": full + lrs, "all_reduces": len(calls)}, f"{path}.{rank}")
+        dist.barrier()  # no rank tears the group down while another still uses it
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["SGDHD", "AdamHD"])
+def test_fsdp2_follows_the_single_process_trajectory_with_one_all_reduce_per_step(
+    name, world, tmp_path
+):
+    model = _model()
+    opt, sched = _make(name, model.parameters())
+    _train(model, opt, sched)
+    expected = _result(model, opt)
+
+    path = tmp_path / "result"
+    mp.spawn(_fsdp_worker, args=(world, name, _free_port(), str(path)), nprocs=world, join=True)
+    for rank in range(world):
+        saved = torch.load(f"{path}.{rank}", weights_only=True)
+        assert saved["all_reduces"] == STEPS  # the partial sums, once per step, on every rank
+        for a, b in zip(saved["result"], expected):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

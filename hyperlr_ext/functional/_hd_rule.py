@@ -17,6 +17,10 @@ the reduction over every tensor of a slot completes before the slot's LR changes
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -144,6 +148,38 @@ def decayed_grads(
     return out
 
 
+# Set while a param group of DTensor shards (FSDP2) steps: a function that sums per-rank partial
+# sums over the device mesh, all of them in one all-reduce (HDOptimizer sets it; see
+# sums_reduced_by). None: the tensors are whole, the sums are complete.
+_SUM_REDUCER: contextvars.ContextVar[Callable[[list[Tensor]], list[Tensor]] | None] = (
+    contextvars.ContextVar("hyperlr_sum_reducer", default=None)
+)
+
+
+@contextlib.contextmanager
+def sums_reduced_by(reducer: Callable[[list[Tensor]], list[Tensor]] | None):
+    """Within the block, the HD sums of every LR slot go through ``reducer`` (a list of 0-dim
+    tensors in, the same number out) before the rule: one call per step and group."""
+    token = _SUM_REDUCER.set(reducer)
+    try:
+        yield
+    finally:
+        _SUM_REDUCER.reset(token)
+
+
+def _reduce_sums(dots, grad_sq, dir_sq):
+    reducer = _SUM_REDUCER.get()
+    if reducer is None:
+        return dots, grad_sq, dir_sq
+    parts = [dots] + ([grad_sq, dir_sq] if grad_sq is not None else [])
+    reduced = reducer([t for part in parts for t in part])
+    n = len(dots)
+    dots = reduced[:n]
+    if grad_sq is not None:
+        grad_sq, dir_sq = reduced[n : 2 * n], reduced[2 * n :]
+    return dots, grad_sq, dir_sq
+
+
 def update_learned_lrs_(
     objective: list[Tensor],
     previous: list[Tensor | None],
@@ -168,6 +204,7 @@ def update_learned_lrs_(
     if multiplicative:
         grad_sq = per_slot_sums(tensor_sq_norms(objective, acc_dtype, device), num_slots)
         dir_sq = per_slot_sums(tensor_sq_norms(previous, acc_dtype, device), num_slots)
+    dots, grad_sq, dir_sq = _reduce_sums(dots, grad_sq, dir_sq)
     hd_rule_(
         lrs,
         hypergrads,

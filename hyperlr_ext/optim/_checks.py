@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
+FLOAT32_MAX = 3.4028234663852886e38
+
 __all__ = [
     "check_bool",
     "check_choice",
@@ -45,6 +47,10 @@ def check_number(
     above = value > high if high_inclusive else value >= high
     if not math.isfinite(value) or value < low or above:
         raise ValueError(f"{prefix}; {accepted}")
+    if abs(value) > FLOAT32_MAX:  # the learned state is float32 for float32 parameters
+        raise ValueError(
+            f"{prefix}; {accepted} and within float32's range (|x| <= {FLOAT32_MAX:g})"
+        )
     return value
 
 

@@ -9,6 +9,7 @@ import torch
 from hyperlr_ext.functional.adam_hd import adam_hd
 from hyperlr_ext.optim._checks import check_bool, check_number
 from hyperlr_ext.optim._hd_base import HDOptimizer, _lr_scale, check_hd_arguments
+from hyperlr_ext.optim._sharded import local_shards, sharded_group
 
 __all__ = ["AdamHD"]
 
@@ -121,32 +122,33 @@ class AdamHD(HDOptimizer):
         lrs, hypergrads, effective_lrs = self._slots(group, indices)
         lr_scale = _lr_scale(group)
         beta1, beta2 = group["betas"]
-        adam_hd(
-            params,
-            [p.grad for p in params],
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-            [s["step"] for s in states],
-            self._has_previous(group, indices, fresh),
-            lrs,
-            hypergrads,
-            effective_lrs,
-            self._objective_list(objective_grads, params),
-            foreach=group["foreach"],
-            fused=group["fused"],
-            lr_scale=lr_scale,
-            prev_lr_scale=group["hd_prev_scale"],
-            hyper_lr=group["hyper_lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            amsgrad=group["amsgrad"],
-            multiplicative=group["multiplicative"],
-            lr_lag=group["lr_lag"],
-            maximize=group["maximize"],
-            **self._amp,
-        )
+        with sharded_group(params, group["fused"]) as sharded:
+            adam_hd(
+                local_shards(params),
+                local_shards([p.grad for p in params]),
+                local_shards([s["exp_avg"] for s in states]),
+                local_shards([s["exp_avg_sq"] for s in states]),
+                local_shards([s["max_exp_avg_sq"] for s in states]) if group["amsgrad"] else [],
+                [s["step"] for s in states],
+                self._has_previous(group, indices, fresh),
+                lrs,
+                hypergrads,
+                effective_lrs,
+                local_shards(self._objective_list(objective_grads, params) or []) or None,
+                foreach=False if sharded else group["foreach"],
+                fused=False if sharded else group["fused"],
+                lr_scale=lr_scale,
+                prev_lr_scale=group["hd_prev_scale"],
+                hyper_lr=group["hyper_lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                amsgrad=group["amsgrad"],
+                multiplicative=group["multiplicative"],
+                lr_lag=group["lr_lag"],
+                maximize=group["maximize"],
+                **self._amp,
+            )
         self._finish_group(group, indices, lr_scale)

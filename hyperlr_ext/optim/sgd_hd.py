@@ -7,6 +7,7 @@ from typing import Any
 from hyperlr_ext.functional.sgd_hd import sgd_hd
 from hyperlr_ext.optim._checks import check_bool, check_number
 from hyperlr_ext.optim._hd_base import HDOptimizer, _lr_scale, check_hd_arguments
+from hyperlr_ext.optim._sharded import local_shards, sharded_group
 
 __all__ = ["SGDHD"]
 
@@ -108,30 +109,31 @@ class SGDHD(HDOptimizer):
         prev_directions = [s.get("prev_direction") for s in states]
         lrs, hypergrads, effective_lrs = self._slots(group, indices)
         lr_scale = _lr_scale(group)
-        sgd_hd(
-            params,
-            grads,
-            momentum_buffers,
-            prev_directions,
-            self._has_previous(group, indices, fresh),
-            lrs,
-            hypergrads,
-            effective_lrs,
-            self._objective_list(objective_grads, params),
-            foreach=group["foreach"],
-            fused=group["fused"],
-            lr_scale=lr_scale,
-            prev_lr_scale=group["hd_prev_scale"],
-            hyper_lr=group["hyper_lr"],
-            momentum=group["momentum"],
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"],
-            multiplicative=group["multiplicative"],
-            lr_lag=group["lr_lag"],
-            maximize=group["maximize"],
-            **self._amp,
-        )
+        with sharded_group(params, group["fused"]) as sharded:
+            sgd_hd(
+                local_shards(params),
+                local_shards(grads),
+                momentum_buffers,
+                prev_directions,
+                self._has_previous(group, indices, fresh),
+                lrs,
+                hypergrads,
+                effective_lrs,
+                local_shards(self._objective_list(objective_grads, params) or []) or None,
+                foreach=False if sharded else group["foreach"],
+                fused=False if sharded else group["fused"],
+                lr_scale=lr_scale,
+                prev_lr_scale=group["hd_prev_scale"],
+                hyper_lr=group["hyper_lr"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"],
+                multiplicative=group["multiplicative"],
+                lr_lag=group["lr_lag"],
+                maximize=group["maximize"],
+                **self._amp,
+            )
         for state, buf, direction in zip(states, momentum_buffers, prev_directions):
             if buf is not None:
                 state["momentum_buffer"] = buf

@@ -1,0 +1,77 @@
+"""Param groups of DTensor shards (FSDP2's ``fully_shard``): the HD optimizers step the local
+shards with the pure-PyTorch path and reduce the per-rank partial sums of the hypergradient
+(<g, d> and, for the multiplicative rule, the two squared norms) over the device mesh in one
+all-reduce per group and step, so every rank computes the same LR. Every rank reaches the
+collective (a rank whose shard is empty contributes zeros)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import Tensor
+
+from hyperlr_ext.functional._hd_rule import sums_reduced_by
+
+__all__ = ["local_shards", "sharded_group"]
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed support
+        return None
+    return DTensor
+
+
+def mesh_group(params: list[Tensor]) -> Any | None:
+    """The process group of the params' 1-D device mesh when they are DTensors, else None."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+        return None
+    if not all(isinstance(p, dtensor) for p in params):
+        raise ValueError(
+            "a param group mixes DTensor and regular parameters; put them in separate groups"
+        )
+    meshes = {p.device_mesh for p in params}
+    if len(meshes) != 1 or next(iter(meshes)).ndim != 1:
+        raise ValueError(
+            "the DTensor parameters of a group must share one 1-D device mesh (FSDP2's "
+            f"fully_shard), got {len(meshes)} mesh(es)"
+        )
+    return next(iter(meshes)).get_group()
+
+
+def local_shards(tensors: list[Any]) -> list[Any]:
+    """Each DTensor's local shard (a view: in-place updates land in the DTensor); other entries
+    (plain tensors, None) as they are."""
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return tensors
+    return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
+
+
+@contextlib.contextmanager
+def sharded_group(params: list[Tensor], fused: bool | None) -> Iterator[bool]:
+    """Yields whether ``params`` are DTensor shards; while it does, the HD sums are summed over
+    their mesh by one all-reduce."""
+    group = mesh_group(params)
+    if group is None:
+        yield False
+        return
+    if fused:
+        raise ValueError(
+            "fused=True does not support DTensor (FSDP2) parameters; the optimizer steps their "
+            "local shards with the pure-PyTorch path (fused=None or False)"
+        )
+    import torch
+    import torch.distributed as dist
+
+    def reduce(values: list[Tensor]) -> list[Tensor]:
+        flat = torch.stack([v.reshape(()) for v in values])
+        dist.all_reduce(flat, group=group)
+        return list(flat.unbind(0))
+
+    with sums_reduced_by(reduce):
+        yield True
