@@ -1,5 +1,5 @@
 """Distributed training with an existing engine (torch.distributed, gloo on CPU): DDP runs of
-SGDHD, AdamHD, TLR and MARTHE, and FSDP2 (fully_shard, DTensor shards) runs of SGDHD and AdamHD,
+SGDHD, AdamHD, TLR and MARTHE, and FSDP2 (fully_shard, DTensor shards) runs of SGDHD, AdamHD, TLR,
 over 2 and 4 processes follow the single-process trajectory (float64). Under FSDP2 the partial
 dot products of all tensors are summed by exactly one all-reduce per step, on every rank.
 DDP all-reduces the gradients before ``step()``, so every rank's HD optimizer sees the
@@ -137,7 +137,8 @@ def _fsdp_worker(rank, world, name, port, path):
         opt.step = counted_step
         _train(model, opt, sched, rank, world)
         full = [p.full_tensor().detach().clone() for p in model.parameters()]
-        lrs = [torch.as_tensor(g["learned_lr"], dtype=torch.float64) for g in opt.param_groups]
+        lrs = [torch.as_tensor(g.get("learned_lr", g["lr"]), dtype=torch.float64)
+               for g in opt.param_groups]  # fmt: skip
         torch.save({"result": full + lrs, "all_reduces": len(calls)}, f"{path}.{rank}")
         dist.barrier()  # no rank tears the group down while another still uses it
     finally:
@@ -145,7 +146,7 @@ def _fsdp_worker(rank, world, name, port, path):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("name", ["SGDHD", "AdamHD"])
+@pytest.mark.parametrize("name", ["SGDHD", "AdamHD", "TLR"])
 def test_fsdp2_follows_the_single_process_trajectory_with_one_all_reduce_per_step(
     name, world, tmp_path
 ):
@@ -158,6 +159,8 @@ def test_fsdp2_follows_the_single_process_trajectory_with_one_all_reduce_per_ste
     mp.spawn(_fsdp_worker, args=(world, name, _free_port(), str(path)), nprocs=world, join=True)
     for rank in range(world):
         saved = torch.load(f"{path}.{rank}", weights_only=True)
-        assert saved["all_reduces"] == STEPS  # the partial sums, once per step, on every rank
+        # HD: the partial sums, once per step, on every rank (TLR's torch.optim.SGD has none; the
+        # window ends add one each, outside the optimizer step).
+        assert saved["all_reduces"] == (0 if name == "TLR" else STEPS)
         for a, b in zip(saved["result"], expected):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from hyperlr_ext._dispatch import check_fused_params, check_fused_request, choose_implementation
 from hyperlr_ext.functional.tlr import fused_tlr_window_, tlr_rule_, tlr_window_
 from hyperlr_ext.optim._checks import check_number, check_optional_bool
+from hyperlr_ext.optim._sharded import local_shards, mesh_group
 
 __all__ = ["TLR"]
 
@@ -154,12 +155,21 @@ class TLR(LRScheduler):
                 lr = group_lr.detach().to(device=device, dtype=dtype, copy=True)
             else:
                 lr = torch.full((), float(group_lr), dtype=dtype, device=device)
-            implementation = choose_implementation(
-                params, foreach=None, fused=self.fused, algorithm="tlr"
-            )
-            window = fused_tlr_window_ if implementation == "fused" else tlr_window_
-            sums = window(params, self.snapshots[i], self.prev_updates[i], lr,
-                          has_previous=has_previous)  # fmt: skip
+            mesh = mesh_group(params)
+            if mesh is not None:
+                # DTensor shards (FSDP2): u and the sums on the local shards, then the partial
+                # sums of every rank added by one all-reduce over the mesh.
+                sums = tlr_window_(local_shards(params), local_shards(self.snapshots[i]),
+                                   local_shards(self.prev_updates[i]), lr,
+                                   has_previous=has_previous)  # fmt: skip
+                torch.distributed.all_reduce(sums, group=mesh)
+            else:
+                implementation = choose_implementation(
+                    params, foreach=None, fused=self.fused, algorithm="tlr"
+                )
+                window = fused_tlr_window_ if implementation == "fused" else tlr_window_
+                sums = window(params, self.snapshots[i], self.prev_updates[i], lr,
+                              has_previous=has_previous)  # fmt: skip
             if not has_previous:
                 continue
             tlr_rule_(lr, sums, gamma=self.gamma, max_factor=self.max_factor)
