@@ -234,3 +234,22 @@ def test_multi_phase_switches_nets_at_the_boundaries():
         hx.MLRSNet.multi_phase(opt, nets, boundaries=[3])
     named = hx.MLRSNet.multi_phase(opt, ["mnist-mlp", "digits-mlp"], boundaries=[10])
     assert not named.train and len(named.phases) == 1
+
+
+def test_non_finite_losses_leave_the_lr_and_the_lstm_unchanged():
+    """A NaN or inf training loss (a diverging or AMP-skipped step) changes neither the LR nor
+    the LSTM state; a NaN validation loss takes no meta step; training then goes on."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = hx.MLRSNet(opt, meta_every=1, meta_lr=1e-2)
+    val = _batches(1, seed=7)[0]
+    _run(model, opt, sched, _batches(3), val)
+    for bad in (float("nan"), float("inf")):
+        lr, state = opt.param_groups[0]["lr"], [t.clone() for t in sched.lstm_state]
+        weights = copy.deepcopy(sched.net.state_dict())
+        sched.step(torch.tensor(bad), val_closure=lambda: _loss(model, val) * float("nan"))
+        assert opt.param_groups[0]["lr"] == lr
+        assert all(torch.equal(a, b) for a, b in zip(state, sched.lstm_state))
+        assert all(torch.equal(weights[k], v) for k, v in sched.net.state_dict().items())
+    _run(model, opt, sched, _batches(3, seed=5), val)
+    assert 0 < opt.param_groups[0]["lr"] < 1.0

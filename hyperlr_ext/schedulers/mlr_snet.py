@@ -145,6 +145,7 @@ class MLRSNet(LRScheduler):
         self.applied_lr: float | Tensor = 0.0  # the LR the last step applied
         self.last_input: Tensor | None = None  # the net's input and state that produced it
         self.last_state: list[Tensor] | None = None
+        self.last_p: Tensor | None = None  # the net's last output
         self.last_hypergrad = torch.zeros((), device=device)
         self.phases: list[list[Any]] = []  # [first step, net state_dict] of later phases
         super().__init__(optimizer, last_epoch)
@@ -263,7 +264,8 @@ class MLRSNet(LRScheduler):
             self.last_epoch = 0
             self._step_count = 1
             with torch.no_grad():
-                self._set_lr(self.net.output_from(self.lstm_state))
+                self.last_p = self.net.output_from(self.lstm_state)
+                self._set_lr(self.last_p)
             self._last_lr = self.get_lr()
             return
         if loss is None:
@@ -283,8 +285,20 @@ class MLRSNet(LRScheduler):
             self.net.load_state_dict(self.phases.pop(0)[1])  # the next phase's net
         state = self.lstm_state
         with torch.no_grad():
-            p, self.lstm_state = self.net(x, state)
-        self.last_input, self.last_state = x, [t.clone() for t in state]
+            p, new_state = self.net(x, state)
+            if self.last_p is not None:
+                # A non-finite loss (a diverging or AMP-skipped step) leaves the LSTM, the LR
+                # and the inputs of the next meta step as they were: selected on the device.
+                finite = torch.isfinite(x)
+                p = torch.where(finite, p, self.last_p)
+                new_state = tuple(torch.where(finite, n, o) for n, o in zip(new_state, state))
+                previous = self.last_input if self.last_input is not None else torch.zeros_like(x)
+                x = torch.where(finite, x, previous)
+                if self.last_state is not None:
+                    state = tuple(torch.where(finite, n, o)
+                                  for n, o in zip(state, self.last_state))  # fmt: skip
+        self.lstm_state = new_state
+        self.last_input, self.last_state, self.last_p = x, [t.clone() for t in state], p.clone()
         self._set_lr(p)
         # The weights before the next step, when that step may be a meta-training one.
         upcoming = self.train and (self.val_steps + 1) % self.meta_every == 0
@@ -306,6 +320,9 @@ class MLRSNet(LRScheduler):
             if g is not None:
                 hypergrad = hypergrad - torch.dot(g.reshape(-1).double(), d.reshape(-1).double())
         self.last_hypergrad = hypergrad.detach()
+        # A diverged validation loss: no meta step (one host read, at meta-training steps only).
+        if not bool(torch.isfinite(hypergrad)):
+            return
         with torch.enable_grad():
             if self.last_input is None:  # the first LR, from the initial state alone
                 p = self.net.output_from(tuple(self.last_state or self.net.initial_state()))
