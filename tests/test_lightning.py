@@ -1,0 +1,116 @@
+"""Our optimizers and schedulers in Lightning, as users wire them, offline: returned from
+``configure_optimizers`` (alone, with a torch scheduler, with TLR or MLR-SNet as step-interval
+schedulers), under automatic optimization (Lightning's closure), manual optimization and skipped
+batches; a checkpoint resumed with ``ckpt_path=`` continues the uninterrupted run exactly; the
+callback logs what was learned."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import hyperlr_ext as hx  # noqa: E402
+from hyperlr_ext.integrations.lightning import HyperLRMonitor  # noqa: E402
+
+STEPS = 8
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=gen)
+    y = x @ torch.randn(5, 1, generator=gen)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+
+class Module(pl.LightningModule):
+    def __init__(self, wiring: str, manual: bool = False, skip: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+        )
+        self.wiring, self.skip = wiring, skip
+        self.automatic_optimization = not manual
+        self.last_loss = None
+
+    def training_step(self, batch, batch_idx):
+        if self.skip is not None and batch_idx == self.skip:
+            return None  # a skipped batch
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.last_loss = loss.detach()
+        if not self.automatic_optimization:
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            sched = self.lr_schedulers()
+            if isinstance(sched, hx.MLRSNet):
+                sched.step(loss.detach())
+            elif sched is not None:
+                sched.step()
+        return loss
+
+    def configure_optimizers(self):
+        params = self.net.parameters()
+        if self.wiring == "SGDHD":
+            return hx.SGDHD(params, lr=0.05, hyper_lr=1e-3, momentum=0.9)
+        if self.wiring == "AdamHD + StepLR":
+            opt = hx.AdamHD(params, lr=0.05, hyper_lr=1e-4)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        if self.wiring == "TLR":
+            sched = hx.TLR(opt, update_every=2)
+        else:
+            sched = hx.MLRSNet(opt, gamma=0.2, meta_every=4, hidden_size=8)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric):
+        if isinstance(scheduler, hx.MLRSNet):
+            scheduler.step(self.last_loss)  # MLR-SNet reads the loss of the step that ran
+        else:
+            scheduler.step()
+
+
+def _trainer(tmp_path, **kw):
+    return pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=str(tmp_path), deterministic=True, **kw)  # fmt: skip
+
+
+WIRINGS = ["SGDHD", "AdamHD + StepLR", "TLR", "MLRSNet"]
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+@pytest.mark.parametrize("wiring", WIRINGS)
+def test_fit_checkpoint_and_resume_exactly(wiring, manual, tmp_path):
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4,
+                                              save_top_k=-1)  # fmt: skip
+    module = Module(wiring, manual)
+    _trainer(tmp_path, callbacks=[checkpoint]).fit(module, _data())
+    assert any(not torch.equal(p, q) for p, q in zip(module.net.parameters(),
+                                                      Module(wiring).net.parameters()))  # fmt: skip
+    # 4 batches per epoch: the step-4 checkpoint is an epoch boundary (Lightning restarts an
+    # interrupted epoch's data from its start).
+    path = next(p for p in (tmp_path / "ckpt").iterdir() if "step=4" in p.name)
+    resumed = Module(wiring, manual)
+    _trainer(tmp_path / "resumed").fit(resumed, _data(), ckpt_path=str(path))
+    for p, q in zip(module.net.parameters(), resumed.net.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_skipped_batch_is_a_no_op_and_the_monitor_logs(tmp_path):
+    module = Module("SGDHD", skip=2)
+    metrics = {}
+
+    class Capture(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    trainer = _trainer(tmp_path, callbacks=[HyperLRMonitor(), Capture()], log_every_n_steps=1)
+    trainer.fit(module, _data())
+    assert "effective_lr/group0" in metrics and "hypergrad/group0" in metrics
+    assert metrics["effective_lr/group0"] > 0
