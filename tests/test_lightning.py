@@ -114,3 +114,40 @@ def test_skipped_batch_is_a_no_op_and_the_monitor_logs(tmp_path):
     trainer.fit(module, _data())
     assert "effective_lr/group0" in metrics and "hypergrad/group0" in metrics
     assert metrics["effective_lr/group0"] > 0
+
+
+class MartheModule(Module):
+    """MARTHE differentiates the loss itself: manual optimization, the closure returns the
+    loss without backward."""
+
+    def __init__(self):
+        super().__init__("MARTHE", manual=True)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        loss = opt.step(closure=lambda: torch.nn.functional.mse_loss(self.net(x), y))
+        return loss
+
+    def configure_optimizers(self):
+        return hx.MARTHE(self.net.parameters(), lr=0.05, hyper_lr=1e-3, momentum=0.9)
+
+
+def test_marthe_in_manual_optimization_logs_mu_and_resumes(tmp_path):
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4,
+                                              save_top_k=-1)  # fmt: skip
+    metrics = {}
+
+    class Capture(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    module = MartheModule()
+    _trainer(tmp_path, callbacks=[checkpoint, HyperLRMonitor(), Capture()],
+             log_every_n_steps=1).fit(module, _data())  # fmt: skip
+    assert {"effective_lr/group0", "hypergrad/group0", "mu/group0"} <= set(metrics)
+    path = next(p for p in (tmp_path / "ckpt").iterdir() if "step=4" in p.name)
+    resumed = MartheModule()
+    _trainer(tmp_path / "resumed").fit(resumed, _data(), ckpt_path=str(path))
+    for p, q in zip(module.net.parameters(), resumed.net.parameters()):
+        assert torch.equal(p, q)
