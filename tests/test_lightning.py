@@ -106,14 +106,26 @@ def test_skipped_batch_is_a_no_op_and_the_monitor_logs(tmp_path):
     module = Module("SGDHD", skip=2)
     metrics = {}
 
+    unchanged = []
+
     class Capture(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = [p.detach().clone() for p in pl_module.net.parameters()]
+            self.lr = pl_module.optimizers().optimizer.param_groups[0]["learned_lr"].clone()
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+            if batch_idx == 2:  # the skipped batch: weights and learned LR keep their bits
+                after = list(pl_module.net.parameters())
+                group = pl_module.optimizers().optimizer.param_groups[0]
+                unchanged.append(all(torch.equal(a, b) for a, b in zip(self.before, after))
+                                 and torch.equal(self.lr, group["learned_lr"]))  # fmt: skip
 
     trainer = _trainer(tmp_path, callbacks=[HyperLRMonitor(), Capture()], log_every_n_steps=1)
     trainer.fit(module, _data())
     assert "effective_lr/group0" in metrics and "hypergrad/group0" in metrics
     assert metrics["effective_lr/group0"] > 0
+    assert unchanged and all(unchanged)
 
 
 class MartheModule(Module):
