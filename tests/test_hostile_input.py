@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hyperlr_ext as hx
 
@@ -136,3 +137,49 @@ def test_dtype_change_after_construction_is_refused_without_change(name):
                 "state"][key][k]  # fmt: skip
     opt.load_state_dict(opt.state_dict())  # the documented way out: the state follows the params
     step()
+
+
+class _NoSync(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("host-device sync inside step()")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "impl", [dict(), dict(foreach=True), dict(foreach=False, fused=False)],
+    ids=["default", "foreach", "loop"],
+)  # fmt: skip
+@pytest.mark.parametrize("name", ["SGDHD", "AdamHD"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_skip_nonfinite_leaves_everything_unchanged_without_a_sync(name, impl, bad):
+    """skip_nonfinite=True: a step whose gradients hold inf/NaN changes neither weights, nor
+    state, nor the learned LR, on every path; ``nonfinite_step`` says so; no host sync."""
+    extra = dict(momentum=0.9) if name == "SGDHD" else {}
+    model = torch.nn.Linear(3, 2).double()
+    opt = getattr(hx, name)(model.parameters(), lr=0.01, hyper_lr=1e-3, skip_nonfinite=True,
+                            **extra, **impl)  # fmt: skip
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    def step(scale):
+        opt.zero_grad()
+        (model(x).pow(2).mean() * scale).backward()
+        with _NoSync():
+            opt.step()
+
+    step(1.0)
+    step(1.0)
+    before = copy.deepcopy((list(model.parameters()), opt.state_dict()))
+    step(bad)
+    assert float(opt.nonfinite_step) == 1.0
+    for a, b in zip(before[0], model.parameters()):
+        assert torch.equal(a, b)
+    after = opt.state_dict()
+    for key, value in before[1]["state"].items():
+        for k, v in value.items():
+            assert torch.equal(v, after["state"][key][k])
+    assert torch.equal(before[1]["param_groups"][0]["learned_lr"],
+                       after["param_groups"][0]["learned_lr"])  # fmt: skip
+    step(1.0)
+    assert float(opt.nonfinite_step) == 0.0
+    assert any(not torch.equal(a, b) for a, b in zip(before[0], model.parameters()))

@@ -270,16 +270,40 @@ class HDOptimizer(Optimizer):
         self._check_grads()
         objective_grads = self._validation_grads(val_closure)
         # Set by torch.amp.GradScaler.step around this call when _step_supports_amp_scaling.
-        self._amp = {
-            "grad_scale": getattr(self, "grad_scale", None),
-            "found_inf": getattr(self, "found_inf", None),
-        }
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None and any(g.get("skip_nonfinite") for g in self.param_groups):
+            found_inf = self._nonfinite_flag()
+        self._amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": found_inf}
         try:
             for group in self.param_groups:
                 self._step_group(group, objective_grads)
         finally:
             self._amp = {}
         return loss
+
+    def _nonfinite_flag(self) -> Tensor | None:
+        """``skip_nonfinite``: a float32 flag on the device, nonzero when a gradient holds inf or
+        NaN; every path then skips the step as it does for GradScaler (weights, state and LR
+        keep their bits). One fused read of the gradients (torch's own non-finite check, with a
+        scale of 1), no host sync. Also kept as ``self.nonfinite_step`` for the user to read."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return None
+        flags = []
+        for device in dict.fromkeys(g.device for g in grads):
+            on_device = [g for g in grads if g.device == device]
+            flag = torch.zeros(1, dtype=torch.float32, device=device)
+            for dtype in dict.fromkeys(g.dtype for g in on_device):
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    [g for g in on_device if g.dtype == dtype], flag,
+                    torch.ones(1, dtype=torch.float32, device=device),
+                )  # fmt: skip
+            flags.append(flag)
+        first = flags[0]
+        for other in flags[1:]:
+            first = first + other.to(first.device, non_blocking=True)
+        self.nonfinite_step = first
+        return first
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[int], list[Tensor]]:
         """Indices and params of the group that have a gradient this step."""

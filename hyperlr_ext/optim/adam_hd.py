@@ -61,6 +61,7 @@ class AdamHD(HDOptimizer):
         fused: bool | None = None,
         differentiable: bool = False,
         capturable: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         hd_settings = dict(
             lr=lr,
@@ -97,6 +98,7 @@ class AdamHD(HDOptimizer):
             eps=eps,
             decoupled_weight_decay=decoupled_weight_decay,
             amsgrad=amsgrad,
+            skip_nonfinite=check_bool("skip_nonfinite", skip_nonfinite),
         )
         super().__init__(params, defaults)
 

@@ -73,6 +73,7 @@ class SGDHD(HDOptimizer):
         fused: bool | None = None,
         differentiable: bool = False,
         capturable: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         hd_settings = dict(
             lr=lr,
@@ -95,7 +96,10 @@ class SGDHD(HDOptimizer):
                 "Nesterov momentum requires a momentum and zero dampening "
                 f"(got momentum={momentum}, dampening={dampening})"
             )
-        defaults = dict(hd_settings, momentum=momentum, dampening=dampening, nesterov=nesterov)
+        defaults = dict(
+            hd_settings, momentum=momentum, dampening=dampening, nesterov=nesterov,
+            skip_nonfinite=check_bool("skip_nonfinite", skip_nonfinite),
+        )  # fmt: skip
         super().__init__(params, defaults)
 
     def _step_group(self, group: dict[str, Any], objective_grads) -> None:
