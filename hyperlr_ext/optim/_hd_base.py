@@ -284,7 +284,7 @@ class HDOptimizer(Optimizer):
     def _nonfinite_flag(self) -> Tensor | None:
         """``skip_nonfinite``: a float32 flag on the device, nonzero when a gradient holds inf or
         NaN; every path then skips the step as it does for GradScaler (weights, state and LR
-        keep their bits). One fused read of the gradients (torch's own non-finite check, with a
+        keep their bits). One fused pass over the gradients (torch's own non-finite check, with a
         scale of 1), no host sync. Also kept as ``self.nonfinite_step`` for the user to read."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
