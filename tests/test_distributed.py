@@ -164,3 +164,30 @@ def test_fsdp2_follows_the_single_process_trajectory_with_one_all_reduce_per_ste
         assert saved["all_reduces"] == (0 if name == "TLR" else STEPS)
         for a, b in zip(saved["result"], expected):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _fsdp_marthe_worker(rank, world, port, path):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        model = _model()
+        fully_shard(model)
+        try:
+            hx.MARTHE(model.parameters(), lr=0.05, hyper_lr=1e-3)
+            message = ""
+        except ValueError as error:
+            message = str(error)
+        torch.save({"message": message}, f"{path}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_marthe_refuses_fsdp2_parameters_clearly(tmp_path):
+    path = tmp_path / "result"
+    mp.spawn(_fsdp_marthe_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
+    for rank in range(2):
+        message = torch.load(f"{path}.{rank}", weights_only=True)["message"]
+        assert "DTensor (FSDP2)" in message and "Use DDP" in message

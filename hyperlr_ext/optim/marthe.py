@@ -29,6 +29,7 @@ from hyperlr_ext.functional.marthe import (
 )
 from hyperlr_ext.optim._checks import check_bool, check_choice, check_number, check_optional_bool
 from hyperlr_ext.optim._hd_base import _lr_scale
+from hyperlr_ext.optim._sharded import mesh_group as mesh_group_or_none
 from hyperlr_ext.optim._state_check import check_state_dict, check_state_matches_params
 
 __all__ = ["MARTHE", "RTHO"]
@@ -167,6 +168,12 @@ class MARTHE(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if mesh_group_or_none(group["params"]) is not None:
+            raise ValueError(
+                "MARTHE/RTHO do not support DTensor (FSDP2) parameters yet: their Hessian "
+                "products need double backward through FSDP2's all-gather. Use DDP, under which "
+                "they average their gradients and Hessian products themselves"
+            )
         if group["fused"]:
             check_fused_params(self._algorithm_of(group["inner"]), group["params"])
         self._init_group(group)
