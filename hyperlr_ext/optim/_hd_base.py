@@ -71,6 +71,14 @@ def check_hd_arguments(
     check_fused_request(algorithm, foreach, fused)
 
 
+def hyper_device_dtype(params: list[Tensor]) -> tuple[torch.device, torch.dtype]:
+    """Where a group's hyper-state (learned LR, tangent scalars, TLR's LR) lives: the params'
+    device, float64 when any param is float64, else float32."""
+    device = params[0].device if params else torch.device("cpu")
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return device, dtype
+
+
 def _lr_scale(group: dict[str, Any]) -> float:
     """s_t = group["lr"] / group["initial_lr"]: how much a scheduler scales the learned LR."""
     lr = group["lr"]
@@ -124,10 +132,7 @@ class HDOptimizer(Optimizer):
 
     @staticmethod
     def _hyper_device_dtype(group: dict[str, Any]) -> tuple[torch.device, torch.dtype]:
-        params = group["params"]
-        device = params[0].device if params else torch.device("cpu")
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        return device, dtype
+        return hyper_device_dtype(group["params"])
 
     def _init_hyper_state(self, group: dict[str, Any]) -> None:
         device, dtype = self._hyper_device_dtype(group)

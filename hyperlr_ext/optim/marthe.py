@@ -28,7 +28,7 @@ from hyperlr_ext.functional.marthe import (
     tensor_list_dot,
 )
 from hyperlr_ext.optim._checks import check_bool, check_choice, check_number, check_optional_bool
-from hyperlr_ext.optim._hd_base import _lr_scale
+from hyperlr_ext.optim._hd_base import _lr_scale, hyper_device_dtype
 from hyperlr_ext.optim._sharded import mesh_group as mesh_group_or_none
 from hyperlr_ext.optim._state_check import check_state_dict, check_state_matches_params
 
@@ -181,9 +181,7 @@ class MARTHE(Optimizer):
     @staticmethod
     def _init_group(group: dict[str, Any]) -> None:
         """Create the group's hyper-state where missing, on the params' device (no value read)."""
-        params = group["params"]
-        device = params[0].device if params else torch.device("cpu")
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        device, dtype = hyper_device_dtype(group["params"])
         group.setdefault("initial_lr", group["lr"])
         initial = {
             "learned_lr": group["lr"], "effective_lr": group["lr"], "hypergrad": 0.0,

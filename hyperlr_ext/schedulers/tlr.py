@@ -18,13 +18,10 @@ from torch.optim.lr_scheduler import LRScheduler
 from hyperlr_ext._dispatch import check_fused_params, check_fused_request, choose_implementation
 from hyperlr_ext.functional.tlr import fused_tlr_window_, tlr_rule_, tlr_window_
 from hyperlr_ext.optim._checks import check_number, check_optional_bool
+from hyperlr_ext.optim._hd_base import hyper_device_dtype
 from hyperlr_ext.optim._sharded import local_shards, mesh_group
 
 __all__ = ["TLR"]
-
-
-def _acc_dtype(params: list[Tensor]) -> torch.dtype:
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
 class TLR(LRScheduler):
@@ -149,7 +146,7 @@ class TLR(LRScheduler):
             params = group["params"]
             if not params:
                 continue
-            dtype, device = _acc_dtype(params), params[0].device
+            device, dtype = hyper_device_dtype(params)
             group_lr = group["lr"]
             if isinstance(group_lr, Tensor):
                 lr = group_lr.detach().to(device=device, dtype=dtype, copy=True)
