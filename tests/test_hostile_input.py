@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
+from sync_guard import NoSync
 
 import hyperlr_ext as hx
 
@@ -139,13 +139,6 @@ def test_dtype_change_after_construction_is_refused_without_change(name):
     step()
 
 
-class _NoSync(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            raise AssertionError("host-device sync inside step()")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize(
     "impl", [dict(), dict(foreach=True), dict(foreach=False, fused=False)],
     ids=["default", "foreach", "loop"],
@@ -164,7 +157,7 @@ def test_skip_nonfinite_leaves_everything_unchanged_without_a_sync(name, impl, b
     def step(scale):
         opt.zero_grad()
         (model(x).pow(2).mean() * scale).backward()
-        with _NoSync():
+        with NoSync():
             opt.step()
 
     step(1.0)

@@ -14,8 +14,8 @@ import copy
 
 import pytest
 import torch
+from sync_guard import NoSync
 from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import hyperlr_ext as hx
 
@@ -277,20 +277,13 @@ def test_lr_stays_non_negative():
     assert lr >= 0 and (lr == 0 or opt.param_groups[0]["hypergrad"] < 0)
 
 
-class _NoSync(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            raise AssertionError("host-device sync inside step(): aten._local_scalar_dense")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mu", ["adaptive", 1.0])
 def test_step_never_syncs(mu):
     model = _model()
     opt = hx.MARTHE(model.parameters(), lr=0.05, hyper_lr=0.01, hyper_hyper_lr=0.1, mu=mu,
                     momentum=0.9)  # fmt: skip
     batches = _batches(4)
-    with _NoSync():
+    with NoSync():
         with pytest.raises(AssertionError, match="sync"):
             torch.ones(()).item()
         _run(opt, model, batches)
@@ -400,7 +393,7 @@ def test_adam_step_never_syncs(inner, fused):
     model = _model()
     opt = hx.MARTHE(model.parameters(), lr=0.01, hyper_lr=1e-4, hyper_hyper_lr=1e-3,
                     inner=inner, weight_decay=0.01, fused=fused)  # fmt: skip
-    with _NoSync():
+    with NoSync():
         _run(opt, model, _batches(4))
 
 

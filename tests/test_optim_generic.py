@@ -17,7 +17,7 @@ from optim_table import (
     skip_unless_impl,
     train,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
+from sync_guard import NoSync
 
 ROW_IDS = [row.name for row in ROWS]
 
@@ -264,13 +264,6 @@ def test_lr_never_negative(row, multiplicative):
     assert min(seen) == 0.0  # the clamp was exercised, not just never needed
 
 
-class _NoSync(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            raise AssertionError("host-device sync inside step(): aten._local_scalar_dense")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("row,cfg", ROW_CONFIGS, ids=ROW_CONFIG_IDS)
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_step_never_syncs(row, cfg, impl):
@@ -278,14 +271,14 @@ def test_step_never_syncs(row, cfg, impl):
     model = make_model()
     opt = row.cls(model.parameters(), **IMPLS[impl], **cfg)
     gen = torch.Generator().manual_seed(0)
-    with _NoSync():  # the mode itself: check it catches .item()
+    with NoSync():  # the mode itself: check it catches .item()
         with pytest.raises(AssertionError, match="sync"):
             torch.ones(()).item()
     for _ in range(3):
         x = torch.randn(8, 5, generator=gen, dtype=torch.float64)
         opt.zero_grad()
         model(x).pow(2).mean().backward()
-        with _NoSync():
+        with NoSync():
             opt.step(val_closure=lambda: model(x * 0.5).pow(2).mean())
 
 
