@@ -10,6 +10,7 @@ products over the ranks itself (one all-reduce each).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -63,23 +64,32 @@ def _train(model, opt, sched, rank=0, world=1):
 
 
 def _result(model, opt):
+    """The full weights (gathered from DTensor shards) and each group's LR."""
     lrs = [torch.as_tensor(g.get("learned_lr", g["lr"]), dtype=torch.float64) for g in
            opt.param_groups]  # fmt: skip
-    return [p.detach().clone() for p in model.parameters()] + lrs
+    weights = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return [w.detach().clone() for w in weights] + lrs
 
 
-def _worker(rank, world, name, port, path):
+@contextlib.contextmanager
+def _process_group(rank, world, port):
+    """This rank in a gloo group; torn down only after every rank is done with it."""
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
+        yield
+        dist.barrier()  # no rank tears the group down while another still uses it
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank, world, name, port, path):
+    with _process_group(rank, world, port):
         model = torch.nn.parallel.DistributedDataParallel(_model())
         opt, sched = _make(name, model.parameters())
         _train(model, opt, sched, rank, world)
         torch.save(_result(model.module, opt), f"{path}.{rank}")
-        dist.barrier()  # no rank tears the group down while another still uses it
-    finally:
-        dist.destroy_process_group()
 
 
 def _free_port():
@@ -109,12 +119,9 @@ def test_ddp_follows_the_single_process_trajectory(name, world, tmp_path):
 
 
 def _fsdp_worker(rank, world, name, port, path):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-        torch.set_num_threads(1)
+    with _process_group(rank, world, port):
         model = _model()
         fully_shard(model)
         opt, sched = _make(name, model.parameters())
@@ -136,13 +143,7 @@ def _fsdp_worker(rank, world, name, port, path):
 
         opt.step = counted_step
         _train(model, opt, sched, rank, world)
-        full = [p.full_tensor().detach().clone() for p in model.parameters()]
-        lrs = [torch.as_tensor(g.get("learned_lr", g["lr"]), dtype=torch.float64)
-               for g in opt.param_groups]  # fmt: skip
-        torch.save({"result": full + lrs, "all_reduces": len(calls)}, f"{path}.{rank}")
-        dist.barrier()  # no rank tears the group down while another still uses it
-    finally:
-        dist.destroy_process_group()
+        torch.save({"result": _result(model, opt), "all_reduces": len(calls)}, f"{path}.{rank}")
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -167,11 +168,9 @@ def test_fsdp2_follows_the_single_process_trajectory_with_one_all_reduce_per_ste
 
 
 def _fsdp_marthe_worker(rank, world, port, path):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard
 
+    with _process_group(rank, world, port):
         model = _model()
         fully_shard(model)
         try:
@@ -180,9 +179,6 @@ def _fsdp_marthe_worker(rank, world, port, path):
         except ValueError as error:
             message = str(error)
         torch.save({"message": message}, f"{path}.{rank}")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_marthe_refuses_fsdp2_parameters_clearly(tmp_path):
