@@ -58,3 +58,32 @@ def load_mnist_subset(n_test_per_class: int = N_TEST_PER_CLASS, seed: int = SPLI
         return x, torch.from_numpy(labels[idx].astype(np.int64))
 
     return Split(*tensors(train_idx), *tensors(test_idx_sorted))
+
+
+def load_digits_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 8x8 digits (shipped inside scikit-learn, no download): images as
+    float32 in [0, 1] of shape (n, 64), labels as int64."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    return x, torch.tensor(digits.target, dtype=torch.int64)
+
+
+def load_with_validation(data: str) -> dict[str, torch.Tensor]:
+    """Train / validation / test tensors of an embedded data set: ``"mnist"`` (the split above)
+    or ``"digits"`` (a seeded 500-image test set). The first 1/8 of the training images are held
+    out as the validation set of the methods that read one (RT-HPO, First-order (Val),
+    MLR-SNet's meta-training); the test images are never used for training or selection."""
+    if data == "mnist":
+        split = load_mnist_subset()
+        x_tr, y_tr, x_te, y_te = split.x_train, split.y_train, split.x_test, split.y_test
+    elif data == "digits":
+        x, y = load_digits_images()
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+        x_te, y_te, x_tr, y_tr = x[perm[:500]], y[perm[:500]], x[perm[500:]], y[perm[500:]]
+    else:
+        raise ValueError(f"unknown data set {data!r}: 'mnist' or 'digits'")
+    n_val = len(x_tr) // 8
+    return {"x_train": x_tr[n_val:], "y_train": y_tr[n_val:], "x_val": x_tr[:n_val],
+            "y_val": y_tr[:n_val], "x_test": x_te, "y_test": y_te}  # fmt: skip

@@ -55,11 +55,9 @@ def load_data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         split = load_mnist_subset()
         return split.x_train, split.y_train
     if name == "digits":
-        from sklearn.datasets import load_digits
+        from benchmarks.data import load_digits_images
 
-        digits = load_digits()
-        x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-        return x, torch.tensor(digits.target, dtype=torch.int64)
+        return load_digits_images()
     raise ValueError(f"unknown data set {name!r}")
 
 

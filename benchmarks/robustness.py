@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from benchmarks.data import load_with_validation
 from benchmarks.methods import METHOD_NAMES, Context, Method, method
 
 CACHE = Path(__file__).parent / ".cache"
@@ -52,29 +53,10 @@ TASKS = {
 
 
 def load_data(data: str, device: str) -> dict[str, torch.Tensor]:
-    """Train / validation / test tensors; the validation images (1/8) are held out of the
-    training images and feed the methods that read a validation loss (RT-HPO, First-order (Val),
-    MLR-SNet). Images keep their 2-D shape for the CNN (N, 1, H, W)."""
-    if data == "mnist":
-        from benchmarks.data import load_mnist_subset
-
-        split = load_mnist_subset()
-        x_tr, y_tr, x_te, y_te = split.x_train, split.y_train, split.x_test, split.y_test
-        side = 28
-    else:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-        y = torch.tensor(digits.target, dtype=torch.int64)
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-        x_te, y_te, x_tr, y_tr = x[perm[:500]], y[perm[:500]], x[perm[500:]], y[perm[500:]]
-        side = 8
-    n_val = len(x_tr) // 8
-    out = {"x_train": x_tr[n_val:], "y_train": y_tr[n_val:], "x_val": x_tr[:n_val],
-           "y_val": y_tr[:n_val], "x_test": x_te, "y_test": y_te}  # fmt: skip
-    out = {k: v.to(device) for k, v in out.items()}
-    out["side"] = torch.tensor(side)
+    """benchmarks/data.py's train / validation / test tensors on ``device``, and the image side
+    (28 for MNIST, 8 for digits) that the CNN reshapes to."""
+    out = {k: v.to(device) for k, v in load_with_validation(data).items()}
+    out["side"] = torch.tensor(28 if data == "mnist" else 8)
     return out
 
 

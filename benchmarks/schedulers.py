@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hyperlr_ext as hx
+from benchmarks.data import load_with_validation
 
 
 @dataclass(frozen=True)
@@ -64,22 +65,7 @@ QUICK = SchedulerConfig(seeds=(0,), lrs=(0.1,), epoch_scale=0.1)
 
 def load_task_data(task: Task) -> dict[str, torch.Tensor]:
     """Train / validation (held out of train, for meta-training) / test tensors."""
-    if task.data == "mnist":
-        from benchmarks.data import load_mnist_subset
-
-        split = load_mnist_subset()
-        x_tr, y_tr, x_te, y_te = split.x_train, split.y_train, split.x_test, split.y_test
-    else:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-        y = torch.tensor(digits.target, dtype=torch.int64)
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-        x_te, y_te, x_tr, y_tr = x[perm[:500]], y[perm[:500]], x[perm[500:]], y[perm[500:]]
-    n_val = len(x_tr) // 8
-    return {"x_train": x_tr[n_val:], "y_train": y_tr[n_val:], "x_val": x_tr[:n_val],
-            "y_val": y_tr[:n_val], "x_test": x_te, "y_test": y_te}  # fmt: skip
+    return load_with_validation(task.data)
 
 
 def make_model(task: Task, n_in: int) -> nn.Module:
