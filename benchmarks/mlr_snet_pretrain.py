@@ -5,8 +5,9 @@
 Each net is meta-trained online, as in the paper's Algorithm 1: SGD with momentum 0.9 and weight
 decay 5e-4 trains the model with the LR the net predicts from each training loss; every
 ``meta_every`` steps (about twice per epoch) the net takes an Adam step (lr 1e-3, weight decay
-1e-4) on a validation batch drawn from a held-out part of the training images. The test images
-are never used. The nets and how they were trained are listed in README.md ("MLR-SNet").
+1e-4) on a validation batch. Training and validation images are the split of
+``benchmarks.data.load_with_validation``, the one the scheduler benchmark uses: its test images
+are never seen here. The nets and how they were trained are listed in README.md ("MLR-SNet").
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hyperlr_ext as hx
+from benchmarks.data import load_with_validation
 
 # The source tree's package data (not the installed copy): the nets are committed from here.
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "hyperlr_ext" / "pretrained"
@@ -35,7 +37,6 @@ class PretrainConfig:
     model: str  # "mlp" or "logreg"
     epochs: int = 30
     batch_size: int = 100
-    n_val: int = 500  # training images held out as the validation set of meta-training
     gamma: float = 1.0
     hidden_size: int = 50
     seed: int = 0
@@ -43,22 +44,8 @@ class PretrainConfig:
 
 CONFIGS = (
     PretrainConfig("mnist-mlp", "mnist", "mlp"),
-    PretrainConfig("digits-mlp", "digits", "mlp", epochs=60, batch_size=64, n_val=300),
+    PretrainConfig("digits-mlp", "digits", "mlp", epochs=60, batch_size=64),
 )
-
-
-def load_data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training images (float32, flattened, in [0, 1]) and labels of an embedded data set."""
-    if name == "mnist":
-        from benchmarks.data import load_mnist_subset
-
-        split = load_mnist_subset()
-        return split.x_train, split.y_train
-    if name == "digits":
-        from benchmarks.data import load_digits_images
-
-        return load_digits_images()
-    raise ValueError(f"unknown data set {name!r}")
 
 
 def make_model(kind: str, n_in: int) -> nn.Module:
@@ -72,11 +59,9 @@ def make_model(kind: str, n_in: int) -> nn.Module:
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Meta-train one net; returns its state and a record of the run."""
     torch.manual_seed(cfg.seed)
-    x, y = load_data(cfg.data)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
-    val_idx, train_idx = perm[: cfg.n_val], perm[cfg.n_val :]
-    x_val, y_val, x_tr, y_tr = x[val_idx], y[val_idx], x[train_idx], y[train_idx]
-    model = make_model(cfg.model, x.shape[1])
+    data = load_with_validation(cfg.data)
+    x_tr, y_tr, x_val, y_val = data["x_train"], data["y_train"], data["x_val"], data["y_val"]
+    model = make_model(cfg.model, x_tr.shape[1])
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     steps_per_epoch = len(x_tr) // cfg.batch_size
     meta_every = max(1, steps_per_epoch // 2)
@@ -102,7 +87,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         "hidden_size": cfg.hidden_size,
         "gamma": cfg.gamma,
         "input_scale": 1.0,
-        "trained_on": asdict(cfg) | {"meta_every": meta_every, "steps": len(lrs),
+        "trained_on": asdict(cfg) | {"n_train": len(x_tr), "n_val": len(x_val),
+                                     "meta_every": meta_every, "steps": len(lrs),
                                      "final_val_accuracy": val_acc},
         "lr_schedule": lrs[:: max(1, len(lrs) // 200)],
     }  # fmt: skip
