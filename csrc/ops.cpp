@@ -200,14 +200,15 @@ TORCH_LIBRARY(hyperlr_ext, m) {
       "tangent_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] hvps, "
       "Tensor(b!)[] momentum_buffers, Tensor(c!)[] z_params, Tensor(d!)[] z_buffers, "
       "Tensor(e!)[] directions, Tensor lr, Tensor mu, float lr_scale, float momentum, "
-      "float dampening, bool nesterov, float weight_decay, bool first_step) -> ()",
+      "float dampening, bool nesterov, float weight_decay, bool first_step, "
+      "Tensor? found_inf=None) -> ()",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "tangent_adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] hvps, "
       "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] z_params, "
       "Tensor(e!)[] z_exp_avgs, Tensor(f!)[] z_exp_avg_sqs, Tensor(g!)[] directions, "
       "Tensor lr, Tensor mu, Tensor step, float lr_scale, float beta1, float beta2, float eps, "
-      "float weight_decay, bool decoupled_weight_decay) -> ()",
+      "float weight_decay, bool decoupled_weight_decay, Tensor? found_inf=None) -> ()",
       {at::Tag::pt2_compliant_tag});
   // The fused TLR window end (csrc/tlr.h; hyperlr_ext/functional/tlr.py): u, the two sums and
   // the new snapshot in one pass; returns [<u_prev, u>, |u_prev|^2].

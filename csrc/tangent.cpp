@@ -66,6 +66,7 @@ void check_tangent_args(const TangentArgs& a) {
   if (adam) {
     check_scalar(op, "step", a.step, params[0]);
   }
+  check_amp_tensor(op, "found_inf", a.found_inf, params[0]);
 }
 
 std::array<std::vector<at::Tensor>, kNumTangentLists> contiguous_tangent_lists(

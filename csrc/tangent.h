@@ -5,16 +5,18 @@
 // math in tangent_math.h; Python side: hyperlr_ext/functional/_marthe_fused.py.
 //
 //   tangent_sgd_step_(params, grads, hvps, momentum_buffers, z_params, z_buffers, directions,
-//                     lr, mu, lr_scale, momentum, dampening, nesterov, weight_decay, first_step)
+//                     lr, mu, lr_scale, momentum, dampening, nesterov, weight_decay, first_step,
+//                     found_inf=None)
 //   tangent_adam_step_(params, grads, hvps, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs,
 //                      z_exp_avg_sqs, directions, lr, mu, step, lr_scale, beta1, beta2, eps,
-//                      weight_decay, decoupled_weight_decay)
+//                      weight_decay, decoupled_weight_decay, found_inf=None)
 //
 // hvps is empty when no Hessian product was computed (it then counts as 0); directions is empty
 // when d_t is not kept (only MARTHE's adaptive mu reads it); momentum_buffers and z_buffers are
 // empty exactly when momentum == 0. lr (the learned eta), mu and step (Adam's step
 // count t, already incremented) are 0-dim tensors on the params' device in float32 (float64 for
-// float64 params), read by the kernel: nothing is synchronised.
+// float64 params), read by the kernel: nothing is synchronised. found_inf (absent, or one float32
+// element on the params' device): when nonzero the op changes nothing (a skipped AMP step).
 #pragma once
 
 #include "tangent_math.h"
@@ -22,6 +24,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <array>
+#include <optional>
 #include <vector>
 
 namespace hyperlr {
@@ -50,6 +53,7 @@ struct TangentArgs {
   double eps = 1e-8;
   double weight_decay = 0.0;
   bool decoupled_weight_decay = false;
+  std::optional<at::Tensor> found_inf;
 };
 
 // Throws, naming the op and the argument, unless the lists and scalars fit (see above).
@@ -98,7 +102,7 @@ void tangent_sgd_step_op(at::TensorList params, at::TensorList grads, at::Tensor
                          at::TensorList z_buffers, at::TensorList directions,
                          const at::Tensor& lr, const at::Tensor& mu, double lr_scale,
                          double momentum, double dampening, bool nesterov, double weight_decay,
-                         bool first_step) {
+                         bool first_step, const std::optional<at::Tensor>& found_inf) {
   TangentArgs a;
   a.inner = TangentInner::kSgd;
   a.lists = {params, grads, hvps, momentum_buffers, at::TensorList(), z_params, z_buffers,
@@ -111,6 +115,7 @@ void tangent_sgd_step_op(at::TensorList params, at::TensorList grads, at::Tensor
   a.nesterov = nesterov;
   a.weight_decay = weight_decay;
   a.first_step = first_step;
+  a.found_inf = found_inf;
   kernel(a);
 }
 
@@ -121,7 +126,8 @@ void tangent_adam_step_op(at::TensorList params, at::TensorList grads, at::Tenso
                           at::TensorList z_exp_avg_sqs, at::TensorList directions,
                           const at::Tensor& lr, const at::Tensor& mu, const at::Tensor& step,
                           double lr_scale, double beta1, double beta2, double eps,
-                          double weight_decay, bool decoupled_weight_decay) {
+                          double weight_decay, bool decoupled_weight_decay,
+                          const std::optional<at::Tensor>& found_inf) {
   TangentArgs a;
   a.inner = TangentInner::kAdam;
   a.lists = {params, grads, hvps, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs,
@@ -135,6 +141,7 @@ void tangent_adam_step_op(at::TensorList params, at::TensorList grads, at::Tenso
   a.eps = eps;
   a.weight_decay = weight_decay;
   a.decoupled_weight_decay = decoupled_weight_decay;
+  a.found_inf = found_inf;
   kernel(a);
 }
 

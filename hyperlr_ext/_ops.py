@@ -285,7 +285,7 @@ def _check_tangent_scalars(op: str, *scalars: Tensor) -> None:
 
 def _tangent_sgd_step_fake(
     params, grads, hvps, momentum_buffers, z_params, z_buffers, directions, lr, mu, lr_scale,
-    momentum, dampening, nesterov, weight_decay, first_step,
+    momentum, dampening, nesterov, weight_decay, first_step, found_inf=None,
 ) -> None:  # fmt: skip
     _check_tangent_scalars("tangent_sgd_step_", lr, mu)
 
@@ -293,6 +293,7 @@ def _tangent_sgd_step_fake(
 def _tangent_adam_step_fake(
     params, grads, hvps, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs, directions,
     lr, mu, step, lr_scale, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+    found_inf=None,
 ) -> None:  # fmt: skip
     _check_tangent_scalars("tangent_adam_step_", lr, mu, step)
 

@@ -1,6 +1,7 @@
 // The fused tangent step on CUDA (csrc/tangent.h): one block per chunk (multi_tensor_apply.cuh),
 // each element through tangent_math.h, the arithmetic the CPU kernel runs. lr, mu and the step
 // count are read on the device; absent lists are stood in for by grads and never touched.
+#include "cuda/hd_reduce.cuh"
 #include "cuda/multi_tensor_apply.cuh"
 #include "ops.h"
 #include "tangent.h"
@@ -27,11 +28,15 @@ struct TangentParams {
   bool has_state;
   bool has_direction;
   bool first_step;
+  const float* found_inf;  // null without AMP
 };
 
 template <typename scalar_t, typename acc_t, TangentInner kInner>
 struct TangentFunctor {
   __device__ void operator()(const Chunk<kNumTangentLists>& chunk, TangentParams<acc_t> p) const {
+    if (math::skips_step(p.found_inf)) {
+      return;
+    }
     scalar_t* param = chunk.template data<scalar_t>(kParams);
     const scalar_t* grad = chunk.template data<const scalar_t>(kGrads);
     const scalar_t* hvp = chunk.template data<const scalar_t>(kHvps);
@@ -95,6 +100,7 @@ void run_cuda(const TangentArgs& a) {
   p.has_state = !t[kState0].empty();
   p.has_direction = !t[kDirections].empty();
   p.first_step = a.first_step;
+  p.found_inf = float_ptr_or_null(a.found_inf);
   std::array<at::TensorList, kNumTangentLists> lists;
   for (int list = 0; list < kNumTangentLists; ++list) {
     lists[list] = t[list].empty() ? at::TensorList(t[kGrads]) : at::TensorList(t[list]);

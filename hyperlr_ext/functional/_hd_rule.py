@@ -26,6 +26,7 @@ from torch import Tensor
 
 __all__ = [
     "FoundInfGuard",
+    "nonfinite_check_",
     "apply_steps_",
     "decayed_grads",
     "update_learned_lrs_",
@@ -225,6 +226,28 @@ def unscaled_grads(grads: list[Tensor], grad_scale: Tensor | None) -> list[Tenso
         return grads
     inv_scale = grad_scale.reciprocal().reshape(())
     return [g * inv_scale for g in grads]
+
+
+def nonfinite_check_(tensors: list[Tensor], inv_scale: Tensor | None = None) -> Tensor:
+    """Multiplies every tensor by ``inv_scale`` (a 0-dim float32 tensor; 1 when None) in place and
+    returns a float32 flag of one element on the first tensor's device, nonzero when any value is
+    inf or NaN. torch's own fused check (the one GradScaler runs), per device and dtype; the
+    flags of other devices are added on the device, never read on the host."""
+    flags = []
+    for device in dict.fromkeys(t.device for t in tensors):
+        on_device = [t for t in tensors if t.device == device]
+        flag = torch.zeros(1, dtype=torch.float32, device=device)
+        inv = torch.ones(1, dtype=torch.float32, device=device) if inv_scale is None else (
+            inv_scale.to(device=device, dtype=torch.float32).reshape(1))  # fmt: skip
+        for dtype in dict.fromkeys(t.dtype for t in on_device):
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                [t for t in on_device if t.dtype == dtype], flag, inv
+            )
+        flags.append(flag)
+    first = flags[0]
+    for other in flags[1:]:
+        first = first + other.to(first.device, non_blocking=True)
+    return first
 
 
 class FoundInfGuard:

@@ -35,11 +35,12 @@ def fused_sgd_tangent_step_(
     nesterov: bool,
     weight_decay: float,
     first_step: bool,
+    found_inf: Tensor | None = None,
 ) -> None:
     """``sgd_tangent_step_`` by the compiled one-pass kernel (same arguments, same results)."""
     torch.ops.hyperlr_ext.tangent_sgd_step_(
         params, grads, hvps, momentum_buffers, z_params, z_buffers, directions, lr, mu,
-        lr_scale, momentum, dampening, nesterov, weight_decay, first_step,
+        lr_scale, momentum, dampening, nesterov, weight_decay, first_step, found_inf,
     )  # fmt: skip
 
 
@@ -63,10 +64,11 @@ def fused_adam_tangent_step_(
     eps: float,
     weight_decay: float,
     decoupled_weight_decay: bool,
+    found_inf: Tensor | None = None,
 ) -> None:
     """``adam_tangent_step_`` by the compiled one-pass kernel (same arguments, same results)."""
     torch.ops.hyperlr_ext.tangent_adam_step_(
         params, grads, hvps, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs,
         directions, lr, mu, step, lr_scale, beta1, beta2, eps, weight_decay,
-        decoupled_weight_decay,
+        decoupled_weight_decay, found_inf,
     )  # fmt: skip

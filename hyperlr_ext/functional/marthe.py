@@ -38,6 +38,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hyperlr_ext.functional._hd_rule import FoundInfGuard
+
 __all__ = [
     "adam_tangent_step_",
     "marthe_mu_",
@@ -91,6 +93,7 @@ def sgd_tangent_step_(
     nesterov: bool,
     weight_decay: float,
     first_step: bool,
+    found_inf: Tensor | None = None,
 ) -> None:
     """One torch.optim.SGD step and its tangent update, in place, for every tensor.
 
@@ -99,9 +102,23 @@ def sgd_tangent_step_(
     learned eta (0-dim, on the device) and ``mu`` the damping (0-dim). ``momentum_buffers`` and
     ``z_buffers`` are empty lists without momentum; on ``first_step`` the buffers are set to g~
     and H~ z as torch does. ``directions`` receives d_t (MARTHE's adaptive mu needs it next
-    step), or is an empty list when d_t is not kept.
+    step), or is an empty list when d_t is not kept. ``found_inf`` (AMP; a float32 tensor of one
+    element): when nonzero the call changes nothing (decided on the device, no host sync).
     Math in float32 (float64 for float64 tensors), results stored in the tensors' dtype.
     """
+    guard = FoundInfGuard(found_inf, [params, momentum_buffers, z_params, z_buffers, directions])
+    _sgd_tangent_step(
+        params, grads, hvps, momentum_buffers, z_params, z_buffers, directions, lr=lr, mu=mu,
+        lr_scale=lr_scale, momentum=momentum, dampening=dampening, nesterov=nesterov,
+        weight_decay=weight_decay, first_step=first_step,
+    )  # fmt: skip
+    guard.restore()
+
+
+def _sgd_tangent_step(
+    params, grads, hvps, momentum_buffers, z_params, z_buffers, directions, *, lr, mu, lr_scale,
+    momentum, dampening, nesterov, weight_decay, first_step,
+) -> None:  # fmt: skip
     acc = lr.dtype
     step_lr = lr * lr_scale
     has_momentum = momentum != 0
@@ -154,6 +171,7 @@ def adam_tangent_step_(
     eps: float,
     weight_decay: float,
     decoupled_weight_decay: bool,
+    found_inf: Tensor | None = None,
 ) -> None:
     """One torch.optim.Adam (or AdamW, ``decoupled_weight_decay``) step and its tangent update.
 
@@ -161,7 +179,22 @@ def adam_tangent_step_(
     already incremented, on the device), from which the bias corrections are formed. The moments
     start at zero as in torch, so the first step needs no special case. ``directions`` receives
     d_t = ratio (+ lambda w for AdamW), so that the step is w' = w - s eta d_t (or is empty).
+    ``found_inf`` as in :func:`sgd_tangent_step_` (the caller keeps ``step`` unchanged too).
     """
+    lists = [params, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs, directions]
+    guard = FoundInfGuard(found_inf, lists)
+    _adam_tangent_step(
+        params, grads, hvps, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs,
+        directions, lr=lr, mu=mu, step=step, lr_scale=lr_scale, beta1=beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+    )  # fmt: skip
+    guard.restore()
+
+
+def _adam_tangent_step(
+    params, grads, hvps, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs, directions,
+    *, lr, mu, step, lr_scale, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+) -> None:  # fmt: skip
     acc = lr.dtype
     step_lr = lr * lr_scale
     l2 = 0.0 if decoupled_weight_decay else weight_decay

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from hyperlr_ext._dispatch import check_fused_params, check_fused_request
+from hyperlr_ext.functional._hd_rule import nonfinite_check_
 from hyperlr_ext.optim._checks import (
     check_bool,
     check_choice,
@@ -294,21 +295,8 @@ class HDOptimizer(Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return None
-        flags = []
-        for device in dict.fromkeys(g.device for g in grads):
-            on_device = [g for g in grads if g.device == device]
-            flag = torch.zeros(1, dtype=torch.float32, device=device)
-            for dtype in dict.fromkeys(g.dtype for g in on_device):
-                torch._amp_foreach_non_finite_check_and_unscale_(
-                    [g for g in on_device if g.dtype == dtype], flag,
-                    torch.ones(1, dtype=torch.float32, device=device),
-                )  # fmt: skip
-            flags.append(flag)
-        first = flags[0]
-        for other in flags[1:]:
-            first = first + other.to(first.device, non_blocking=True)
-        self.nonfinite_step = first
-        return first
+        self.nonfinite_step = nonfinite_check_(grads)
+        return self.nonfinite_step
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[int], list[Tensor]]:
         """Indices and params of the group that have a gradient this step."""

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from hyperlr_ext._dispatch import check_fused_params, check_fused_request, choose_implementation
+from hyperlr_ext.functional._hd_rule import FoundInfGuard, nonfinite_check_
 from hyperlr_ext.functional._marthe_fused import (
     fused_adam_tangent_step_,
     fused_list_dot,
@@ -64,13 +65,21 @@ class MARTHE(Optimizer):
         fd_eps: the step of the finite difference, relative to |Z|.
         fused: the compiled one-pass tangent step (None: where it is the default, see
             hyperlr_ext/_dispatch.py; True: required; False: the pure-PyTorch reference).
+        distributed: average gradients and Hessian products over the ranks of the default
+            process group (None: when one is initialised with more than one rank).
+        skip_nonfinite: check the gradients and Hessian products for inf/NaN on the device and
+            skip a step that has any (nothing changes; ``nonfinite_step`` holds the flag). Always
+            on when ``step`` is given a ``scaler``.
 
-    ``step(closure, val_closure=None)``: ``closure()`` returns the training loss on the current
-    batch and must not call ``backward()``; ``val_closure()`` optionally returns a validation loss
-    (the objective E, RT-HPO). Without it E is the training objective (with its L2 term; AdamW's
-    decoupled decay is not part of it). Each group exposes device tensors ``learned_lr``,
-    ``effective_lr``, ``hypergrad`` (Delta = dE/d eta), ``learned_mu`` (mu) and
-    ``adapted_hyper_lr`` (beta).
+    ``step(closure, val_closure=None, *, scaler=None)``: ``closure()`` returns the training loss
+    on the current batch and must not call ``backward()``; ``val_closure()`` optionally returns a
+    validation loss (the objective E, RT-HPO). Without it E is the training objective (with its
+    L2 term; AdamW's decoupled decay is not part of it). Each group exposes device tensors
+    ``learned_lr``, ``effective_lr``, ``hypergrad`` (Delta = dE/d eta), ``learned_mu`` (mu) and
+    ``adapted_hyper_lr`` (beta). With a ``torch.amp.GradScaler`` as ``scaler``, the losses are
+    multiplied by its scale before differentiation, gradients and Hessian products are unscaled
+    and checked, and the scaler records the check: call ``scaler.update()`` after the step
+    (``scaler.step`` cannot be used: it refuses closures).
     """
 
     def __init__(
@@ -92,6 +101,7 @@ class MARTHE(Optimizer):
         fd_eps: float = 1e-4,
         fused: bool | None = None,
         distributed: bool | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         check_number("lr", lr, label="learning rate")
         check_number("hyper_lr", hyper_lr)
@@ -107,6 +117,7 @@ class MARTHE(Optimizer):
             check_number(f"betas[{index}]", beta, high=1.0, label="beta parameter at index "
                          f"{index}")  # fmt: skip
         check_bool("nesterov", nesterov)
+        check_bool("skip_nonfinite", skip_nonfinite)
         check_optional_bool("fused", fused)
         check_optional_bool("distributed", distributed)
         check_choice("hvp", hvp, ("autograd", "finite_difference"))
@@ -127,7 +138,7 @@ class MARTHE(Optimizer):
             lr=lr, hyper_lr=hyper_lr, inner=inner, momentum=momentum, dampening=dampening,
             nesterov=nesterov, betas=tuple(float(b) for b in betas), eps=eps,
             weight_decay=weight_decay, mu=mu, hyper_hyper_lr=hyper_hyper_lr, hvp=hvp,
-            fd_eps=fd_eps, fused=fused,
+            fd_eps=fd_eps, fused=fused, skip_nonfinite=skip_nonfinite,
         )  # fmt: skip
         super().__init__(params, defaults)
         self.distributed = distributed
@@ -195,6 +206,7 @@ class MARTHE(Optimizer):
             elif value.device != device or value.dtype != dtype:
                 group[key] = value.to(device=device, dtype=dtype)
         group.setdefault("hd_prev_scale", 1.0)
+        group.setdefault("skip_nonfinite", False)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's load; the group hyper-state then goes back to the params' devices. A
@@ -210,7 +222,12 @@ class MARTHE(Optimizer):
 
     # ------------------------------------------------------------------ gradients and HVPs
     @torch.compiler.disable  # autograd's own work (double backward cannot be compiled)
-    def _training_grads(self, closure: Callable[[], Tensor], params: list[Tensor], graph: bool):
+    def _training_grads(
+        self, closure: Callable[[], Tensor], params: list[Tensor], graph: bool,
+        scale: Tensor | None = None,
+    ):  # fmt: skip
+        """The loss and its gradients (with a graph for the Hessian product when ``graph``), of
+        the loss times ``scale`` when given (AMP; the returned loss is unscaled)."""
         before = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
         with torch.enable_grad():
             loss = closure()
@@ -232,11 +249,20 @@ class MARTHE(Optimizer):
         if not loss.requires_grad:
             raise ValueError("closure returned a loss that does not require grad")
         with torch.enable_grad():
-            grads = torch.autograd.grad(
-                loss.reshape(()), params, create_graph=graph, allow_unused=True
-            )
+            scaled = loss.reshape(()) if scale is None else loss.reshape(()) * scale
+            grads = torch.autograd.grad(scaled, params, create_graph=graph, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         return loss.detach(), grads
+
+    @torch.compiler.disable  # autograd's own work
+    def _validation_grads(self, val_closure, params, scale: Tensor | None):
+        """Gradients of the validation loss (times ``scale`` when given)."""
+        with torch.enable_grad():
+            val_loss = val_closure().reshape(())
+            if scale is not None:
+                val_loss = val_loss * scale
+            grads = torch.autograd.grad(val_loss, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
     @torch.compiler.disable  # autograd's own work (double backward cannot be compiled)
     def _hvp_autograd(self, grads: list[Tensor], params: list[Tensor], z: list[Tensor]):
@@ -271,7 +297,7 @@ class MARTHE(Optimizer):
         return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, out)]
 
     @torch.compiler.disable  # autograd's own work (double backward cannot be compiled)
-    def _hvp_finite_difference(self, closure, params, z, fd_eps):
+    def _hvp_finite_difference(self, closure, params, z, fd_eps, scale=None):
         """H z ~ (g(w + e z) - g(w - e z)) / (2 e), e = fd_eps / max(|z|, tiny) (no host sync)."""
         dtype = params[0].dtype
         norm = torch.sqrt(tensor_list_dot(z, z, dtype)).clamp_min(torch.finfo(dtype).tiny)
@@ -281,7 +307,7 @@ class MARTHE(Optimizer):
             with torch.no_grad():
                 for p, v in zip(params, z):
                     p.add_(sign * eps * v)
-            _, g = self._training_grads(closure, params, graph=False)
+            _, g = self._training_grads(closure, params, graph=False, scale=scale)
             with torch.no_grad():
                 for p, v in zip(params, z):
                     p.sub_(sign * eps * v)
@@ -290,38 +316,118 @@ class MARTHE(Optimizer):
 
     # ------------------------------------------------------------------ the step
     def step(  # type: ignore[override]
-        self, closure: Callable[[], Tensor], val_closure: Callable[[], Tensor] | None = None
+        self,
+        closure: Callable[[], Tensor],
+        val_closure: Callable[[], Tensor] | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> Tensor:
-        """One step; returns the training loss the closure computed (detached)."""
+        """One step; returns the training loss the closure computed (detached, unscaled).
+
+        Every gradient and Hessian product is formed before anything changes, so that a step
+        skipped for inf/NaN values (``scaler`` or ``skip_nonfinite``) leaves the weights, the
+        tangents, the buffers and the LR state as they were, decided on the device.
+        """
         if closure is None:
             raise ValueError("MARTHE/RTHO need a closure returning the training loss")
         groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
         params = [p for _, ps in groups for p in ps]
         check_state_matches_params(type(self).__name__, params, self.state)
+        if not params:
+            return self._training_grads(closure, params, graph=False)[0]
+        scale = self._loss_scale(scaler, params[0].device)
         needs_hvp = any(self._needs_hvp(g, ps) for g, ps in groups)
         autograd_hvp = needs_hvp and any(g["hvp"] == "autograd" for g, _ in groups)
-        loss, grads = self._training_grads(closure, params, graph=autograd_hvp)
+        loss, grads = self._training_grads(closure, params, graph=autograd_hvp, scale=scale)
         world = self._world()
         # The step uses the gradients averaged over ranks (as DDP would give them); `grads` keep
         # their graph for the Hessian product.
         step_grads = self._all_reduce_mean([g.detach() for g in grads], world)
         val_grads = None
         if val_closure is not None:
-            with torch.enable_grad():
-                val_loss = val_closure()
-                val_grads = torch.autograd.grad(val_loss.reshape(()), params, allow_unused=True)
-            val_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, val_grads)]
+            val_grads = self._validation_grads(val_closure, params, scale)
             val_grads = self._all_reduce_mean(val_grads, world)
+        hvps = self._hessian_products(groups, grads, closure, world, scale)
+        found_inf = None
+        if scale is not None or any(g["skip_nonfinite"] for g, _ in groups):
+            # Unscaled copies (the gradients keep their graph untouched), checked in the same
+            # pass; averaged over ranks already, so every rank takes the same decision.
+            inv_scale = None if scale is None else scale.double().reciprocal().float()
+            checked = [t.clone() for t in step_grads + (val_grads or []) + hvps]
+            found_inf = nonfinite_check_(checked, inv_scale)
+            n, m = len(step_grads), len(val_grads or [])
+            step_grads, hvps = checked[:n], checked[n + m :]
+            val_grads = checked[n : n + m] if val_grads is not None else None
+            self.nonfinite_step = found_inf
         offset = 0
         for group, ps in groups:
             n = len(ps)
-            group_grads = grads[offset : offset + n]
-            group_step = step_grads[offset : offset + n]
-            group_val = None if val_grads is None else val_grads[offset : offset + n]
+            group_slice = slice(offset, offset + n)
             offset += n
             if ps:
-                self._step_group(group, ps, group_grads, group_step, group_val, closure, world)
+                self._step_group(
+                    group, ps, step_grads[group_slice],
+                    None if val_grads is None else val_grads[group_slice],
+                    hvps[group_slice] if hvps else [], found_inf,
+                )  # fmt: skip
+        if scale is not None:
+            self._record_found_inf(scaler, found_inf)
         return loss
+
+    def _loss_scale(self, scaler, device: torch.device) -> Tensor | None:
+        """GradScaler's current scale as a 0-dim float32 tensor on ``device`` (no host read), or
+        None without an enabled scaler."""
+        if scaler is None:
+            return None
+        if not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if not scaler.is_enabled():
+            return None
+        from torch.amp.grad_scaler import OptState
+
+        if scaler._per_optimizer_states[id(self)]["stage"] is not OptState.READY:
+            raise RuntimeError(
+                "MARTHE.step(scaler=...) was already called since the last scaler.update()"
+            )
+        return scaler.scale(torch.ones((), dtype=torch.float32, device=device))
+
+    def _record_found_inf(self, scaler, found_inf: Tensor) -> None:
+        """Hands the step's check to the scaler, as its own ``step`` would (GradScaler has no
+        public entry for an optimizer that forms its own gradients), so that
+        ``scaler.update()`` backs off or grows the scale."""
+        from torch.amp.grad_scaler import OptState
+
+        state = scaler._per_optimizer_states[id(self)]
+        state["found_inf_per_device"] = {found_inf.device: found_inf}
+        state["stage"] = OptState.STEPPED
+
+    def _hessian_products(self, groups, grads, closure, world, scale) -> list[Tensor]:
+        """H Z_w of the undamped tangent for every parameter, in the order of ``grads`` (zeros for
+        groups that need none: Z_w is 0 on their first step, or mu is fixed at 0); an empty list
+        when no group needs one. One double backward for all autograd groups."""
+        spans, offset = [], 0
+        for group, ps in groups:
+            started = bool(ps) and all("z_param" in self.state.get(p, {}) for p in ps)
+            spans.append((group, ps, slice(offset, offset + len(ps)), started and group["mu"] != 0))
+            offset += len(ps)
+        if not any(needed for *_, needed in spans):
+            return []
+        hvps: list[Tensor | None] = [None] * offset
+        autograd = [(ps, s) for group, ps, s, needed in spans
+                    if needed and group["hvp"] == "autograd"]  # fmt: skip
+        if autograd:
+            ps = [p for ps, _ in autograd for p in ps]
+            indices = [i for _, s in autograd for i in range(s.start, s.stop)]
+            z = [self.state[p]["z_param"] for p in ps]
+            for i, h in zip(indices, self._hvp_autograd([grads[i] for i in indices], ps, z)):
+                hvps[i] = h
+        for group, ps, s, needed in spans:
+            if needed and group["hvp"] == "finite_difference":
+                z = [self.state[p]["z_param"] for p in ps]
+                hvps[s] = self._hvp_finite_difference(closure, ps, z, group["fd_eps"], scale)
+        params = [p for _, ps in groups for p in ps]
+        hvps = [torch.zeros_like(p) if h is None else h for p, h in zip(params, hvps)]
+        return self._all_reduce_mean(hvps, world)
 
     def _needs_hvp(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         started = any("z_param" in self.state.get(p, {}) for p in params)
@@ -389,38 +495,34 @@ class MARTHE(Optimizer):
         group["hypergrad"].copy_(delta)
         group["prev_hypergrad"].copy_(delta)
 
-    def _step_group(self, group, params, grads, step_grads, val_grads, closure, world) -> None:
+    def _step_group(self, group, params, step_grads, val_grads, hvps, found_inf) -> None:
+        """Steps 1-6 of DESIGN.md §2 for one group. ``hvps``: H Z_w per tensor, or an empty list
+        when none was needed (it counts as 0). ``found_inf`` (AMP / skip_nonfinite): when
+        nonzero, every tensor the step writes is left with its bits (no host read)."""
         states = [self.state[p] for p in params]
         started = all("z_param" in s for s in states)
         algorithm = self._algorithm_of(group["inner"])
         implementation = choose_implementation(
             params, foreach=None, fused=group["fused"], algorithm=algorithm
         )
+        if found_inf is not None:
+            found_inf = found_inf.to(group["learned_lr"].device)
+        guard = FoundInfGuard(found_inf, [[group[key] for key in _GROUP_TENSORS]])
+        lr_scale = _lr_scale(group)
         with torch.no_grad():
-            detached = step_grads
             if started:
-                objective = self._objective(group, params, detached, val_grads)
+                objective = self._objective(group, params, step_grads, val_grads)
                 self._hyper_update(group, states, objective, implementation)
             else:
                 self._init_state(group, params)
-        z_params = [s["z_param"] for s in states]
-        # H Z_w of the undamped tangent (the step multiplies by mu); none is needed while Z_w is
-        # 0 (the first step) or mu is fixed at 0: an empty list counts as 0.
-        hvps: list[Tensor] = []
-        if started and group["mu"] != 0:
-            if group["hvp"] == "autograd":
-                hvps = self._hvp_autograd(grads, params, z_params)
-            else:
-                hvps = self._hvp_finite_difference(closure, params, z_params, group["fd_eps"])
-            hvps = self._all_reduce_mean(hvps, world)
-        lr_scale = _lr_scale(group)
-        with torch.no_grad():
-            self._inner_step(group, params, detached, hvps, states, lr_scale, started,
-                             implementation)  # fmt: skip
+            self._inner_step(group, params, step_grads, hvps, states, lr_scale, started,
+                             implementation, found_inf)  # fmt: skip
             group["effective_lr"].copy_(group["learned_lr"] * lr_scale)
+            guard.restore()
             group["hd_prev_scale"] = lr_scale
 
-    def _inner_step(self, group, params, grads, hvps, states, lr_scale, started, implementation):
+    def _inner_step(self, group, params, grads, hvps, states, lr_scale, started, implementation,
+                    found_inf):  # fmt: skip
         """The inner step and the tangent update of every state buffer (one fused pass, or the
         reference with the same signature)."""
         lr, mu = group["learned_lr"], group["learned_mu"]
@@ -443,10 +545,11 @@ class MARTHE(Optimizer):
                 params, grads, hvps, buffers, z_params, z_buffers, directions,
                 lr=lr, mu=mu, lr_scale=lr_scale, momentum=group["momentum"],
                 dampening=group["dampening"], nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"], first_step=not started,
+                weight_decay=group["weight_decay"], first_step=not started, found_inf=found_inf,
             )  # fmt: skip
             return
         steps = [s["step"] for s in states]
+        step_guard = FoundInfGuard(found_inf, [steps])
         torch._foreach_add_(steps, 1.0)
         beta1, beta2 = group["betas"]
         step = fused_adam_tangent_step_ if fused else adam_tangent_step_
@@ -456,8 +559,9 @@ class MARTHE(Optimizer):
             [s["z_exp_avg"] for s in states], [s["z_exp_avg_sq"] for s in states], directions,
             lr=lr, mu=mu, step=steps[0], lr_scale=lr_scale, beta1=beta1, beta2=beta2,
             eps=group["eps"], weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["inner"] == "adamw",
+            decoupled_weight_decay=group["inner"] == "adamw", found_inf=found_inf,
         )  # fmt: skip
+        step_guard.restore()
 
     # ------------------------------------------------------------------ selecting beta
     @classmethod
