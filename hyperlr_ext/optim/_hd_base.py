@@ -279,6 +279,8 @@ class HDOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None and any(g.get("skip_nonfinite") for g in self.param_groups):
             found_inf = self._nonfinite_flag()
+        # This step's skip flag (GradScaler's or ours) for schedulers that read it (MLR-SNet).
+        self.nonfinite_step = found_inf
         self._amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": found_inf}
         try:
             for group in self.param_groups:

@@ -348,7 +348,7 @@ class MARTHE(Optimizer):
             val_grads = self._validation_grads(val_closure, params, scale)
             val_grads = self._all_reduce_mean(val_grads, world)
         hvps = self._hessian_products(groups, grads, closure, world, scale)
-        found_inf = None
+        found_inf = self.nonfinite_step = None
         if scale is not None or any(g["skip_nonfinite"] for g, _ in groups):
             # Unscaled copies (the gradients keep their graph untouched), checked in the same
             # pass; averaged over ranks already, so every rank takes the same decision.

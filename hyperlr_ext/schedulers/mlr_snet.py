@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from hyperlr_ext.optim._checks import check_bool, check_number
+from hyperlr_ext.schedulers._step_tracker import StepTracker
 
 __all__ = ["MLRSNet", "MLRSNetModule", "PRETRAINED_DIR"]
 
@@ -99,6 +100,11 @@ class MLRSNet(LRScheduler):
     (w_before - w_after) / LR_applied, and the next LR is predicted by the updated net. The LR
     is written to ``group["lr"]``: in place when it is a tensor, else as a float (one host read
     per step). ``last_hypergrad`` holds the last meta-hypergradient (a tensor).
+
+    Skipped steps change nothing: a step ``torch.amp.GradScaler`` skipped (``optimizer.step()``
+    was not called) is not counted at all; a non-finite loss, or a step our optimizers skipped
+    on the device (their ``nonfinite_step`` flag), leaves the LSTM state, the LR and the net's
+    weights as they were (selected on the device; only the step counts advance).
     """
 
     def __init__(
@@ -149,6 +155,7 @@ class MLRSNet(LRScheduler):
         self.last_hypergrad = torch.zeros((), device=device)
         self.phases: list[list[Any]] = []  # [first step, net state_dict] of later phases
         super().__init__(optimizer, last_epoch)
+        self._tracker = StepTracker(optimizer)  # after the initial step, which it must not see
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -211,7 +218,7 @@ class MLRSNet(LRScheduler):
         numbers and lists only: loads with torch.load(weights_only=True))."""
         state = {
             k: v for k, v in self.__dict__.items()
-            if k not in ("optimizer", "net", "meta_optimizer", "lstm_state")
+            if k not in ("optimizer", "net", "meta_optimizer", "lstm_state", "_tracker")
         }  # fmt: skip
         state["net"] = self.net.state_dict()
         state["hidden_size"] = self.net.hidden_size
@@ -274,13 +281,20 @@ class MLRSNet(LRScheduler):
         if loss_t.numel() != 1:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss_t.shape)}")
         x = loss_t.reshape(()).to(self.net.head.weight.device, torch.float32) * self.input_scale
+        tracker = getattr(self, "_tracker", None)
+        if tracker is not None and not tracker.ran():
+            return  # the optimizer did not step (GradScaler skipped it): nothing changes
+        # An optimizer that skipped the step on the device (ours under GradScaler or with
+        # skip_nonfinite) says so in `nonfinite_step`; that step is treated as a non-finite loss.
+        skipped = getattr(self.optimizer, "nonfinite_step", None)
+        skipped = None if not isinstance(skipped, Tensor) else skipped.reshape(()).to(x.device) != 0
         self._step_count += 1
         self.last_epoch += 1
         self.steps += 1
         if self.train and val_closure is not None:
             self.val_steps += 1
             if self.val_steps % self.meta_every == 0 and self.snapshot is not None:
-                self._meta_step(val_closure)
+                self._meta_step(val_closure, skipped)
         while self.phases and self.steps >= self.phases[0][0]:
             self.net.load_state_dict(self.phases.pop(0)[1])  # the next phase's net
         state = self.lstm_state
@@ -289,7 +303,7 @@ class MLRSNet(LRScheduler):
             if self.last_p is not None:
                 # A non-finite loss (a diverging or AMP-skipped step) leaves the LSTM, the LR
                 # and the inputs of the next meta step as they were: selected on the device.
-                finite = torch.isfinite(x)
+                finite = torch.isfinite(x) if skipped is None else torch.isfinite(x) & ~skipped
                 p = torch.where(finite, p, self.last_p)
                 new_state = tuple(torch.where(finite, n, o) for n, o in zip(new_state, state))
                 previous = self.last_input if self.last_input is not None else torch.zeros_like(x)
@@ -305,7 +319,7 @@ class MLRSNet(LRScheduler):
         self.snapshot = [t.detach().clone() for t in self._params()] if upcoming else None
         self._last_lr = self.get_lr()
 
-    def _meta_step(self, val_closure: Callable[[], Tensor]) -> None:
+    def _meta_step(self, val_closure: Callable[[], Tensor], skipped: Tensor | None) -> None:
         """One Adam step on the net's weights for the step that just ran, w' = w - LR d:
         dL_val(w')/dLR = -<grad L_val(w'), d> with d = (w_before - w') / LR (detached), times
         dLR/dtheta through the net's forward that produced LR (the scalar chain rule)."""
@@ -320,8 +334,12 @@ class MLRSNet(LRScheduler):
             if g is not None:
                 hypergrad = hypergrad - torch.dot(g.reshape(-1).double(), d.reshape(-1).double())
         self.last_hypergrad = hypergrad.detach()
-        # A diverged validation loss: no meta step (one host read, at meta-training steps only).
-        if not bool(torch.isfinite(hypergrad)):
+        # A diverged validation loss or a step skipped on the device: no meta step (one host
+        # read, at meta-training steps only).
+        ok = torch.isfinite(hypergrad)
+        if skipped is not None:
+            ok = ok & ~skipped.to(ok.device)
+        if not bool(ok):
             return
         with torch.enable_grad():
             if self.last_input is None:  # the first LR, from the initial state alone

@@ -20,6 +20,7 @@ from hyperlr_ext.functional.tlr import fused_tlr_window_, tlr_rule_, tlr_window_
 from hyperlr_ext.optim._checks import check_number, check_optional_bool
 from hyperlr_ext.optim._hd_base import hyper_device_dtype
 from hyperlr_ext.optim._sharded import local_shards, mesh_group
+from hyperlr_ext.schedulers._step_tracker import StepTracker
 
 __all__ = ["TLR"]
 
@@ -44,6 +45,11 @@ class TLR(LRScheduler):
     of the second window. The new LR is written to ``group["lr"]``: in place when it is a tensor
     (no host sync at all), else as a float, which reads one number from the device per group
     once per window. Memory: a snapshot of the weights and the previous window's u.
+
+    A window counts the optimizer steps that ran: a step ``torch.amp.GradScaler`` skipped (it
+    does not call ``optimizer.step()``) changes nothing here either. (An optimizer that takes the
+    scaler's ``found_inf`` itself, such as ours with ``fused=True``, skips on the device; that
+    step counts as one of the window that did not move the weights.)
     """
 
     def __init__(
@@ -88,8 +94,16 @@ class TLR(LRScheduler):
         self.snapshots: list[list[Tensor]] = []
         self.prev_updates: list[list[Tensor]] = []
         super().__init__(optimizer, last_epoch)
+        self._tracker = StepTracker(optimizer)  # after the initial step, which it must not see
 
     # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """torch's scheduler state (the windows, snapshots and previous updates), without the
+        step tracker (a hook handle)."""
+        state = super().state_dict()
+        state.pop("_tracker", None)
+        return state
+
     def _ensure_buffers(self) -> None:
         """A snapshot (the current weights) and a zero u_prev per tensor, made once."""
         groups = self.optimizer.param_groups
@@ -128,6 +142,9 @@ class TLR(LRScheduler):
         """Count one optimizer step; at the end of a window, update every group's LR."""
         if epoch is not None:
             raise ValueError("TLR.step() takes no epoch: call it once after every optimizer step")
+        tracker = getattr(self, "_tracker", None)
+        if tracker is not None and not tracker.ran():
+            return  # the optimizer did not step (GradScaler skipped it): nothing to count
         self._step_count += 1
         self._ensure_buffers()
         if self.last_epoch < 0:  # the call from LRScheduler.__init__: nothing has moved yet
