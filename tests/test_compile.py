@@ -77,7 +77,7 @@ def test_compiled_marthe_step_matches_eager_and_breaks_only_at_autograd(inner):
     # The training gradient and the Hessian-vector product are autograd's work (like backward()
     # in a compiled training step), kept out of the graph on purpose: torch.compile cannot
     # double-backward through a compiled forward. Nothing else breaks the graph.
-    autograd_parts = ("_training_grads", "_hvp_autograd", "torch.autograd.grad")
+    autograd_parts = ("loss_grads", "hvp_autograd", "torch.autograd.grad")
     assert all(any(part in r for part in autograd_parts) for r in reasons), reasons
     assert explanation.graph_break_count <= 2
 

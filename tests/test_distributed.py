@@ -1,7 +1,8 @@
 """Distributed training with an existing engine (torch.distributed, gloo on CPU): DDP runs of
-SGDHD, AdamHD, TLR and MARTHE, and FSDP2 (fully_shard, DTensor shards) runs of SGDHD, AdamHD, TLR,
-over 2 and 4 processes follow the single-process trajectory (float64). Under FSDP2 the partial
-dot products of all tensors are summed by exactly one all-reduce per step, on every rank.
+SGDHD, AdamHD, TLR and MARTHE, and FSDP2 (fully_shard, DTensor shards) runs of SGDHD, AdamHD, TLR
+and MARTHE (finite-difference Hessian products), over 2 and 4 processes follow the
+single-process trajectory (float64). Under FSDP2 the partial dot products of all tensors are
+summed by exactly one all-reduce per step, on every rank.
 DDP all-reduces the gradients before ``step()``, so every rank's HD optimizer sees the
 full-batch gradient and takes the same step. MARTHE differentiates the closure's loss with
 torch.autograd.grad, which DDP's hooks do not see: it averages its gradients and Hessian
@@ -32,15 +33,25 @@ def _model():
     ).double()
 
 
-def _batch(t):
+INF_STEP = 4  # the "-skip" runs get an inf input here, in rank 0's share of the batch
+
+
+def _batch(t, name=""):
     gen = torch.Generator().manual_seed(t)
     x = torch.randn(BATCH, 4, generator=gen, dtype=torch.float64)
+    if name.endswith("-skip") and t == INF_STEP:
+        x[0, 0] = float("inf")
     return x, torch.randn(BATCH, 2, generator=gen, dtype=torch.float64)
 
 
 def _make(name, params):
-    if name == "MARTHE":
-        return hx.MARTHE(params, lr=0.05, hyper_lr=1e-2, hyper_hyper_lr=1e-3, momentum=0.9), None
+    if name.startswith("MARTHE"):
+        settings = dict(lr=0.05, hyper_lr=1e-2, hyper_hyper_lr=1e-3, momentum=0.9)
+        if "-FD" in name:
+            settings["hvp"] = "finite_difference"
+        if name.endswith("-skip"):
+            settings["skip_nonfinite"] = True
+        return hx.MARTHE(params, **settings), None
     if name == "SGDHD":
         return hx.SGDHD(params, lr=0.05, hyper_lr=1e-2, momentum=0.9), None
     if name == "AdamHD":
@@ -50,8 +61,9 @@ def _make(name, params):
 
 
 def _train(model, opt, sched, rank=0, world=1):
+    name = type(opt).__name__ + ("-skip" if opt.param_groups[0].get("skip_nonfinite") else "")
     for t in range(STEPS):
-        x, y = _batch(t)
+        x, y = _batch(t, name)
         x, y = x[rank::world], y[rank::world]
         if isinstance(opt, hx.MARTHE):
             opt.step(lambda x=x, y=y: torch.nn.functional.mse_loss(model(x), y))
@@ -99,7 +111,7 @@ def _free_port():
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("name", ["SGDHD", "AdamHD", "TLR", "MARTHE"])
+@pytest.mark.parametrize("name", ["SGDHD", "AdamHD", "TLR", "MARTHE", "MARTHE-FD"])
 def test_ddp_follows_the_single_process_trajectory(name, world, tmp_path):
     model = _model()
     opt, sched = _make(name, model.parameters())
@@ -147,7 +159,7 @@ def _fsdp_worker(rank, world, name, port, path):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("name", ["SGDHD", "AdamHD", "TLR"])
+@pytest.mark.parametrize("name", ["SGDHD", "AdamHD", "TLR", "MARTHE-FD", "MARTHE-FD-skip"])
 def test_fsdp2_follows_the_single_process_trajectory_with_one_all_reduce_per_step(
     name, world, tmp_path
 ):
@@ -161,8 +173,11 @@ def test_fsdp2_follows_the_single_process_trajectory_with_one_all_reduce_per_ste
     for rank in range(world):
         saved = torch.load(f"{path}.{rank}", weights_only=True)
         # HD: the partial sums, once per step, on every rank (TLR's torch.optim.SGD has none; the
-        # window ends add one each, outside the optimizer step).
-        assert saved["all_reduces"] == (0 if name == "TLR" else STEPS)
+        # window ends add one each, outside the optimizer step). MARTHE: its dot products (and
+        # |Z|^2 for the finite difference) once per step from the second on (the first has no
+        # tangent yet), plus the inf/NaN flag of every step with skip_nonfinite.
+        expected_reduces = {"TLR": 0, "MARTHE-FD": STEPS - 1, "MARTHE-FD-skip": 2 * STEPS - 1}
+        assert saved["all_reduces"] == expected_reduces.get(name, STEPS)
         for a, b in zip(saved["result"], expected):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -173,17 +188,20 @@ def _fsdp_marthe_worker(rank, world, port, path):
     with _process_group(rank, world, port):
         model = _model()
         fully_shard(model)
-        try:
-            hx.MARTHE(model.parameters(), lr=0.05, hyper_lr=1e-3)
-            message = ""
-        except ValueError as error:
-            message = str(error)
-        torch.save({"message": message}, f"{path}.{rank}")
+        messages = []
+        for settings in (dict(), dict(hvp="finite_difference", fused=True)):
+            try:
+                hx.MARTHE(model.parameters(), lr=0.05, hyper_lr=1e-3, **settings)
+                messages.append("")
+            except ValueError as error:
+                messages.append(str(error))
+        torch.save({"messages": messages}, f"{path}.{rank}")
 
 
-def test_marthe_refuses_fsdp2_parameters_clearly(tmp_path):
+def test_marthe_under_fsdp2_refuses_double_backward_and_fused_clearly(tmp_path):
     path = tmp_path / "result"
     mp.spawn(_fsdp_marthe_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
     for rank in range(2):
-        message = torch.load(f"{path}.{rank}", weights_only=True)["message"]
-        assert "DTensor (FSDP2)" in message and "Use DDP" in message
+        autograd, fused = torch.load(f"{path}.{rank}", weights_only=True)["messages"]
+        assert "FSDP2" in autograd and 'hvp="finite_difference"' in autograd
+        assert "fused=True does not support DTensor (FSDP2)" in fused

@@ -9,6 +9,7 @@ decay) or Adam's / AdamW's.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +31,16 @@ from hyperlr_ext.functional.marthe import (
 )
 from hyperlr_ext.optim._checks import check_bool, check_choice, check_number, check_optional_bool
 from hyperlr_ext.optim._hd_base import _lr_scale, hyper_device_dtype
+from hyperlr_ext.optim._marthe_grads import (
+    all_reduce_mean,
+    hvp_autograd,
+    hvp_finite_difference,
+    loss_grads,
+    loss_scale,
+    record_found_inf,
+    validation_grads,
+)
+from hyperlr_ext.optim._sharded import local_shards
 from hyperlr_ext.optim._sharded import mesh_group as mesh_group_or_none
 from hyperlr_ext.optim._state_check import check_state_dict, check_state_matches_params
 
@@ -44,6 +55,35 @@ _GROUP_TENSORS = (
     "learned_lr", "effective_lr", "hypergrad", "prev_hypergrad", "learned_mu", "mu_c",
     "adapted_hyper_lr",
 )  # fmt: skip
+
+
+def _algorithm_of(inner: str) -> str:
+    """The dispatch name of the fused tangent step for an inner optimizer."""
+    return "marthe_sgd" if inner == "sgd" else "marthe_adam"
+
+
+@dataclass
+class _Span:
+    """One param group's part of a step: its params that require grad, their slice of the step's
+    flat gradient lists, whether its tangents exist yet, whether it needs a Hessian product,
+    whether it holds DTensor shards (FSDP2), and which implementation steps it."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    indices: slice
+    started: bool
+    needs_hvp: bool
+    sharded: bool
+    implementation: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.sharded or not self.params:  # DTensor groups: the reference, on local shards
+            self.implementation = "reference"
+        else:
+            self.implementation = choose_implementation(
+                self.params, foreach=None, fused=self.group["fused"],
+                algorithm=_algorithm_of(self.group["inner"]),
+            )  # fmt: skip
 
 
 class MARTHE(Optimizer):
@@ -66,7 +106,11 @@ class MARTHE(Optimizer):
         fused: the compiled one-pass tangent step (None: where it is the default, see
             hyperlr_ext/_dispatch.py; True: required; False: the pure-PyTorch reference).
         distributed: average gradients and Hessian products over the ranks of the default
-            process group (None: when one is initialised with more than one rank).
+            process group, as DDP needs (None: when one is initialised with more than one
+            rank). DTensor parameters (FSDP2's ``fully_shard``) are handled apart: their
+            gradients come from ``backward()`` through FSDP2, the local shards step, and the
+            dot products take one all-reduce over the mesh; they need
+            ``hvp="finite_difference"`` (double backward cannot pass FSDP2's collectives).
         skip_nonfinite: check the gradients and Hessian products for inf/NaN on the device and
             skip a step that has any (nothing changes; ``nonfinite_step`` holds the flag). Always
             on when ``step`` is given a ``scaler``.
@@ -133,7 +177,7 @@ class MARTHE(Optimizer):
             raise ValueError(
                 f"momentum, dampening and nesterov are SGD settings; inner={inner!r} takes betas"
             )
-        check_fused_request(self._algorithm_of(inner), None, fused)
+        check_fused_request(_algorithm_of(inner), None, fused)
         defaults = dict(
             lr=lr, hyper_lr=hyper_lr, inner=inner, momentum=momentum, dampening=dampening,
             nesterov=nesterov, betas=tuple(float(b) for b in betas), eps=eps,
@@ -143,50 +187,30 @@ class MARTHE(Optimizer):
         super().__init__(params, defaults)
         self.distributed = distributed
 
-    def _world(self):
-        """The default process group when gradients must be averaged across ranks, else None.
-        MARTHE differentiates with torch.autograd.grad, which DDP's gradient hooks never see, so
-        it averages its gradients and Hessian products itself (one all-reduce each)."""
-        import torch.distributed as dist
-
-        active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if self.distributed is None:
-            return dist.group.WORLD if active else None
-        if self.distributed and not active:
-            raise RuntimeError("MARTHE(distributed=True) needs an initialised process group")
-        return dist.group.WORLD if self.distributed else None
-
-    @staticmethod
-    def _all_reduce_mean(tensors: list[Tensor], group) -> list[Tensor]:
-        """The mean over ranks of every tensor, through one all-reduce of a flat buffer."""
-        import torch.distributed as dist
-
-        if group is None or not tensors:
-            return tensors
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, group=group)
-        flat /= dist.get_world_size(group)
-        out, offset = [], 0
-        for t in tensors:
-            out.append(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        return out
-
-    @staticmethod
-    def _algorithm_of(inner: str) -> str:
-        return "marthe_sgd" if inner == "sgd" else "marthe_adam"
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if mesh_group_or_none(group["params"]) is not None:
+        sharded = mesh_group_or_none(group["params"]) is not None
+        if any((mesh_group_or_none(g["params"]) is not None) != sharded
+               for g in self.param_groups[:-1] if g["params"]):  # fmt: skip
             raise ValueError(
-                "MARTHE/RTHO do not support DTensor (FSDP2) parameters yet: their Hessian "
-                "products need double backward through FSDP2's all-gather. Use DDP, under which "
-                "they average their gradients and Hessian products themselves"
+                "MARTHE/RTHO: either every param group holds DTensor (FSDP2) parameters or none"
             )
-        if group["fused"]:
-            check_fused_params(self._algorithm_of(group["inner"]), group["params"])
+        if sharded:
+            if group["fused"]:
+                raise ValueError(
+                    "fused=True does not support DTensor (FSDP2) parameters; MARTHE steps their "
+                    "local shards with the pure-PyTorch path (fused=None or False)"
+                )
+            if group["hvp"] == "autograd" and group["mu"] != 0:
+                raise ValueError(
+                    'MARTHE/RTHO under FSDP2 (DTensor parameters) need hvp="finite_difference": '
+                    "a Hessian product by double backward would have to pass through FSDP2's "
+                    "all-gather and reduce-scatter, which autograd cannot differentiate (under "
+                    "DDP both work)"
+                )
+        elif group["fused"]:
+            check_fused_params(_algorithm_of(group["inner"]), group["params"])
         self._init_group(group)
 
     @staticmethod
@@ -220,100 +244,6 @@ class MARTHE(Optimizer):
         for group in self.param_groups:
             self._init_group(group)
 
-    # ------------------------------------------------------------------ gradients and HVPs
-    @torch.compiler.disable  # autograd's own work (double backward cannot be compiled)
-    def _training_grads(
-        self, closure: Callable[[], Tensor], params: list[Tensor], graph: bool,
-        scale: Tensor | None = None,
-    ):  # fmt: skip
-        """The loss and its gradients (with a graph for the Hessian product when ``graph``), of
-        the loss times ``scale`` when given (AMP; the returned loss is unscaled)."""
-        before = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
-        with torch.enable_grad():
-            loss = closure()
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError(
-                "closure must return the training loss as a scalar tensor, got "
-                + (
-                    f"shape {tuple(loss.shape)}"
-                    if isinstance(loss, Tensor)
-                    else type(loss).__name__
-                )
-            )
-        for p, (grad, version) in zip(params, before):
-            if p.grad is not grad or (grad is not None and grad._version != version):
-                raise ValueError(
-                    "closure must return the loss without calling backward(): MARTHE/RTHO "
-                    "differentiate it themselves (and a second time for the Hessian product)"
-                )
-        if not loss.requires_grad:
-            raise ValueError("closure returned a loss that does not require grad")
-        with torch.enable_grad():
-            scaled = loss.reshape(()) if scale is None else loss.reshape(()) * scale
-            grads = torch.autograd.grad(scaled, params, create_graph=graph, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        return loss.detach(), grads
-
-    @torch.compiler.disable  # autograd's own work
-    def _validation_grads(self, val_closure, params, scale: Tensor | None):
-        """Gradients of the validation loss (times ``scale`` when given)."""
-        with torch.enable_grad():
-            val_loss = val_closure().reshape(())
-            if scale is not None:
-                val_loss = val_loss * scale
-            grads = torch.autograd.grad(val_loss, params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-    @torch.compiler.disable  # autograd's own work (double backward cannot be compiled)
-    def _hvp_autograd(self, grads: list[Tensor], params: list[Tensor], z: list[Tensor]):
-        # A once_differentiable op leaves an error node in the gradient's graph, which autograd
-        # skips silently with allow_unused: refuse it here rather than use a zero Hessian.
-        # (Skipped under torch.compile, which cannot inspect grad_fn; the error then comes from
-        # autograd itself.)
-        if not torch.compiler.is_compiling() and any(
-            type(g.grad_fn).__name__ in ("Error", "DelayedError") for g in grads
-        ):
-            raise RuntimeError(
-                "MARTHE/RTHO need the Hessian-vector product, but the loss goes through an op "
-                "without double backward (once_differentiable); pass "
-                'hvp="finite_difference"'
-            )
-        # Gradients of params the loss does not reach are constant zeros: their rows of H are 0.
-        live = [i for i, g in enumerate(grads) if g.requires_grad]
-        if not live:
-            return [torch.zeros_like(p) for p in params]
-        try:
-            with torch.enable_grad():
-                out = torch.autograd.grad(
-                    [grads[i] for i in live], params, grad_outputs=[z[i] for i in live],
-                    retain_graph=True, allow_unused=True,
-                )  # fmt: skip
-        except RuntimeError as error:
-            raise RuntimeError(
-                "MARTHE/RTHO could not differentiate the gradient a second time (the Hessian-"
-                "vector product); this model may not support double backward: pass "
-                f'hvp="finite_difference". Original error: {error}'
-            ) from error
-        return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, out)]
-
-    @torch.compiler.disable  # autograd's own work (double backward cannot be compiled)
-    def _hvp_finite_difference(self, closure, params, z, fd_eps, scale=None):
-        """H z ~ (g(w + e z) - g(w - e z)) / (2 e), e = fd_eps / max(|z|, tiny) (no host sync)."""
-        dtype = params[0].dtype
-        norm = torch.sqrt(tensor_list_dot(z, z, dtype)).clamp_min(torch.finfo(dtype).tiny)
-        eps = fd_eps / norm
-        out = []
-        for sign in (1.0, -1.0):
-            with torch.no_grad():
-                for p, v in zip(params, z):
-                    p.add_(sign * eps * v)
-            _, g = self._training_grads(closure, params, graph=False, scale=scale)
-            with torch.no_grad():
-                for p, v in zip(params, z):
-                    p.sub_(sign * eps * v)
-            out.append(g)
-        return [(a - b) / (2 * eps) for a, b in zip(*out)]
-
     # ------------------------------------------------------------------ the step
     def step(  # type: ignore[override]
         self,
@@ -324,9 +254,9 @@ class MARTHE(Optimizer):
     ) -> Tensor:
         """One step; returns the training loss the closure computed (detached, unscaled).
 
-        Every gradient and Hessian product is formed before anything changes, so that a step
-        skipped for inf/NaN values (``scaler`` or ``skip_nonfinite``) leaves the weights, the
-        tangents, the buffers and the LR state as they were, decided on the device.
+        Every gradient, dot product and Hessian product is formed before anything changes, so
+        that a step skipped for inf/NaN values (``scaler`` or ``skip_nonfinite``) leaves the
+        weights, the tangents, the buffers and the LR state as they were, decided on the device.
         """
         if closure is None:
             raise ValueError("MARTHE/RTHO need a closure returning the training loss")
@@ -334,109 +264,140 @@ class MARTHE(Optimizer):
         params = [p for _, ps in groups for p in ps]
         check_state_matches_params(type(self).__name__, params, self.state)
         if not params:
-            return self._training_grads(closure, params, graph=False)[0]
-        scale = self._loss_scale(scaler, params[0].device)
-        needs_hvp = any(self._needs_hvp(g, ps) for g, ps in groups)
-        autograd_hvp = needs_hvp and any(g["hvp"] == "autograd" for g, _ in groups)
-        loss, grads = self._training_grads(closure, params, graph=autograd_hvp, scale=scale)
-        world = self._world()
-        # The step uses the gradients averaged over ranks (as DDP would give them); `grads` keep
-        # their graph for the Hessian product.
-        step_grads = self._all_reduce_mean([g.detach() for g in grads], world)
-        val_grads = None
-        if val_closure is not None:
-            val_grads = self._validation_grads(val_closure, params, scale)
-            val_grads = self._all_reduce_mean(val_grads, world)
-        hvps = self._hessian_products(groups, grads, closure, world, scale)
-        found_inf = self.nonfinite_step = None
-        if scale is not None or any(g["skip_nonfinite"] for g, _ in groups):
-            # Unscaled copies (the gradients keep their graph untouched), checked in the same
-            # pass; averaged over ranks already, so every rank takes the same decision.
-            inv_scale = None if scale is None else scale.double().reciprocal().float()
-            checked = [t.clone() for t in step_grads + (val_grads or []) + hvps]
-            found_inf = nonfinite_check_(checked, inv_scale)
-            n, m = len(step_grads), len(val_grads or [])
-            step_grads, hvps = checked[:n], checked[n + m :]
-            val_grads = checked[n : n + m] if val_grads is not None else None
-            self.nonfinite_step = found_inf
-        offset = 0
-        for group, ps in groups:
-            n = len(ps)
-            group_slice = slice(offset, offset + n)
-            offset += n
-            if ps:
-                self._step_group(
-                    group, ps, step_grads[group_slice],
-                    None if val_grads is None else val_grads[group_slice],
-                    hvps[group_slice] if hvps else [], found_inf,
-                )  # fmt: skip
-        if scale is not None:
-            self._record_found_inf(scaler, found_inf)
-        return loss
-
-    def _loss_scale(self, scaler, device: torch.device) -> Tensor | None:
-        """GradScaler's current scale as a 0-dim float32 tensor on ``device`` (no host read), or
-        None without an enabled scaler."""
-        if scaler is None:
-            return None
-        if not isinstance(scaler, torch.amp.GradScaler):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        if not scaler.is_enabled():
-            return None
-        from torch.amp.grad_scaler import OptState
-
-        if scaler._per_optimizer_states[id(self)]["stage"] is not OptState.READY:
-            raise RuntimeError(
-                "MARTHE.step(scaler=...) was already called since the last scaler.update()"
-            )
-        return scaler.scale(torch.ones((), dtype=torch.float32, device=device))
-
-    def _record_found_inf(self, scaler, found_inf: Tensor) -> None:
-        """Hands the step's check to the scaler, as its own ``step`` would (GradScaler has no
-        public entry for an optimizer that forms its own gradients), so that
-        ``scaler.update()`` backs off or grows the scale."""
-        from torch.amp.grad_scaler import OptState
-
-        state = scaler._per_optimizer_states[id(self)]
-        state["found_inf_per_device"] = {found_inf.device: found_inf}
-        state["stage"] = OptState.STEPPED
-
-    def _hessian_products(self, groups, grads, closure, world, scale) -> list[Tensor]:
-        """H Z_w of the undamped tangent for every parameter, in the order of ``grads`` (zeros for
-        groups that need none: Z_w is 0 on their first step, or mu is fixed at 0); an empty list
-        when no group needs one. One double backward for all autograd groups."""
+            with torch.enable_grad():
+                return closure().detach()
+        mesh = mesh_group_or_none(params)  # FSDP2: the local shards step, FSDP2 reduces grads
+        sharded = mesh is not None
+        world = None if sharded else self._world()
+        scale = loss_scale(scaler, self, params[0].device)
         spans, offset = [], 0
         for group, ps in groups:
             started = bool(ps) and all("z_param" in self.state.get(p, {}) for p in ps)
-            spans.append((group, ps, slice(offset, offset + len(ps)), started and group["mu"] != 0))
+            spans.append(_Span(group, ps, slice(offset, offset + len(ps)), started,
+                               started and group["mu"] != 0, sharded))  # fmt: skip
             offset += len(ps)
-        if not any(needed for *_, needed in spans):
-            return []
-        hvps: list[Tensor | None] = [None] * offset
-        autograd = [(ps, s) for group, ps, s, needed in spans
-                    if needed and group["hvp"] == "autograd"]  # fmt: skip
-        if autograd:
-            ps = [p for ps, _ in autograd for p in ps]
-            indices = [i for _, s in autograd for i in range(s.start, s.stop)]
-            z = [self.state[p]["z_param"] for p in ps]
-            for i, h in zip(indices, self._hvp_autograd([grads[i] for i in indices], ps, z)):
-                hvps[i] = h
-        for group, ps, s, needed in spans:
-            if needed and group["hvp"] == "finite_difference":
-                z = [self.state[p]["z_param"] for p in ps]
-                hvps[s] = self._hvp_finite_difference(closure, ps, z, group["fd_eps"], scale)
-        params = [p for _, ps in groups for p in ps]
-        hvps = [torch.zeros_like(p) if h is None else h for p, h in zip(params, hvps)]
-        return self._all_reduce_mean(hvps, world)
+        autograd_hvp = any(sp.needs_hvp and sp.group["hvp"] == "autograd" for sp in spans)
+        loss, grads = loss_grads(closure, params, graph=autograd_hvp, scale=scale,
+                                 by_backward=sharded)  # fmt: skip
+        # The step uses the gradients averaged over ranks (as DDP would give them; FSDP2's
+        # backward reduces them itself); `grads` keep their graph for the Hessian product.
+        step_grads = all_reduce_mean([g.detach() for g in grads], world)
+        val_grads = None
+        if val_closure is not None:
+            val_grads = validation_grads(val_closure, params, scale=scale, by_backward=sharded)
+            val_grads = all_reduce_mean(val_grads, world)
+        checking = scale is not None or any(g["skip_nonfinite"] for g, _ in groups)
+        inv_scale = None if scale is None else scale.double().reciprocal().float()
+        found_inf = None
+        if checking:
+            # Unscaled copies (the gradients keep their graph untouched), checked in one pass.
+            n = len(step_grads)
+            checked = [t.clone() for t in step_grads + (val_grads or [])]
+            found_inf = nonfinite_check_(checked, inv_scale)
+            step_grads = checked[:n]
+            val_grads = None if val_grads is None else checked[n:]
+        sums = self._hyper_sums(spans, step_grads, val_grads, mesh)
+        hvps = self._hessian_products(spans, grads, closure, world, scale, sums)
+        if checking:
+            if hvps:
+                found_inf = found_inf + nonfinite_check_(hvps, inv_scale)
+            if sharded:  # each rank checked its shards: decide together
+                torch.distributed.all_reduce(found_inf, group=mesh)
+        self.nonfinite_step = found_inf
+        for span, group_sums in zip(spans, sums):
+            if span.params:
+                group_hvps = hvps[span.indices] if hvps else []
+                self._step_group(span, step_grads[span.indices], group_hvps, group_sums,
+                                 found_inf)  # fmt: skip
+        if scale is not None:
+            record_found_inf(scaler, self, found_inf)
+        return loss
 
-    def _needs_hvp(self, group: dict[str, Any], params: list[Tensor]) -> bool:
-        started = any("z_param" in self.state.get(p, {}) for p in params)
-        return started and group["mu"] != 0
+    def _world(self):
+        """The default process group when gradients must be averaged across ranks (DDP), else
+        None. MARTHE differentiates with torch.autograd.grad, which DDP's gradient hooks never
+        see, so it averages its gradients and Hessian products itself (one all-reduce each)."""
+        import torch.distributed as dist
+
+        active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.distributed is None:
+            return dist.group.WORLD if active else None
+        if self.distributed and not active:
+            raise RuntimeError("MARTHE(distributed=True) needs an initialised process group")
+        return dist.group.WORLD if self.distributed else None
+
+    def _hyper_sums(self, spans, step_grads, val_grads, mesh) -> list[Tensor | None]:
+        """Per started group, [Delta, <d_{t-1}, grad E>, |Z_w|^2] (the last only for a
+        finite-difference product, else 0), in the group's hyper dtype. Under FSDP2 these are
+        the local shards' partial sums, and one all-reduce over the mesh adds every group's."""
+        out: list[Tensor | None] = []
+        for span in spans:
+            if not span.started:
+                out.append(None)
+                continue
+            group, states = span.group, [self.state[p] for p in span.params]
+            dtype = group["learned_lr"].dtype
+            fused = span.implementation == "fused"
+
+            def dot(a: list[Tensor], b: list[Tensor], dtype=dtype, fused=fused) -> Tensor:
+                a, b = local_shards(a), local_shards(b)
+                return fused_list_dot(a, b, dtype) if fused else tensor_list_dot(a, b, dtype)
+
+            group_val = None if val_grads is None else val_grads[span.indices]
+            objective = self._objective(
+                group, local_shards(span.params), step_grads[span.indices], group_val
+            )
+            z = [s["z_param"] for s in states]
+            zero = torch.zeros((), dtype=dtype, device=group["learned_lr"].device)
+            key = self._direction_key(group)
+            has_direction = key is not None and all(key in s for s in states)
+            fd = span.needs_hvp and group["hvp"] == "finite_difference"
+            out.append(torch.stack([
+                dot(z, objective),
+                dot([s[key] for s in states], objective) if has_direction else zero,
+                dot(z, z) if fd else zero,
+            ]))  # fmt: skip
+        present = [o for o in out if o is not None]
+        if mesh is not None and present:
+            flat = torch.cat([o.to(torch.float64) for o in present])
+            torch.distributed.all_reduce(flat, group=mesh)
+            reduced = iter(flat.view(-1, 3).unbind(0))
+            out = [None if o is None else next(reduced).to(o.dtype) for o in out]
+        return out
+
+    def _hessian_products(self, spans, grads, closure, world, scale, sums) -> list[Tensor]:
+        """H Z_w of the undamped tangent for every parameter, in the order of ``grads`` (zeros for
+        groups that need none: Z_w is 0 on their first step, or mu is fixed at 0); an empty list
+        when no group needs one. One double backward for all autograd groups; finite
+        differences per group, e = fd_eps / |Z_w|."""
+        if not any(span.needs_hvp for span in spans):
+            return []
+        params = [p for span in spans for p in span.params]
+        hvps: list[Tensor | None] = [None] * len(params)
+        autograd = [span for span in spans if span.needs_hvp and span.group["hvp"] == "autograd"]
+        if autograd:
+            ps = [p for span in autograd for p in span.params]
+            indices = [i for span in autograd for i in range(len(params))[span.indices]]
+            z = [self.state[p]["z_param"] for p in ps]
+            for i, h in zip(indices, hvp_autograd([grads[i] for i in indices], ps, z)):
+                hvps[i] = h
+        for span, group_sums in zip(spans, sums):
+            if span.needs_hvp and span.group["hvp"] == "finite_difference":
+                tiny = torch.finfo(group_sums.dtype).tiny
+                eps = span.group["fd_eps"] / torch.sqrt(group_sums[2]).clamp_min(tiny)
+                z = [self.state[p]["z_param"] for p in span.params]
+                hvps[span.indices] = hvp_finite_difference(
+                    closure, span.params, z, eps, scale=scale, by_backward=span.sharded
+                )
+        local = local_shards(params)
+        hvps = [torch.zeros_like(p) if h is None else h for p, h in zip(local, hvps)]
+        return all_reduce_mean(hvps, world)
 
     def _init_state(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """Zero tangents and buffers for every tensor (all of a group start together)."""
+        """Zero tangents and buffers for every tensor (all of a group start together; DTensors
+        for DTensor parameters)."""
         inner = "sgd" if group["inner"] == "sgd" else "adam"
-        _, dtype = group["learned_lr"].device, group["learned_lr"].dtype
+        dtype = group["learned_lr"].dtype
         for p in params:
             state = self.state[p]
             state.clear()
@@ -466,25 +427,15 @@ class MARTHE(Optimizer):
         l2 = group["weight_decay"] if group["inner"] != "adamw" else 0.0
         return [g.add(p, alpha=l2) if l2 != 0 else g for g, p in zip(grads, params)]
 
-    def _hyper_update(self, group, states, objective, implementation) -> None:
-        """Steps 1, 5 and 6 of DESIGN.md §2: Delta_t, then mu, beta and eta, on the device."""
+    def _hyper_update(self, group: dict[str, Any], sums: Tensor) -> None:
+        """Steps 1, 5 and 6 of DESIGN.md §2 from the group's sums: Delta_t, then mu, beta and
+        eta, on the device."""
         lr, mu = group["learned_lr"], group["learned_mu"]
-        dtype = lr.dtype
-
-        def dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-            if implementation == "fused":
-                return fused_list_dot(a, b, dtype)
-            return tensor_list_dot(a, b, dtype)
-
-        delta = dot([s["z_param"] for s in states], objective)
+        delta = sums[0]
         if group["mu"] == "adaptive":
-            # g' = <B_{t-1}, grad E(w_t)> with B_{t-1} = -s_{t-1} d_{t-1}.
-            key = self._direction_key(group)
-            if all(key in s for s in states):
-                directions = [s[key] for s in states]
-                g_prime = -group["hd_prev_scale"] * dot(directions, objective)
-            else:  # mu switched to "adaptive" mid-run: no d_{t-1} yet, g' = 0 (then mu = 0)
-                g_prime = torch.zeros_like(delta)
+            # g' = <B_{t-1}, grad E(w_t)> with B_{t-1} = -s_{t-1} d_{t-1} (0 while no d_{t-1} is
+            # kept, as when mu switched to "adaptive" mid-run; then mu = 0).
+            g_prime = -group["hd_prev_scale"] * sums[1]
             marthe_mu_(mu, group["mu_c"], delta, g_prime)
         beta = group["adapted_hyper_lr"]
         if group["hyper_hyper_lr"] != 0:
@@ -495,28 +446,23 @@ class MARTHE(Optimizer):
         group["hypergrad"].copy_(delta)
         group["prev_hypergrad"].copy_(delta)
 
-    def _step_group(self, group, params, step_grads, val_grads, hvps, found_inf) -> None:
+    def _step_group(self, span, step_grads, hvps, sums, found_inf) -> None:
         """Steps 1-6 of DESIGN.md §2 for one group. ``hvps``: H Z_w per tensor, or an empty list
         when none was needed (it counts as 0). ``found_inf`` (AMP / skip_nonfinite): when
         nonzero, every tensor the step writes is left with its bits (no host read)."""
+        group, params = span.group, span.params
         states = [self.state[p] for p in params]
-        started = all("z_param" in s for s in states)
-        algorithm = self._algorithm_of(group["inner"])
-        implementation = choose_implementation(
-            params, foreach=None, fused=group["fused"], algorithm=algorithm
-        )
         if found_inf is not None:
             found_inf = found_inf.to(group["learned_lr"].device)
         guard = FoundInfGuard(found_inf, [[group[key] for key in _GROUP_TENSORS]])
         lr_scale = _lr_scale(group)
         with torch.no_grad():
-            if started:
-                objective = self._objective(group, params, step_grads, val_grads)
-                self._hyper_update(group, states, objective, implementation)
+            if span.started:
+                self._hyper_update(group, sums)
             else:
                 self._init_state(group, params)
-            self._inner_step(group, params, step_grads, hvps, states, lr_scale, started,
-                             implementation, found_inf)  # fmt: skip
+            self._inner_step(group, params, step_grads, hvps, states, lr_scale, span.started,
+                             span.implementation, found_inf)  # fmt: skip
             group["effective_lr"].copy_(group["learned_lr"] * lr_scale)
             guard.restore()
             group["hd_prev_scale"] = lr_scale
@@ -524,9 +470,9 @@ class MARTHE(Optimizer):
     def _inner_step(self, group, params, grads, hvps, states, lr_scale, started, implementation,
                     found_inf):  # fmt: skip
         """The inner step and the tangent update of every state buffer (one fused pass, or the
-        reference with the same signature)."""
+        reference with the same signature), on the local shards of DTensor parameters."""
         lr, mu = group["learned_lr"], group["learned_mu"]
-        z_params = [s["z_param"] for s in states]
+        z_params = local_shards([s["z_param"] for s in states])
         # d_t only for MARTHE's adaptive mu (g' = -s <d_{t-1}, grad E>) where no buffer holds it;
         # a group switched to adaptive mu mid-run starts from d = 0.
         directions = []
@@ -535,11 +481,13 @@ class MARTHE(Optimizer):
                 if "direction" not in s:
                     s["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 directions.append(s["direction"])
+        directions = local_shards(directions)
+        params = local_shards(params)
         fused = implementation == "fused"
         if group["inner"] == "sgd":
             has_buffer = group["momentum"] != 0
-            buffers = [s["momentum_buffer"] for s in states] if has_buffer else []
-            z_buffers = [s["z_buffer"] for s in states] if has_buffer else []
+            buffers = local_shards([s["momentum_buffer"] for s in states] if has_buffer else [])
+            z_buffers = local_shards([s["z_buffer"] for s in states] if has_buffer else [])
             step = fused_sgd_tangent_step_ if fused else sgd_tangent_step_
             step(
                 params, grads, hvps, buffers, z_params, z_buffers, directions,
@@ -555,8 +503,10 @@ class MARTHE(Optimizer):
         step = fused_adam_tangent_step_ if fused else adam_tangent_step_
         step(
             params, grads, hvps,
-            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], z_params,
-            [s["z_exp_avg"] for s in states], [s["z_exp_avg_sq"] for s in states], directions,
+            *(local_shards([s[key] for s in states]) for key in ("exp_avg", "exp_avg_sq")),
+            z_params,
+            *(local_shards([s[key] for s in states]) for key in ("z_exp_avg", "z_exp_avg_sq")),
+            directions,
             lr=lr, mu=mu, step=steps[0], lr_scale=lr_scale, beta1=beta1, beta2=beta2,
             eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["inner"] == "adamw", found_inf=found_inf,
