@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from sync_guard import NoSync
 
 import hyperlr_ext as hx
 from hyperlr_ext import _ops
@@ -159,7 +160,8 @@ def _marthe_run(name, fused, batches, *, scaler=None, skip_nonfinite=False):
         def closure(x=x, y=y):
             return torch.nn.functional.mse_loss(model(x), y)
 
-        opt.step(closure, val_closure, scaler=scaler)
+        with NoSync():  # the check, the skip and the scaler's bookkeeping stay on the device
+            opt.step(closure, val_closure, scaler=scaler)
         if scaler is not None:
             flags.append(float(opt.nonfinite_step))
             scaler.update()
