@@ -274,3 +274,26 @@ def test_cuda_window_matches_cpu(dtype):
     torch.testing.assert_close(got.cpu(), want, rtol=16 * torch.finfo(dtype).eps, atol=0)
     for a, b in zip(gpu_state[2], cpu_state[2]):
         torch.testing.assert_close(a.cpu(), b, rtol=torch.finfo(dtype).eps, atol=0)
+
+
+def test_a_deep_copied_scheduler_counts_the_steps_of_its_copied_optimizer():
+    """copy.deepcopy of a scheduler copies its optimizer; the copy's step tracker must follow
+    that copy, so that both runs go on identically."""
+    batches = _batches(9)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = hx.TLR(opt, gamma=0.5, update_every=2)
+    for batch in batches[:3]:
+        _train_step(model, opt, batch)
+        sched.step()
+    model2, sched2 = copy.deepcopy((model, sched))
+    opt2 = sched2.optimizer
+    assert opt2 is not opt and opt2.param_groups[0]["params"][0] is next(model2.parameters())
+    for batch in batches[3:]:
+        _train_step(model, opt, batch)
+        sched.step()
+        _train_step(model2, opt2, batch)
+        sched2.step()
+    assert sched2.windows == sched.windows == 4
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))

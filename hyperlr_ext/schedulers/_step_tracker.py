@@ -31,11 +31,20 @@ class StepTracker:
                 tracker.calls += 1
 
         self.handle = optimizer.register_step_post_hook(count)
+        weakref.finalize(self, self.handle.remove)  # the hook goes with the scheduler
+        self._optimizer = weakref.ref(optimizer)
+
+    def __deepcopy__(self, memo: dict) -> StepTracker:
+        """A tracker on the copy of the optimizer when the same deepcopy made one (a copied
+        scheduler copies its optimizer), else on the optimizer itself."""
+        optimizer = self._optimizer()
+        if optimizer is None:
+            raise RuntimeError("StepTracker: its optimizer no longer exists")
+        copy = StepTracker(memo.get(id(optimizer), optimizer))
+        copy.calls = self.calls
+        return copy
 
     def ran(self) -> bool:
         """True when the optimizer stepped since the last call; resets the count."""
         ran, self.calls = self.calls > 0, 0
         return ran
-
-    def remove(self) -> None:
-        self.handle.remove()
