@@ -60,13 +60,21 @@ def _make(name, params):
     return opt, hx.TLR(opt, update_every=2)
 
 
-def _train(model, opt, sched, rank=0, world=1):
-    name = type(opt).__name__ + ("-skip" if opt.param_groups[0].get("skip_nonfinite") else "")
+def _train(model, opt, sched, name, rank=0, world=1):
+    """STEPS steps on this rank's share of each global batch; "-val" MARTHE runs take RT-HPO's
+    validation objective (a fixed batch, also shared out over the ranks)."""
+    val_x, val_y = (t[rank::world] for t in _batch(10**6))
     for t in range(STEPS):
         x, y = _batch(t, name)
         x, y = x[rank::world], y[rank::world]
         if isinstance(opt, hx.MARTHE):
-            opt.step(lambda x=x, y=y: torch.nn.functional.mse_loss(model(x), y))
+            val_closure = None
+            if "-val" in name:
+
+                def val_closure():
+                    return torch.nn.functional.mse_loss(model(val_x), val_y)
+
+            opt.step(lambda x=x, y=y: torch.nn.functional.mse_loss(model(x), y), val_closure)
             continue
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
@@ -100,7 +108,7 @@ def _worker(rank, world, name, port, path):
     with _process_group(rank, world, port):
         model = torch.nn.parallel.DistributedDataParallel(_model())
         opt, sched = _make(name, model.parameters())
-        _train(model, opt, sched, rank, world)
+        _train(model, opt, sched, name, rank, world)
         torch.save(_result(model.module, opt), f"{path}.{rank}")
 
 
@@ -115,7 +123,7 @@ def _free_port():
 def test_ddp_follows_the_single_process_trajectory(name, world, tmp_path):
     model = _model()
     opt, sched = _make(name, model.parameters())
-    _train(model, opt, sched)
+    _train(model, opt, sched, name)
     expected = _result(model, opt)
 
     path = tmp_path / "result"
@@ -154,18 +162,20 @@ def _fsdp_worker(rank, world, name, port, path):
                 dist.all_reduce = original
 
         opt.step = counted_step
-        _train(model, opt, sched, rank, world)
+        _train(model, opt, sched, name, rank, world)
         torch.save({"result": _result(model, opt), "all_reduces": len(calls)}, f"{path}.{rank}")
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("name", ["SGDHD", "AdamHD", "TLR", "MARTHE-FD", "MARTHE-FD-skip"])
+@pytest.mark.parametrize(
+    "name", ["SGDHD", "AdamHD", "TLR", "MARTHE-FD", "MARTHE-FD-val", "MARTHE-FD-skip"]
+)
 def test_fsdp2_follows_the_single_process_trajectory_with_one_all_reduce_per_step(
     name, world, tmp_path
 ):
     model = _model()
     opt, sched = _make(name, model.parameters())
-    _train(model, opt, sched)
+    _train(model, opt, sched, name)
     expected = _result(model, opt)
 
     path = tmp_path / "result"
@@ -176,7 +186,8 @@ def test_fsdp2_follows_the_single_process_trajectory_with_one_all_reduce_per_ste
         # window ends add one each, outside the optimizer step). MARTHE: its dot products (and
         # |Z|^2 for the finite difference) once per step from the second on (the first has no
         # tangent yet), plus the inf/NaN flag of every step with skip_nonfinite.
-        expected_reduces = {"TLR": 0, "MARTHE-FD": STEPS - 1, "MARTHE-FD-skip": 2 * STEPS - 1}
+        expected_reduces = {"TLR": 0, "MARTHE-FD": STEPS - 1, "MARTHE-FD-val": STEPS - 1,
+                            "MARTHE-FD-skip": 2 * STEPS - 1}  # fmt: skip
         assert saved["all_reduces"] == expected_reduces.get(name, STEPS)
         for a, b in zip(saved["result"], expected):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
