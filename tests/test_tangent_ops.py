@@ -153,6 +153,26 @@ def test_fused_matches_reference(inner, name, first_step, hvp, keep_direction, d
     assert all(moved)  # every non-empty parameter took a step
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("inner, name, first_step", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_found_inf_skips_and_a_zero_flag_does_not(inner, name, first_step, fused, dtype):
+    """found_inf != 0: every tensor the step writes keeps its bits; found_inf == 0: the same
+    bits as a call without the argument."""
+    setting = (SGD if inner == "sgd" else ADAM)[name]
+    state, scalars = _state(inner, setting, dtype, first_step=first_step)
+    before = copy.deepcopy(state)
+    _call(inner, fused, state, dict(scalars, found_inf=torch.ones(1)))
+    for key in ORDER[inner]:
+        assert all(torch.equal(a, b) for a, b in zip(state[key], before[key])), key
+    plain = copy.deepcopy(state)
+    _call(inner, fused, state, dict(scalars, found_inf=torch.zeros(1)))
+    _call(inner, fused, plain, scalars)
+    for key in ORDER[inner]:
+        assert all(torch.equal(a, b) for a, b in zip(state[key], plain[key])), key
+    assert not torch.equal(state["params"][0], before["params"][0])
+
+
 def test_missing_hvps_count_as_zero():
     state, scalars = _state("adam", ADAM["adam_l2"], torch.float64, hvp=False)
     zeros = copy.deepcopy(state)
@@ -180,6 +200,8 @@ def test_errors_name_the_argument():
     state, scalars = _state("adam", ADAM["adam"], torch.float32)
     with pytest.raises(RuntimeError, match="step must be a 0-dim tensor"):
         _call("adam", True, state, dict(scalars, step=scalars["step"].reshape(1)))
+    with pytest.raises(RuntimeError, match="found_inf"):
+        _call("adam", True, state, dict(scalars, found_inf=torch.ones(1, dtype=torch.float64)))
 
 
 def _op_samples(device, dtype):
@@ -199,6 +221,9 @@ def _op_samples(device, dtype):
             args += [scalars[k] for k in ("lr", "mu", "step", "lr_scale", "beta1", "beta2", "eps",
                                           "weight_decay", "decoupled_weight_decay")]  # fmt: skip
         samples.append((op, tuple(args)))
+        for flag in (0.0, 1.0):  # AMP's found_inf: a step taken, a step skipped
+            found_inf = torch.full((1,), flag, dtype=torch.float32, device=device)
+            samples.append((op, (*args, found_inf)))
     return samples
 
 
@@ -237,3 +262,16 @@ def test_cuda_matches_cpu(inner, name, first_step, dtype):
                 torch.testing.assert_close(got.cpu(), want, rtol=torch.finfo(dtype).eps, atol=1e-6)
             else:
                 torch.testing.assert_close(got.cpu(), want, **_tolerance(dtype, want))
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("inner, name, first_step", CASES, ids=CASE_IDS)
+def test_cuda_found_inf_skips(inner, name, first_step):
+    """The CUDA kernel's found_inf branch: a flagged step writes nothing."""
+    setting = (SGD if inner == "sgd" else ADAM)[name]
+    state, scalars = _state(inner, setting, torch.float32, "cuda", first_step=first_step)
+    before = copy.deepcopy(state)
+    _call(inner, True, state, dict(scalars, found_inf=torch.ones(1, device="cuda")))
+    for key in ORDER[inner]:
+        assert all(torch.equal(a, b) for a, b in zip(state[key], before[key])), key
