@@ -293,12 +293,9 @@ class HDOptimizer(Optimizer):
         """``skip_nonfinite``: a float32 flag on the device, nonzero when a gradient holds inf or
         NaN; every path then skips the step as it does for GradScaler (weights, state and LR
         keep their bits). One fused pass over the gradients (torch's own non-finite check, with a
-        scale of 1), no host sync. Also kept as ``self.nonfinite_step`` for the user to read."""
+        scale of 1), no host sync. ``step`` keeps it as ``self.nonfinite_step``."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return None
-        self.nonfinite_step = nonfinite_check_(grads)
-        return self.nonfinite_step
+        return nonfinite_check_(grads) if grads else None
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[int], list[Tensor]]:
         """Indices and params of the group that have a gradient this step."""

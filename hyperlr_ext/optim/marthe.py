@@ -454,13 +454,16 @@ class MARTHE(Optimizer):
         states = [self.state[p] for p in params]
         if found_inf is not None:
             found_inf = found_inf.to(group["learned_lr"].device)
-        guard = FoundInfGuard(found_inf, [[group[key] for key in _GROUP_TENSORS]])
         lr_scale = _lr_scale(group)
         with torch.no_grad():
+            if not span.started:
+                self._init_state(group, params)
+            # The group's hyper-state and Adam's step counts, put back on a skipped step (the
+            # kernels leave the per-parameter tensors alone themselves).
+            steps = [s["step"] for s in states if "step" in s]
+            guard = FoundInfGuard(found_inf, [[group[key] for key in _GROUP_TENSORS], steps])
             if span.started:
                 self._hyper_update(group, sums)
-            else:
-                self._init_state(group, params)
             self._inner_step(group, params, step_grads, hvps, states, lr_scale, span.started,
                              span.implementation, found_inf)  # fmt: skip
             group["effective_lr"].copy_(group["learned_lr"] * lr_scale)
@@ -497,7 +500,6 @@ class MARTHE(Optimizer):
             )  # fmt: skip
             return
         steps = [s["step"] for s in states]
-        step_guard = FoundInfGuard(found_inf, [steps])
         torch._foreach_add_(steps, 1.0)
         beta1, beta2 = group["betas"]
         step = fused_adam_tangent_step_ if fused else adam_tangent_step_
@@ -511,7 +513,6 @@ class MARTHE(Optimizer):
             eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["inner"] == "adamw", found_inf=found_inf,
         )  # fmt: skip
-        step_guard.restore()
 
     # ------------------------------------------------------------------ selecting beta
     @classmethod
