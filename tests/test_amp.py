@@ -27,12 +27,19 @@ OPTIMIZERS = {
 }
 
 
-def _model_and_data():
-    gen = torch.Generator().manual_seed(0)
+def _tiny_model(gen, dtype=torch.float32):
+    """A 6-5-1 tanh MLP of ``dtype`` with weights drawn from ``gen``."""
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    model = model.to(dtype)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.5)
+    return model
+
+
+def _model_and_data():
+    gen = torch.Generator().manual_seed(0)
+    model = _tiny_model(gen)
     batches = [
         (torch.randn(8, 6, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(4)
     ]
@@ -113,13 +120,7 @@ def _marthe(model, name, fused, **kw):
 
 
 def _marthe_model():
-    gen = torch.Generator().manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
-    model = model.double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
-    return model
+    return _tiny_model(torch.Generator().manual_seed(0), torch.float64)
 
 
 def _marthe_batches(n, seed=1):
@@ -168,8 +169,14 @@ def _marthe_run(name, fused, batches, *, scaler=None, skip_nonfinite=False):
     return model, opt, snapshots, flags
 
 
-def _equal(a, b):
-    return len(a) == len(b) and all(torch.equal(s, t) for s, t in zip(a, b))
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
@@ -183,7 +190,7 @@ def test_marthe_grad_scaler_is_exact(name, fused):
     scaled_model, scaled_opt, _, flags = _marthe_run(name, fused, batches, scaler=scaler)
     assert flags == [0.0] * len(batches)
     assert scaler.get_scale() == 2.0**15  # grew every 2 clean steps: the scaler saw each check
-    assert _equal(_marthe_snapshot(model, opt), _marthe_snapshot(scaled_model, scaled_opt))
+    assert _same(_marthe_snapshot(model, opt), _marthe_snapshot(scaled_model, scaled_opt))
     assert float(opt.param_groups[0]["learned_lr"]) != _lr0(name)  # the LR did move
 
 
@@ -212,12 +219,12 @@ def test_marthe_inf_step_changes_nothing(name, fused, mode):
         else dict(skip_nonfinite=True)
     )
     model, opt, snapshots, flags = _marthe_run(name, fused, with_inf, **kw)
-    assert _equal(snapshots[3], snapshots[4])
+    assert _same(snapshots[3], snapshots[4])
     if mode == "scaler":
         assert [f != 0 for f in flags] == [False, False, False, True, False, False, False]
         assert kw["scaler"].get_scale() == 2.0**11  # backed off once
     clean_model, clean_opt, _, _ = _marthe_run(name, fused, batches)
-    assert _equal(_marthe_snapshot(model, opt), _marthe_snapshot(clean_model, clean_opt))
+    assert _same(_marthe_snapshot(model, opt), _marthe_snapshot(clean_model, clean_opt))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
@@ -230,9 +237,9 @@ def test_marthe_inf_first_step(name, fused):
         name, fused, _with_inf_batch(batches, 0), skip_nonfinite=True
     )
     n = len(list(model.parameters()))
-    assert _equal(snapshots[0][:n], snapshots[1][:n])  # the weights did not move
+    assert _same(snapshots[0][:n], snapshots[1][:n])  # the weights did not move
     clean_model, clean_opt, _, _ = _marthe_run(name, fused, batches)
-    assert _equal(list(model.parameters()), list(clean_model.parameters()))
+    assert _same(list(model.parameters()), list(clean_model.parameters()))
     for key in ("learned_lr", "hypergrad"):
         assert torch.equal(opt.param_groups[0][key], clean_opt.param_groups[0][key])
 
@@ -358,16 +365,6 @@ def _scheduler_state(name, sched):
                 sched.prev_updates]  # fmt: skip
     return [sched.steps, sched.val_steps, sched.last_epoch, list(sched.lstm_state), sched.last_p,
             sched.net.state_dict(), sched.last_hypergrad]  # fmt: skip
-
-
-def _same(a, b):
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))

@@ -114,6 +114,18 @@ def _worker(rank, world, name, port, path):
         torch.save(_result(model.module, opt), f"{path}.{rank}")
 
 
+def _single_and_spawned(worker, name, world, tmp_path):
+    """The single-process run's result, and what each of ``world`` spawned ranks of ``worker``
+    saved."""
+    model = _model()
+    opt, sched = _make(name, model.parameters())
+    _train(model, opt, sched, name)
+    path = tmp_path / "result"
+    mp.spawn(worker, args=(world, name, _free_port(), str(path)), nprocs=world, join=True)
+    saved = [torch.load(f"{path}.{rank}", weights_only=True) for rank in range(world)]
+    return _result(model, opt), saved
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -123,15 +135,8 @@ def _free_port():
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("name", ["SGDHD", "AdamHD", "TLR", "MARTHE", "MARTHE-FD"])
 def test_ddp_follows_the_single_process_trajectory(name, world, tmp_path):
-    model = _model()
-    opt, sched = _make(name, model.parameters())
-    _train(model, opt, sched, name)
-    expected = _result(model, opt)
-
-    path = tmp_path / "result"
-    mp.spawn(_worker, args=(world, name, _free_port(), str(path)), nprocs=world, join=True)
-    for rank in range(world):
-        got = torch.load(f"{path}.{rank}", weights_only=True)
+    expected, saved = _single_and_spawned(_worker, name, world, tmp_path)
+    for got in saved:
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert expected[-1] != 0.05 and expected[-1] != 1e-2  # the LR moved
@@ -176,15 +181,8 @@ def _fsdp_worker(rank, world, name, port, path):
 def test_fsdp2_follows_the_single_process_trajectory_with_one_all_reduce_per_step(
     name, world, tmp_path
 ):
-    model = _model()
-    opt, sched = _make(name, model.parameters())
-    _train(model, opt, sched, name)
-    expected = _result(model, opt)
-
-    path = tmp_path / "result"
-    mp.spawn(_fsdp_worker, args=(world, name, _free_port(), str(path)), nprocs=world, join=True)
-    for rank in range(world):
-        saved = torch.load(f"{path}.{rank}", weights_only=True)
+    expected, saved_by_rank = _single_and_spawned(_fsdp_worker, name, world, tmp_path)
+    for saved in saved_by_rank:
         # HD: the partial sums, once per step, on every rank (TLR's torch.optim.SGD has none; the
         # window ends add one each, outside the optimizer step). MARTHE: its dot products (and
         # |Z|^2 for the finite difference) once per step from the second on (the first has no
