@@ -24,8 +24,11 @@ venv: $(PY)
 	@$(PY) -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'scikit_build_core', 'pybind11', 'ninja', 'cmake')))" \
 	  || $(PIP) install "$(TORCH_SPEC)" scikit-build-core pybind11 ninja "cmake>=3.26"
 
+# HYPERLR_CUDA_EMU: also hyperlr_ext._C_emu, the CUDA kernels run on the CPU for the tests
+# (docs/cuda_testing.md); `make wheel` leaves it out.
 install: venv
-	CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) $(PIP) install --no-build-isolation ".[test,bench]"
+	CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) $(PIP) install --no-build-isolation \
+	  -C cmake.define.HYPERLR_CUDA_EMU=ON ".[test,bench]"
 
 # .venv/bin/pytest does not put the working directory on sys.path: the tests import the installed
 # package (with its compiled _C), not the source tree.

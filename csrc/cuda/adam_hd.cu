@@ -9,7 +9,6 @@
 #include "cuda/multi_tensor_apply.cuh"
 
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 namespace hyperlr {
@@ -187,7 +186,7 @@ void adam_hd_cuda(AdamHdMode mode, const AdamHdArgs& a) {
     return;
   }
   TORCH_CHECK(a.params.size() < (1u << 29), "adam_hd: too many tensors");
-  const c10::cuda::CUDAGuard device_guard(a.params[0].device());
+  const DeviceGuard device_guard(a.params[0].device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.params[0].scalar_type(),
                                   "adam_hd_cuda", [&] { run_cuda<scalar_t>(mode, a); });
 }
@@ -196,7 +195,7 @@ void adam_hd_cuda(AdamHdMode mode, const AdamHdArgs& a) {
 }  // namespace cuda
 }  // namespace hyperlr
 
-TORCH_LIBRARY_IMPL(hyperlr_ext, CUDA, m) {
+HYPERLR_CUDA_LIBRARY_IMPL(m) {
   using hyperlr::AdamHdMode;
   m.impl("adam_hd_moments_",
          &hyperlr::adam_hd_reducing_op<&hyperlr::cuda::adam_hd_cuda, AdamHdMode::kMoments>);

@@ -7,7 +7,9 @@
 namespace hyperlr {
 namespace cuda {
 
-// Thread 0 gets the tree over the block's lane values (csrc/hd_math.h, tree_level).
+// Thread 0 gets the tree over the block's lane values (csrc/hd_math.h, tree_level); every other
+// thread gets 0. The levels below a warp's width run in warp 0 after the last block-wide barrier,
+// so no thread outside warp 0 may read lanes[0]: it could still be being written.
 template <typename acc_t>
 __device__ acc_t block_tree_reduce(acc_t lane_value) {
   __shared__ acc_t lanes[kBlockThreads];
@@ -25,7 +27,7 @@ __device__ acc_t block_tree_reduce(acc_t lane_value) {
       __syncwarp();
     }
   }
-  return lanes[0];
+  return threadIdx.x == 0 ? lanes[0] : acc_t(0);
 }
 
 }  // namespace cuda

@@ -15,7 +15,6 @@
 #include "sgd_hd_math.h"
 
 #include <ATen/Functions.h>
-#include <ATen/cuda/CUDAContext.h>
 
 namespace hyperlr {
 namespace cuda {
@@ -112,8 +111,7 @@ at::Tensor prepare_reduction(HdReduction<acc_t>& r, const at::TensorOptions& opt
   r.slot_blocks = r.slot_first_block + r.num_slots;
   r.blocks_done = reinterpret_cast<unsigned int*>(r.slot_blocks + r.num_slots);
   r.partials = reinterpret_cast<acc_t*>(base + header_bytes);
-  C10_CUDA_CHECK(cudaMemsetAsync(r.slot_blocks, 0, (r.num_slots + 1) * sizeof(int64_t),
-                                 at::cuda::getCurrentCUDAStream()));
+  memset_async(r.slot_blocks, 0, (r.num_slots + 1) * sizeof(int64_t));
   return scratch;
 }
 

@@ -10,11 +10,10 @@
 // number as the index of their per-block partial result.
 #pragma once
 
+#include "cuda/runtime.cuh"
 #include "hd_math.h"
 
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
 #include <array>
@@ -107,16 +106,16 @@ int64_t multi_tensor_apply_tagged(const std::array<at::TensorList, kDepth>& list
     TORCH_INTERNAL_ASSERT(lists[d].size() == num_tensors, "multi_tensor_apply: list ", d,
                           " has ", lists[d].size(), " tensors, list 0 has ", num_tensors);
   }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
 
   Meta meta{};
   meta.first_block = 0;
   int slots_used = 0;
   int blocks_used = 0;
   auto launch = [&]() {
-    multi_tensor_apply_kernel<kDepth><<<blocks_used, kBlockThreads, 0, stream>>>(meta, functor,
-                                                                                args...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    HYPERLR_LAUNCH_KERNEL(multi_tensor_apply_kernel<kDepth>, blocks_used, kBlockThreads, stream,
+                          meta, functor, args...);
+    check_launch();
     meta.first_block += blocks_used;
     blocks_used = 0;
   };

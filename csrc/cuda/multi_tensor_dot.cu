@@ -9,7 +9,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 namespace hyperlr {
@@ -83,7 +82,7 @@ at::Tensor multi_tensor_dot_cuda(at::TensorList a, at::TensorList b) {
   if (a.empty()) {
     return at::zeros({}, at::TensorOptions().dtype(at::kFloat));
   }
-  const c10::cuda::CUDAGuard device_guard(a[0].device());
+  const DeviceGuard device_guard(a[0].device());
   const std::vector<at::Tensor> a_contig = contiguous_list(a);
   const std::vector<at::Tensor> b_contig = contiguous_list(b);
   const auto out_options = a[0].options().dtype(dot_result_dtype(a[0].scalar_type()));
@@ -106,8 +105,7 @@ at::Tensor multi_tensor_dot_cuda(at::TensorList a, at::TensorList b) {
         at::Tensor scratch = at::empty({scratch_bytes}, a[0].options().dtype(at::kByte));
         auto* block_partials = reinterpret_cast<acc_t*>(scratch.mutable_data_ptr());
         auto* blocks_done = reinterpret_cast<unsigned int*>(block_partials + total_blocks);
-        C10_CUDA_CHECK(cudaMemsetAsync(blocks_done, 0, sizeof(unsigned int),
-                                       at::cuda::getCurrentCUDAStream()));
+        memset_async(blocks_done, 0, sizeof(unsigned int));
         multi_tensor_apply<2>({at::TensorList(a_contig), at::TensorList(b_contig)},
                               DotChunkFunctor<scalar_t, acc_t>{}, block_partials, blocks_done,
                               total_blocks, result.mutable_data_ptr<acc_t>());
@@ -119,6 +117,6 @@ at::Tensor multi_tensor_dot_cuda(at::TensorList a, at::TensorList b) {
 }  // namespace cuda
 }  // namespace hyperlr
 
-TORCH_LIBRARY_IMPL(hyperlr_ext, CUDA, m) {
+HYPERLR_CUDA_LIBRARY_IMPL(m) {
   m.impl("multi_tensor_dot", &hyperlr::cuda::multi_tensor_dot_cuda);
 }

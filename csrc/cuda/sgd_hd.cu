@@ -16,7 +16,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 namespace hyperlr {
@@ -176,7 +175,7 @@ void sgd_hd_cuda(SgdHdMode mode, const SgdHdArgs& a) {
     return;
   }
   TORCH_CHECK(a.params.size() < (1u << 29), "sgd_hd: too many tensors");
-  const c10::cuda::CUDAGuard device_guard(a.params[0].device());
+  const DeviceGuard device_guard(a.params[0].device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.params[0].scalar_type(),
                                   "sgd_hd_cuda", [&] { run_cuda<scalar_t>(mode, a); });
 }
@@ -185,7 +184,7 @@ void sgd_hd_cuda(SgdHdMode mode, const SgdHdArgs& a) {
 }  // namespace cuda
 }  // namespace hyperlr
 
-TORCH_LIBRARY_IMPL(hyperlr_ext, CUDA, m) {
+HYPERLR_CUDA_LIBRARY_IMPL(m) {
   using hyperlr::SgdHdMode;
   m.impl("sgd_hd_direction_",
          &hyperlr::sgd_hd_reducing_op<&hyperlr::cuda::sgd_hd_cuda, SgdHdMode::kDirection>);

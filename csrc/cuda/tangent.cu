@@ -8,7 +8,6 @@
 #include "tangent_math.h"
 
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 namespace hyperlr {
@@ -118,7 +117,7 @@ void tangent_cuda(const TangentArgs& a) {
   if (a.lists[kParams].empty()) {
     return;
   }
-  const c10::cuda::CUDAGuard device_guard(a.lists[kParams][0].device());
+  const DeviceGuard device_guard(a.lists[kParams][0].device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.lists[kParams][0].scalar_type(),
                                   "tangent_cuda", [&] { run_cuda<scalar_t>(a); });
 }
@@ -127,7 +126,7 @@ void tangent_cuda(const TangentArgs& a) {
 }  // namespace cuda
 }  // namespace hyperlr
 
-TORCH_LIBRARY_IMPL(hyperlr_ext, CUDA, m) {
+HYPERLR_CUDA_LIBRARY_IMPL(m) {
   m.impl("tangent_sgd_step_", &hyperlr::tangent_sgd_step_op<&hyperlr::cuda::tangent_cuda>);
   m.impl("tangent_adam_step_", &hyperlr::tangent_adam_step_op<&hyperlr::cuda::tangent_cuda>);
 }

@@ -11,7 +11,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 namespace hyperlr {
@@ -57,7 +56,7 @@ at::Tensor tlr_window_cuda(at::TensorList params, at::TensorList snapshots,
   if (params.empty()) {
     return at::zeros({2}, lr.options());
   }
-  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const DeviceGuard device_guard(params[0].device());
   const std::vector<at::Tensor> p = contiguous_list(params);
   const std::vector<at::Tensor> s = contiguous_list(snapshots);
   const std::vector<at::Tensor> u = contiguous_list(prev_updates);
@@ -82,6 +81,6 @@ at::Tensor tlr_window_cuda(at::TensorList params, at::TensorList snapshots,
 }  // namespace cuda
 }  // namespace hyperlr
 
-TORCH_LIBRARY_IMPL(hyperlr_ext, CUDA, m) {
+HYPERLR_CUDA_LIBRARY_IMPL(m) {
   m.impl("tlr_window_", &hyperlr::cuda::tlr_window_cuda);
 }
