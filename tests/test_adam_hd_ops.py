@@ -34,32 +34,32 @@ SETTINGS = [
 SETTING_IDS = ["adam", "l2-amsgrad-maximize", "adamw"]
 
 
-def _state(device, dtype, setting, *, per_tensor, objective, seed=0):
+def _state(device, dtype, setting, *, per_tensor, objective, seed=0, shapes=SHAPES):
     """One step's inputs after a few steps: tensor 1 is fresh (step 0, no d_{t-1})."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(shape, scale=1.0):
         return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
 
-    n = len(SHAPES)
+    n = len(shapes)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     slots = n if per_tensor else 1
     lr_group = torch.rand(slots, generator=gen, dtype=torch.float64).to(device, acc) * 0.01
     fresh = 1
     return dict(
-        params=[rnd(s) for s in SHAPES],
-        grads=[rnd(s) for s in SHAPES],
+        params=[rnd(s) for s in shapes],
+        grads=[rnd(s) for s in shapes],
         exp_avgs=[
             torch.zeros(s, device=device, dtype=dtype) if i == fresh else rnd(s, 0.1)
-            for i, s in enumerate(SHAPES)
+            for i, s in enumerate(shapes)
         ],  # fmt: skip
         exp_avg_sqs=[
             torch.zeros(s, device=device, dtype=dtype) if i == fresh else rnd(s, 0.1).abs()
-            for i, s in enumerate(SHAPES)
+            for i, s in enumerate(shapes)
         ],  # fmt: skip
         max_exp_avg_sqs=[
             torch.zeros(s, device=device, dtype=dtype) if i == fresh else rnd(s, 0.2).abs()
-            for i, s in enumerate(SHAPES)
+            for i, s in enumerate(shapes)
         ]  # fmt: skip
         if setting["amsgrad"]
         else [],
@@ -70,7 +70,7 @@ def _state(device, dtype, setting, *, per_tensor, objective, seed=0):
         lrs=list(lr_group.unbind(0)) if per_tensor else [lr_group[0]],
         hypergrads=[torch.zeros((), dtype=acc, device=device) for _ in range(slots)],
         effective_lrs=[torch.full((), 0.004, dtype=acc, device=device) for _ in range(slots)],
-        objective_grads=[rnd(s) for s in SHAPES] if objective else None,
+        objective_grads=[rnd(s) for s in shapes] if objective else None,
     )
 
 
@@ -118,15 +118,16 @@ def test_fused_matches_reference(setting, lr_lag, multiplicative, per_tensor, ob
     torch.testing.assert_close(_flat(fused), _flat(ref), rtol=1e-11, atol=1e-13)
 
 
-def _op_samples(device, dtype):
-    samples = []
+def _op_samples(device, dtype, shapes=SHAPES):
     ops = torch.ops.hyperlr_ext
     for setting, per_tensor, objective in [
         (SETTINGS[0], False, False),
         (SETTINGS[1], True, True),
         (SETTINGS[2], False, True),
     ]:
-        s = _state(device, dtype, setting, per_tensor=per_tensor, objective=objective)
+        s = _state(
+            device, dtype, setting, per_tensor=per_tensor, objective=objective, shapes=shapes
+        )
         slots = [torch.stack(s[k]) for k in ("lrs", "hypergrads", "effective_lrs")]
         steps = torch.stack(s["state_steps"]) + 1
         flags = [int(f) for f in s["has_previous"]]
@@ -143,7 +144,7 @@ def _op_samples(device, dtype):
             s["params"], s["exp_avgs"], second, steps, slots[2], 0.9, 0.99, 1e-8,
             setting["weight_decay"], setting["decoupled_weight_decay"],
         )  # fmt: skip
-        samples += [
+        yield from [
             (ops.adam_hd_moments_.default, reducing),
             (ops.adam_hd_moments_.default, (*reducing, *amp)),
             (ops.adam_hd_param_step_.default, param_step),
@@ -151,7 +152,6 @@ def _op_samples(device, dtype):
             (ops.adam_hd_lagged_step_.default, reducing),
             (ops.adam_hd_lagged_step_.default, (*reducing, *amp)),
         ]
-    return samples
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

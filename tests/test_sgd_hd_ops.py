@@ -33,7 +33,7 @@ SETTINGS = [
 SETTING_IDS = ["sgd", "momentum", "nesterov"]
 
 
-def _state(device, dtype, setting, *, per_tensor, objective, seed=0):
+def _state(device, dtype, setting, *, per_tensor, objective, seed=0, shapes=SHAPES):
     """Random inputs of one step: tensor 1 is fresh (no buffer, no d_{t-1}), tensor 3 is stale
     (buffer, but skipped last step: no d_{t-1}), the others have everything."""
     gen = torch.Generator().manual_seed(seed)
@@ -41,26 +41,26 @@ def _state(device, dtype, setting, *, per_tensor, objective, seed=0):
     def rnd(shape):
         return torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype)
 
-    n = len(SHAPES)
+    n = len(shapes)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     slots = n if per_tensor else 1
     lr_group = torch.rand(slots, generator=gen, dtype=torch.float64).to(device, acc) * 0.1
     fresh, stale = 1, 3
     plain_momentum = setting["momentum"] != 0 and not setting["nesterov"]
     return dict(
-        params=[rnd(s) for s in SHAPES],
-        grads=[rnd(s) for s in SHAPES],
+        params=[rnd(s) for s in shapes],
+        grads=[rnd(s) for s in shapes],
         momentum_buffers=[
-            None if i == fresh or setting["momentum"] == 0 else rnd(s) for i, s in enumerate(SHAPES)
+            None if i == fresh or setting["momentum"] == 0 else rnd(s) for i, s in enumerate(shapes)
         ],
         prev_directions=[
-            None if i == fresh or plain_momentum else rnd(s) for i, s in enumerate(SHAPES)
+            None if i == fresh or plain_momentum else rnd(s) for i, s in enumerate(shapes)
         ],
         has_previous=[i not in (fresh, stale) for i in range(n)],
         lrs=list(lr_group.unbind(0)) if per_tensor else [lr_group[0]],
         hypergrads=[torch.zeros((), dtype=acc, device=device) for _ in range(slots)],
         effective_lrs=[torch.zeros((), dtype=acc, device=device) for _ in range(slots)],
-        objective_grads=[rnd(s) for s in SHAPES] if objective else None,
+        objective_grads=[rnd(s) for s in shapes] if objective else None,
     )
 
 
@@ -101,15 +101,16 @@ def test_fused_matches_reference(setting, lr_lag, multiplicative, per_tensor, ob
     torch.testing.assert_close(_flat(fused), _flat(ref), rtol=1e-11, atol=1e-12)
 
 
-def _op_samples(device, dtype):
+def _op_samples(device, dtype, shapes=SHAPES):
     """(op, args) for opcheck: each op in each mode of its lists."""
-    samples = []
     for setting, per_tensor, objective in [
         (SETTINGS[0], False, False),
         (SETTINGS[1], True, True),
         (SETTINGS[2], False, True),
     ]:
-        s = _state(device, dtype, setting, per_tensor=per_tensor, objective=objective)
+        s = _state(
+            device, dtype, setting, per_tensor=per_tensor, objective=objective, shapes=shapes
+        )
         params = s["params"]
         buffers = [
             torch.zeros_like(p) if b is None else b for p, b in zip(params, s["momentum_buffers"])
@@ -134,7 +135,7 @@ def _op_samples(device, dtype):
         )  # fmt: skip
         new_directions = buffers if momentum != 0 and not setting["nesterov"] else directions
         ops = torch.ops.hyperlr_ext
-        samples += [
+        yield from [
             (ops.sgd_hd_direction_.default, reducing),
             (ops.sgd_hd_direction_.default, (*reducing, *amp)),
             (ops.sgd_hd_param_step_.default, (params, new_directions, slots[2])),
@@ -142,7 +143,6 @@ def _op_samples(device, dtype):
             (ops.sgd_hd_lagged_step_.default, reducing),
             (ops.sgd_hd_lagged_step_.default, (*reducing, *amp)),
         ]
-    return samples
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

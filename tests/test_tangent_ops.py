@@ -9,6 +9,7 @@ tested in test_marthe.py, by both paths."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ needs_cuda_kernels = pytest.mark.skipif(
 )
 
 SHAPES = [(3, 4), (7,), (0, 2), (2, 3, 5), (), (70000,)]  # a zero-size, a 0-dim, a 2-chunk tensor
+SMALL_SHAPES = [s for s in SHAPES if math.prod(s) < 1000]  # for opcheck
 SGD = {
     "plain": dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0),
     "decay": dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.01),
@@ -60,13 +62,15 @@ def _tensors(shapes, dtype, device, gen, *, positive=False, non_contiguous=False
     return out
 
 
-def _state(inner, setting, dtype, device="cpu", *, seed=0, hvp=True, first_step=False):
+def _state(
+    inner, setting, dtype, device="cpu", *, seed=0, hvp=True, first_step=False, shapes=SHAPES
+):
     """Random lists and scalars for one call (``inner``: "sgd" or "adam")."""
     gen = torch.Generator().manual_seed(seed)
     acc = _acc(dtype)
 
     def lists(**kw):
-        return _tensors(SHAPES, dtype, device, gen, non_contiguous=True, **kw)
+        return _tensors(shapes, dtype, device, gen, non_contiguous=True, **kw)
 
     state = dict(params=lists(), grads=lists(), hvps=lists() if hvp else [], z_params=lists(),
                  directions=lists())  # fmt: skip
@@ -204,13 +208,12 @@ def test_errors_name_the_argument():
         _call("adam", True, state, dict(scalars, found_inf=torch.ones(1, dtype=torch.float64)))
 
 
-def _op_samples(device, dtype):
-    samples = []
+def _op_samples(device, dtype, shapes=SMALL_SHAPES):
     for inner, name, first in (("sgd", "momentum", False), ("sgd", "plain", True),
                                ("adam", "adamw", False)):  # fmt: skip
         setting = (SGD if inner == "sgd" else ADAM)[name]
-        state, scalars = _state(inner, setting, dtype, device, first_step=first)
-        state = {k: [t.contiguous() for t in v if t.numel() < 1000] for k, v in state.items()}
+        state, scalars = _state(inner, setting, dtype, device, first_step=first, shapes=shapes)
+        state = {k: [t.contiguous() for t in v] for k, v in state.items()}
         args = [state[k] for k in ORDER[inner]]
         if inner == "sgd":
             op = torch.ops.hyperlr_ext.tangent_sgd_step_.default
@@ -220,11 +223,10 @@ def _op_samples(device, dtype):
             op = torch.ops.hyperlr_ext.tangent_adam_step_.default
             args += [scalars[k] for k in ("lr", "mu", "step", "lr_scale", "beta1", "beta2", "eps",
                                           "weight_decay", "decoupled_weight_decay")]  # fmt: skip
-        samples.append((op, tuple(args)))
+        yield op, tuple(args)
         for flag in (0.0, 1.0):  # AMP's found_inf: a step taken, a step skipped
             found_inf = torch.full((1,), flag, dtype=torch.float32, device=device)
-            samples.append((op, (*args, found_inf)))
-    return samples
+            yield op, (*args, found_inf)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

@@ -216,12 +216,12 @@ def test_tensor_lr_is_updated_in_place_without_a_host_read(fused):
 SHAPES = [(3, 4), (7,), (0, 2), (2, 3, 5), (), (70000,)]
 
 
-def _window_state(dtype, device="cpu", seed=0):
+def _window_state(dtype, device="cpu", seed=0, shapes=SHAPES):
     gen = torch.Generator().manual_seed(seed)
 
     def lists():
         return [
-            torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype) for s in SHAPES
+            torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype) for s in shapes
         ]
 
     params, snapshots, prevs = lists(), lists(), lists()

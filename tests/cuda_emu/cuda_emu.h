@@ -168,7 +168,23 @@ struct Site {
   int line = 0;
   unsigned int mask = 0;
   bool operator==(const Site& o) const {
-    return kind == o.kind && line == o.line && mask == o.mask && std::strcmp(file, o.file) == 0;
+    return kind == o.kind && line == o.line && mask == o.mask &&
+           (file == o.file || std::strcmp(file, o.file) == 0);
+  }
+};
+
+// splitmix64: a small, fast generator for the schedule (a shuffle needs no more).
+struct Random {
+  using result_type = uint64_t;
+  uint64_t state;
+  explicit Random(uint64_t seed = 0) : state(seed) {}
+  static constexpr uint64_t min() { return 0; }
+  static constexpr uint64_t max() { return ~uint64_t(0); }
+  uint64_t operator()() {
+    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
   }
 };
 
@@ -213,7 +229,7 @@ struct Block {
   std::mutex mutex;
   std::condition_variable released;  // thread mode
   std::vector<Thread*> runnable;     // fiber mode
-  std::mt19937_64 rng;
+  Random rng;
 };
 
 inline thread_local Thread* current = nullptr;
@@ -372,10 +388,30 @@ inline void release(Block& b, const std::vector<Thread*>& members) {
   }
 }
 
+// The block's lock in thread mode; fibers all run on one OS thread and need none.
+class BlockLock {
+ public:
+  explicit BlockLock(Block& b) : mutex_(schedule().mode == Mode::kThread ? &b.mutex : nullptr) {
+    if (mutex_ != nullptr) {
+      mutex_->lock();
+    }
+  }
+  ~BlockLock() {
+    if (mutex_ != nullptr) {
+      mutex_->unlock();
+    }
+  }
+  BlockLock(const BlockLock&) = delete;
+  BlockLock& operator=(const BlockLock&) = delete;
+
+ private:
+  std::mutex* mutex_;
+};
+
 // A thread's kernel call returned.
 inline void thread_exited(Thread& t) {
   Block& b = *t.block;
-  const std::lock_guard<std::mutex> lock(b.mutex);
+  const BlockLock lock(b);
   t.state = ThreadState::kExited;
   ++b.exited;
   const Pending& w = b.warps[t.warp];
@@ -391,21 +427,53 @@ inline void thread_exited(Thread& t) {
 }
 
 // ---- Fibers ------------------------------------------------------------------------------------
-// Switching: ucontext starts a fiber once; afterwards _setjmp/_longjmp switch between the
-// scheduler and the fibers (no signal-mask system call per switch). Fibers are pooled for the
-// whole process: fiber i runs thread i of every block.
-constexpr size_t kFiberStack = 256 * 1024;
-constexpr size_t kGuardBytes = 4096;
+// Switching: ucontext starts a fiber once; afterwards a setjmp/longjmp pair switches between the
+// scheduler and the fibers: GCC's builtins (a few stores and a jump; no signal mask, no unwinding),
+// or, under AddressSanitizer, libc's _setjmp/_longjmp, which it intercepts to keep its view of
+// the stacks right. Fibers are pooled for the whole process: fiber i runs thread i of every
+// block.
+#if defined(__SANITIZE_ADDRESS__)
+using Context = jmp_buf;
+#define CUDA_EMU_SAVE_CONTEXT(context) _setjmp(context)
+[[noreturn]] inline void resume_context(Context& context) {
+  _longjmp(context, 1);
+}
+#else
+using Context = void* [5];
+#define CUDA_EMU_SAVE_CONTEXT(context) __builtin_setjmp(context)
+// GCC: __builtin_longjmp must not be in the function that calls __builtin_setjmp.
+[[noreturn]] __attribute__((noinline)) inline void resume_context(Context& context) {
+  __builtin_longjmp(context, 1);
+}
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+constexpr size_t kFiberStack = 256 * 1024;  // AddressSanitizer's frames are larger
+#else
+constexpr size_t kFiberStack = 64 * 1024;
+#endif
+constexpr int kMaxFibers = 1024;
+constexpr size_t kCanaryBytes = 256;
+constexpr unsigned char kStackCanary = 0xA5;
 
 struct Fiber {
   ucontext_t start;
-  jmp_buf context;
+  Context context;
   char* stack = nullptr;
   void* fake_stack = nullptr;  // AddressSanitizer's bookkeeping across switches
 };
 
+// The lowest bytes of a fiber's stack still hold the canary (no overflow into the next stack).
+inline void check_stack(const Fiber& f) {
+  for (size_t i = 0; i < kCanaryBytes; ++i) {
+    if (static_cast<unsigned char>(f.stack[i]) != kStackCanary) {
+      fail("a fiber overflowed its %zu-byte stack (CUDA_EMU_MODE=thread has larger ones)",
+           kFiberStack);
+    }
+  }
+}
+
 struct FiberScheduler {
-  jmp_buf context;
+  Context context;
   const void* stack_bottom = nullptr;  // the launching thread's stack, for AddressSanitizer
   size_t stack_size = 0;
   void (*body)(const void*) = nullptr;
@@ -440,9 +508,9 @@ inline void switch_finished(void* fake_stack, const void** bottom, size_t* size)
 // From a fiber back to the scheduler; returns when the scheduler resumes this fiber.
 inline void yield_to_scheduler(Fiber& f) {
   FiberScheduler& s = scheduler();
-  if (_setjmp(f.context) == 0) {
+  if (CUDA_EMU_SAVE_CONTEXT(f.context) == 0) {
     switch_started(s.stack_bottom, s.stack_size, &f.fake_stack);
-    _longjmp(s.context, 1);
+    resume_context(s.context);
   }
   switch_finished(f.fake_stack, nullptr, nullptr);
 }
@@ -453,6 +521,7 @@ inline void yield_to_scheduler(Fiber& f) {
   for (;;) {
     Thread& t = this_thread();
     s.body(s.body_arg);
+    check_stack(*t.fiber);
     thread_exited(t);
     yield_to_scheduler(*t.fiber);
   }
@@ -468,20 +537,25 @@ inline void ensure_fibers(int count) {
   if (static_cast<int>(pool.size()) >= count) {
     return;
   }
-  // Fibers hold pointers into themselves: grow only between launches, never while one runs.
-  pool.reserve(1024);
-  while (static_cast<int>(pool.size()) < count) {
-    Fiber& f = pool.emplace_back();
-    void* memory = mmap(nullptr, kFiberStack, PROT_READ | PROT_WRITE,
+  // One region for every stack, mapped once: 1024 stacks next to each other sit in a few huge
+  // pages, where separate mappings would cost a TLB miss at nearly every switch.
+  static char* region = nullptr;
+  if (region == nullptr) {
+    void* memory = mmap(nullptr, kMaxFibers * kFiberStack, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (memory == MAP_FAILED) {
-      fail("cannot map a fiber stack");
+      fail("cannot map the fiber stacks");
     }
-    mprotect(memory, kGuardBytes, PROT_NONE);  // below the stack: an overflow faults
-    f.stack = static_cast<char*>(memory);
+    region = static_cast<char*>(memory);
+  }
+  pool.reserve(kMaxFibers);  // fibers hold pointers into themselves: the pool never moves
+  while (static_cast<int>(pool.size()) < count) {
+    Fiber& f = pool.emplace_back();
+    f.stack = region + (pool.size() - 1) * kFiberStack;
+    std::memset(f.stack, kStackCanary, kCanaryBytes);
     getcontext(&f.start);
-    f.start.uc_stack.ss_sp = f.stack + kGuardBytes;
-    f.start.uc_stack.ss_size = kFiberStack - kGuardBytes;
+    f.start.uc_stack.ss_sp = f.stack;
+    f.start.uc_stack.ss_size = kFiberStack;
     f.start.uc_link = nullptr;
     makecontext(&f.start, reinterpret_cast<void (*)()>(&fiber_main), 0);
   }
@@ -505,14 +579,14 @@ inline void run_block_fibers(Block& b) {
     current = t;
     Fiber& f = *t->fiber;
     void* fake_stack = nullptr;
-    if (_setjmp(s.context) == 0) {
-      switch_started(f.stack + kGuardBytes, kFiberStack - kGuardBytes, &fake_stack);
+    if (CUDA_EMU_SAVE_CONTEXT(s.context) == 0) {
+      switch_started(f.stack, kFiberStack, &fake_stack);
       const size_t index = static_cast<size_t>(&f - fiber_pool().data());
       if (!fiber_started[index]) {
         fiber_started[index] = 1;
         setcontext(&f.start);
       }
-      _longjmp(f.context, 1);
+      resume_context(f.context);
     }
     switch_finished(fake_stack, nullptr, nullptr);
   }
@@ -527,7 +601,8 @@ struct WorkerPool {
   std::condition_variable work;
   std::condition_variable done;
   uint64_t generation = 0;
-  Block* block = nullptr;
+  Block* block = nullptr;  // the newest block, valid while run() waits for it
+  int active = 0;          // its number of threads: workers from this index on stay idle
   int remaining = 0;
   std::vector<std::thread> workers;
 
@@ -538,9 +613,9 @@ struct WorkerPool {
       {
         std::unique_lock<std::mutex> lock(mutex);
         work.wait(lock, [&] { return generation != seen; });
-        seen = generation;
-        if (index < block->size) {
-          b = block;
+        seen = generation;  // a worker that wakes late skips to the newest block
+        if (index < active) {
+          b = block;  // then run() waits for this worker: it cannot miss its block
         }
       }
       if (b == nullptr) {
@@ -565,11 +640,11 @@ struct WorkerPool {
       workers.emplace_back([this, index] { serve(index); });
     }
     block = &b;
+    active = b.size;
     remaining = b.size;
     ++generation;
     work.notify_all();
     done.wait(lock, [&] { return remaining == 0; });
-    block = nullptr;
   }
 };
 
@@ -582,14 +657,15 @@ inline void run_block_threads(Block& b) {
 inline void wait_at(const Site& site) {
   Thread& t = this_thread();
   Block& b = *t.block;
-  std::unique_lock<std::mutex> lock(b.mutex);
-  const bool must_wait = arrive(t, site);
   if (schedule().mode == Mode::kThread) {
+    std::unique_lock<std::mutex> lock(b.mutex);
+    arrive(t, site);
     b.released.wait(lock, [&t] { return t.state != ThreadState::kWaiting; });
     return;
   }
-  (void)must_wait;  // fiber mode: always back to the scheduler, which shuffles who runs next
-  lock.unlock();
+  // Fibers: back to the scheduler even when this arrival completed the barrier, so that the
+  // scheduler shuffles who runs next.
+  arrive(t, site);
   yield_to_scheduler(*t.fiber);
 }
 
@@ -623,7 +699,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, cudaStream_t str
   st.blocks += static_cast<int64_t>(blocks);
   st.max_grid = std::max<int64_t>(st.max_grid, static_cast<int64_t>(blocks));
 
-  std::mt19937_64 rng(schedule().seed * 0x9E3779B97F4A7C15ull + launch_number);
+  Random rng(schedule().seed * 0x9E3779B97F4A7C15ull + launch_number);
   std::vector<uint64_t> order(blocks);
   for (uint64_t i = 0; i < blocks; ++i) {
     order[i] = i;
@@ -641,7 +717,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, cudaStream_t str
                  static_cast<unsigned>(linear_block / grid.x / grid.y));
     b.dim = block;
     b.size = static_cast<int>(threads);
-    b.rng.seed(rng());
+    b.rng = Random(rng());
     b.threads.resize(b.size);
     b.warps.resize((b.size + 31) / 32);
     for (int i = 0; i < b.size; ++i) {
