@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 # source tree first and import its hyperlr_ext, which has no compiled _C (the fallback path).
 RUN_MODULE = $(PY) -c "import os, runpy, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())] + [os.getcwd()]; runpy.run_module('$(1)', run_name='__main__', alter_sys=True)"
 
-.PHONY: venv install test bench lint wheel wheel-test clean distclean
+.PHONY: venv install test bench lint wheel wheel-test emu-sanitizers gpu-check clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,41 @@ wheel-test: wheel
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/pip install -q "$(TORCH_SPEC)" dist/*.whl
 	cd /tmp && $(WHEEL_VENV)/bin/python $(CURDIR)/tests/wheel/smoke.py $(WHEEL_SMOKE_ARGS)
+
+# The CUDA kernels on the CPU under ThreadSanitizer (threads as OS threads) and AddressSanitizer +
+# UBSan (fibers, and OS threads on the small layout): tests/cuda_emu/driver.cpp runs every kernel;
+# any report fails. The TSan build must also report the known race of the selftest kernel
+# racy_block_sum. Not part of `make test` (about 6 minutes on 2 cores); CI runs it.
+EMU_BUILD := build/emu
+TSAN_ENV := TSAN_OPTIONS=halt_on_error=1:exitcode=66:report_signal_unsafe=0
+ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+emu-sanitizers: venv
+	@for sanitizer in thread address,undefined; do \
+	  dir=$(EMU_BUILD)-$$(echo $$sanitizer | tr , -); \
+	  HYPERLR_CUDA=0 $(VENV)/bin/cmake -S . -B $$dir -G Ninja -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(VENV)/bin/ninja \
+	    -DPython_EXECUTABLE=$(CURDIR)/$(PY) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	    -DHYPERLR_EMU_SANITIZE=$$sanitizer >/dev/null || exit 1; \
+	  $(VENV)/bin/cmake --build $$dir --target cuda_emu_driver -j $(NPROC) || exit 1; \
+	done
+	$(TSAN_ENV) CUDA_EMU_MODE=thread $(EMU_BUILD)-thread/cuda_emu_driver --small
+	@if $(TSAN_ENV) CUDA_EMU_MODE=thread $(EMU_BUILD)-thread/cuda_emu_driver --racy > $(EMU_BUILD)-thread/racy.log 2>&1; then \
+	  echo "emu-sanitizers: ThreadSanitizer missed the race of racy_block_sum"; exit 1; \
+	elif ! grep -q "ThreadSanitizer: data race" $(EMU_BUILD)-thread/racy.log; then \
+	  cat $(EMU_BUILD)-thread/racy.log; echo "emu-sanitizers: racy_block_sum failed without a race report"; exit 1; \
+	else echo "emu-sanitizers: ThreadSanitizer reports the race of racy_block_sum, as it must"; fi
+	$(ASAN_ENV) CUDA_EMU_MODE=thread $(EMU_BUILD)-address-undefined/cuda_emu_driver --small
+	$(ASAN_ENV) CUDA_EMU_MODE=fiber CUDA_EMU_SEED=1 $(EMU_BUILD)-address-undefined/cuda_emu_driver
+
+# On a machine with a CUDA GPU whose python3 already has torch, nvcc, cmake, ninja, pybind11 and
+# scikit-build-core (no .venv, no network): build in place for sm_90, then run the GPU tests,
+# compute-sanitizer over every kernel and the step-time table (benchmarks/gpu_check.py, which
+# writes benchmarks/results/gpu_check.md).
+GPU_PYTHON ?= python3
+GPU_ARCH ?= 9.0
+gpu-check:
+	TORCH_CUDA_ARCH_LIST="$(GPU_ARCH)" CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) \
+	  $(GPU_PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	$(GPU_PYTHON) -m benchmarks.gpu_check
 
 # ruff comes with the test extra; CI runs this after the tests.
 lint: install

@@ -28,11 +28,8 @@ import subprocess
 import sys
 
 import pytest
-import test_adam_hd_ops
-import test_sgd_hd_ops
-import test_tangent_ops
-import test_tlr
 import torch
+from kernel_samples import FAMILIES
 
 from hyperlr_ext import _ops
 
@@ -67,31 +64,6 @@ LAYOUTS = {
     "many": [(_MANY_SIZES[i % len(_MANY_SIZES)],) for i in range(80)],
     # 1 + 202 + 119 + 1 chunks: launch 0 is full (320 blocks) and ends inside tensor 3.
     "big": [(5,), (201 * CHUNK + 3,), (0,), (118 * CHUNK + 1,), (7,)],
-}
-
-
-def _dot_samples(device, dtype, shapes=test_sgd_hd_ops.SHAPES):
-    gen = torch.Generator().manual_seed(0)
-
-    def lists():
-        return [torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype) for s in shapes]
-
-    yield torch.ops.hyperlr_ext.multi_tensor_dot.default, (lists(), lists())
-
-
-def _tlr_samples(device, dtype, shapes=test_tlr.SHAPES):
-    params, snapshots, prev_updates, lr = test_tlr._window_state(dtype, device, shapes=shapes)
-    for has_previous in (True, False):
-        args = ([p.contiguous() for p in params], snapshots, prev_updates, lr, has_previous)
-        yield torch.ops.hyperlr_ext.tlr_window_.default, args
-
-
-FAMILIES = {
-    "multi_tensor_dot": _dot_samples,
-    "sgd_hd": test_sgd_hd_ops._op_samples,
-    "adam_hd": test_adam_hd_ops._op_samples,
-    "tangent": test_tangent_ops._op_samples,
-    "tlr": _tlr_samples,
 }
 
 

@@ -191,6 +191,12 @@ struct Random {
 enum class ThreadState : uint8_t { kRunning, kWaiting, kExited };
 enum class VoteOp : uint8_t { kBallot, kAny, kAll };
 
+// ThreadSanitizer's view of one barrier (thread mode): every arriving thread releases on it, every
+// departing one acquires from it; the last to depart deletes it.
+struct SyncPoint {
+  int departing = 0;
+};
+
 struct Block;
 
 struct Thread {
@@ -206,8 +212,9 @@ struct Thread {
   int source_lane = 0;
   VoteOp vote = VoteOp::kBallot;
   uint64_t received = 0;
-  // Fiber mode: the fiber this thread runs on.
+  // Fiber mode: the fiber this thread runs on. Thread mode: the barrier it waits at.
   struct Fiber* fiber = nullptr;
+  SyncPoint* sync = nullptr;
 };
 
 // A barrier that some threads of a group already wait at.
@@ -215,6 +222,7 @@ struct Pending {
   Site site;
   int arrived = 0;
   int first_thread = -1;
+  SyncPoint* sync = nullptr;
 };
 
 struct Block {
@@ -267,6 +275,61 @@ inline unsigned int existing_lanes(const Block& b, int warp) {
        describe(site).c_str(), describe(other).c_str(), describe(other_site).c_str());
 }
 
+// ---- What ThreadSanitizer sees ------------------------------------------------------------------
+// In thread mode the block's bookkeeping (its mutex, condition variable and fields) is hidden from
+// ThreadSanitizer, and each barrier is shown to it instead as a release by every arriving thread
+// and an acquire by every departing one, on an object of that barrier alone (SyncPoint). Through
+// the one block mutex it would see every thread synchronise with every other at each barrier,
+// and miss races between warps that do not wait for each other.
+#if defined(__SANITIZE_THREAD__)
+extern "C" {
+void __tsan_acquire(void* address);
+void __tsan_release(void* address);
+void AnnotateIgnoreReadsBegin(const char* file, int line);
+void AnnotateIgnoreReadsEnd(const char* file, int line);
+void AnnotateIgnoreWritesBegin(const char* file, int line);
+void AnnotateIgnoreWritesEnd(const char* file, int line);
+void AnnotateIgnoreSyncBegin(const char* file, int line);
+void AnnotateIgnoreSyncEnd(const char* file, int line);
+}
+struct HiddenAccesses {
+  HiddenAccesses() {
+    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+  }
+  ~HiddenAccesses() {
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+  }
+};
+struct HiddenSync {
+  HiddenSync() { AnnotateIgnoreSyncBegin(__FILE__, __LINE__); }
+  ~HiddenSync() { AnnotateIgnoreSyncEnd(__FILE__, __LINE__); }
+};
+inline void sync_release(SyncPoint* p) {
+  __tsan_release(p);
+}
+inline void sync_acquire(SyncPoint* p) {
+  __tsan_acquire(p);
+}
+#else
+struct HiddenAccesses {};
+struct HiddenSync {};
+inline void sync_release(SyncPoint*) {}
+inline void sync_acquire(SyncPoint*) {}
+#endif
+
+// Thread mode: `t` joins the barrier that `p` describes (the first arrival creates its SyncPoint).
+inline void join_sync(Pending& p, Thread& t) {
+  if (schedule().mode != Mode::kThread) {
+    return;
+  }
+  if (p.sync == nullptr) {
+    p.sync = new SyncPoint();
+  }
+  t.sync = p.sync;
+}
+
 // Runs the group's collective (if it is one) and lets every member go on.
 inline void release(Block& b, const std::vector<Thread*>& members);
 
@@ -298,6 +361,7 @@ inline bool arrive(Thread& t, const Site& site) {
     } else if (!(p.site == site)) {
       fail_divergence(t, site, b.threads[p.first_thread], p.site);
     }
+    join_sync(p, t);
     if (++p.arrived < b.size) {
       return true;
     }
@@ -331,6 +395,7 @@ inline bool arrive(Thread& t, const Site& site) {
     } else if (!(w.site == site)) {
       fail_divergence(t, site, b.threads[w.first_thread], w.site);
     }
+    join_sync(w, t);
     if (++w.arrived < __builtin_popcount(lanes)) {
       return true;
     }
@@ -377,6 +442,9 @@ inline void release(Block& b, const std::vector<Thread*>& members) {
       }
     }
   }
+  if (members.front()->sync != nullptr) {
+    members.front()->sync->departing = static_cast<int>(members.size());
+  }
   for (Thread* m : members) {
     m->state = ThreadState::kRunning;
     --b.waiting;
@@ -389,15 +457,18 @@ inline void release(Block& b, const std::vector<Thread*>& members) {
 }
 
 // The block's lock in thread mode; fibers all run on one OS thread and need none.
+// (Hidden from ThreadSanitizer, with the accesses made while it is held.)
 class BlockLock {
  public:
   explicit BlockLock(Block& b) : mutex_(schedule().mode == Mode::kThread ? &b.mutex : nullptr) {
     if (mutex_ != nullptr) {
+      const HiddenSync hidden;
       mutex_->lock();
     }
   }
   ~BlockLock() {
     if (mutex_ != nullptr) {
+      const HiddenSync hidden;
       mutex_->unlock();
     }
   }
@@ -406,6 +477,7 @@ class BlockLock {
 
  private:
   std::mutex* mutex_;
+  HiddenAccesses hidden_;
 };
 
 // A thread's kernel call returned.
@@ -658,9 +730,26 @@ inline void wait_at(const Site& site) {
   Thread& t = this_thread();
   Block& b = *t.block;
   if (schedule().mode == Mode::kThread) {
-    std::unique_lock<std::mutex> lock(b.mutex);
+    const HiddenAccesses hidden;
+    std::unique_lock<std::mutex> lock(b.mutex, std::defer_lock);
+    {
+      const HiddenSync hidden_sync;
+      lock.lock();
+    }
     arrive(t, site);
-    b.released.wait(lock, [&t] { return t.state != ThreadState::kWaiting; });
+    SyncPoint* sync = t.sync;
+    sync_release(sync);  // before the unlock: no member can leave the barrier before this
+    {
+      const HiddenSync hidden_sync;
+      b.released.wait(lock, [&t] { return t.state != ThreadState::kWaiting; });
+    }
+    sync_acquire(sync);
+    t.sync = nullptr;
+    if (--sync->departing == 0) {
+      delete sync;
+    }
+    const HiddenSync hidden_sync;
+    lock.unlock();
     return;
   }
   // Fibers: back to the scheduler even when this arrival completed the barrier, so that the
