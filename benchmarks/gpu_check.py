@@ -191,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                             "tail": str(_ops.EXTENSION_ERROR or "")})  # fmt: skip
     if not args.skip_tests:
         result["steps"].append(
-            run_step("pytest -m gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu",
-                                       "-p", "no:cacheprovider"], 240)  # fmt: skip
+            run_step(
+                "pytest -m gpu",
+                [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
+                240,
+            )  # fmt: skip
         )
     if not args.skip_sanitizer:
         sanitizer = find_compute_sanitizer()

@@ -57,8 +57,10 @@ def main() -> int:
                 want = list(_tensors((cpu_result, cpu_args)))
                 for a, b in zip(got, want):
                     a = a.cpu()
-                    same = torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(
-                        a.nan_to_num(), b.nan_to_num()
+                    same = (
+                        torch.equal(a, b)
+                        or (a.isnan() == b.isnan()).all()
+                        and torch.equal(a.nan_to_num(), b.nan_to_num())
                     )
                     if not same and family in POW_FAMILIES:
                         eps = torch.finfo(b.dtype).eps

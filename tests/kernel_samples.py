@@ -15,7 +15,9 @@ def dot_samples(device, dtype, shapes=test_sgd_hd_ops.SHAPES):
     gen = torch.Generator().manual_seed(0)
 
     def lists():
-        return [torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype) for s in shapes]
+        return [
+            torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype) for s in shapes
+        ]
 
     yield torch.ops.hyperlr_ext.multi_tensor_dot.default, (lists(), lists())
 

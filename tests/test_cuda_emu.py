@@ -8,14 +8,14 @@ same order (the emulation compiles the host branch of that math, so even pow is 
 The inputs are each op's opcheck samples (its test file's _op_samples) at three layouts:
 
 - "default": the op tests' shapes (a zero-size, a 0-dim and a two-chunk tensor);
-- "many": 80 tensors (72 not empty), more than one launch holds for every op, sizes around the chunk and lane
-  boundaries, and per-tensor LR slots (one per tensor) in the per-tensor samples;
+- "many": 80 tensors (72 not empty), more than one launch holds for every op, sizes around the
+  chunk and lane boundaries, and per-tensor LR slots (one per tensor) in the per-tensor samples;
 - "big": more chunks than one launch holds, with a tensor split between two launches;
 
 in float32, float64, bfloat16 and float16, under two schedule seeds (the block order and the
 interleaving of threads between barriers differ; at the big layout the dtypes alternate between
-the two seeds). The emulation's own behaviour (warp collectives,
-atomics, poisoned shared memory, the reports of divergent barriers) is tested at the end.
+the two seeds). The emulation's own behaviour (warp collectives, atomics, poisoned shared memory,
+the reports of divergent barriers) is tested at the end.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def test_cuda_kernel_matches_cpu_kernel_bitwise(family, dtype, layout):
     assert count > 0
 
 
-# ---- the emulation itself -------------------------------------------------------------------------
+# ---- the emulation itself ------------------------------------------------------------------------
 
 
 def _selftest(name, out, blocks, threads):
