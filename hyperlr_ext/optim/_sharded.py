@@ -14,7 +14,7 @@ from torch import Tensor
 
 from hyperlr_ext.functional._hd_rule import sums_reduced_by
 
-__all__ = ["local_shards", "sharded_group"]
+__all__ = ["distribute_like", "local_shards", "shard_like", "sharded_group"]
 
 
 def _dtensor_type():
@@ -50,6 +50,39 @@ def local_shards(tensors: list[Any]) -> list[Any]:
     if dtensor is None:
         return tensors
     return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
+
+
+def shard_like(local: Tensor, param: Tensor) -> Tensor:
+    """``local``, this rank's shard of a tensor laid out as ``param``, as a DTensor with
+    ``param``'s mesh and placements when ``param`` is one (sharing ``local``'s storage: in-place
+    updates of either are seen by both); else ``local`` itself. Per-parameter state is kept
+    this way so that torch.distributed.checkpoint reshards it with the parameter."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(param, dtensor) or isinstance(local, dtensor):
+        return local
+    return dtensor.from_local(
+        local, param.device_mesh, param.placements, run_check=False,
+        shape=param.size(), stride=param.stride(),
+    )  # fmt: skip
+
+
+def distribute_like(tensor: Tensor, param: Tensor) -> Tensor:
+    """A copy of ``tensor`` (a whole tensor, or a DTensor of any layout) laid out as ``param``:
+    a DTensor with its mesh and placements when ``param`` is one (each rank keeps its own
+    shard, no communication for a whole tensor), else a whole tensor; on ``param``'s device
+    and in its dtype. Loads a checkpoint written under another sharding, or unsharded."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(param, dtensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        if isinstance(tensor, dtensor):
+            tensor = tensor.redistribute(param.device_mesh, param.placements)
+            return tensor.to(device=param.device, dtype=param.dtype, copy=True)
+        whole = tensor.to(device=param.device, dtype=param.dtype, copy=True)
+        return distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+    if dtensor is not None and isinstance(tensor, dtensor):
+        tensor = tensor.full_tensor()
+    return tensor.to(device=param.device, dtype=param.dtype, copy=True)
 
 
 @contextlib.contextmanager

@@ -259,6 +259,8 @@ class MARTHE(Optimizer):
         weights, the tangents, the buffers and the LR state as they were, decided on the device.
         """
         if closure is None:
+            if self._initialises_state():
+                return None
             raise ValueError("MARTHE/RTHO need a closure returning the training loss")
         groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
         params = [p for _, ps in groups for p in ps]
@@ -312,6 +314,19 @@ class MARTHE(Optimizer):
         if scale is not None:
             record_found_inf(scaler, self, found_inf)
         return loss
+
+    def _initialises_state(self) -> bool:
+        """torch.distributed.checkpoint's state initialisation: ``get_state_dict`` and
+        ``set_state_dict`` call ``step()`` once on an optimizer without state, with zero
+        gradients, every group's ``lr`` set to 0 and no closure, so that the state exists to be
+        saved or loaded into. On that call (and only then) MARTHE creates its zero tangents,
+        buffers and step counts, as its first step would, and moves nothing."""
+        if self.state or any(g["lr"] != 0 for g in self.param_groups):
+            return False
+        for group in self.param_groups:
+            self._init_group(group)
+            self._init_state(group, [p for p in group["params"] if p.requires_grad])
+        return True
 
     def _world(self):
         """The default process group when gradients must be averaged across ranks (DDP), else

@@ -7,7 +7,7 @@ from typing import Any
 from hyperlr_ext.functional.sgd_hd import sgd_hd
 from hyperlr_ext.optim._checks import check_bool, check_number
 from hyperlr_ext.optim._hd_base import HDOptimizer, _lr_scale, check_hd_arguments
-from hyperlr_ext.optim._sharded import local_shards, sharded_group
+from hyperlr_ext.optim._sharded import local_shards, shard_like, sharded_group
 
 __all__ = ["SGDHD"]
 
@@ -109,8 +109,9 @@ class SGDHD(HDOptimizer):
         grads = [p.grad for p in params]
         states = [self.state[p] for p in params]
         fresh = [len(s) == 0 for s in states]
-        momentum_buffers = [s.get("momentum_buffer") for s in states]
-        prev_directions = [s.get("prev_direction") for s in states]
+        # Under FSDP2 the buffers are DTensors like their params; the step sees their shards.
+        momentum_buffers = local_shards([s.get("momentum_buffer") for s in states])
+        prev_directions = local_shards([s.get("prev_direction") for s in states])
         lrs, hypergrads, effective_lrs = self._slots(group, indices)
         lr_scale = _lr_scale(group)
         with sharded_group(params, group["fused"]) as sharded:
@@ -138,9 +139,10 @@ class SGDHD(HDOptimizer):
                 maximize=group["maximize"],
                 **self._amp,
             )
-        for state, buf, direction in zip(states, momentum_buffers, prev_directions):
+        for p, state, buf, direction in zip(params, states, momentum_buffers, prev_directions):
+            # New buffers (the first step) become DTensors like their params under FSDP2.
             if buf is not None:
-                state["momentum_buffer"] = buf
+                state["momentum_buffer"] = shard_like(buf, p) if sharded else buf
             if direction is not None:
-                state["prev_direction"] = direction
+                state["prev_direction"] = shard_like(direction, p) if sharded else direction
         self._finish_group(group, indices, lr_scale)

@@ -20,6 +20,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from hyperlr_ext.optim._checks import check_bool, check_number
+from hyperlr_ext.optim._marthe_grads import validation_grads
+from hyperlr_ext.optim._sharded import distribute_like, local_shards, mesh_group
 from hyperlr_ext.schedulers._step_tracker import StepTracker
 
 __all__ = ["MLRSNet", "MLRSNetModule", "PRETRAINED_DIR"]
@@ -144,6 +146,16 @@ class MLRSNet(LRScheduler):
         self.meta_optimizer = torch.optim.Adam(
             self.net.parameters(), lr=meta_lr, weight_decay=meta_weight_decay
         )
+        # Adam's state made now, as its first step would make it, so that the state_dict has one
+        # structure from the start (torch.distributed.checkpoint loads into that structure).
+        wide = torch.get_default_dtype() == torch.float64
+        scalar_dtype = torch.float64 if wide else torch.float32
+        for q in self.net.parameters():
+            self.meta_optimizer.state[q] = {
+                "step": torch.tensor(0.0, dtype=scalar_dtype),
+                "exp_avg": torch.zeros_like(q, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(q, memory_format=torch.preserve_format),
+            }
         self.lstm_state = self.net.initial_state()
         self.steps = 0  # optimizer steps seen
         self.val_steps = 0  # steps that came with a val_closure
@@ -215,7 +227,13 @@ class MLRSNet(LRScheduler):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything, with the net and the meta-optimizer as their own state_dicts (tensors,
-        numbers and lists only: loads with torch.load(weights_only=True))."""
+        numbers and lists only: loads with torch.load(weights_only=True)).
+
+        Its structure does not change as training goes on (torch.distributed.checkpoint loads
+        into the structure of a fresh scheduler's state_dict): the tensors that are not set yet
+        (the snapshot between meta-training steps, the inputs of the next one before the first
+        step) are stored as zeros and named in ``"unset"``. The snapshot's tensors are laid out
+        as the params (DTensors under FSDP2)."""
         state = {
             k: v for k, v in self.__dict__.items()
             if k not in ("optimizer", "net", "meta_optimizer", "lstm_state", "_tracker")
@@ -224,6 +242,14 @@ class MLRSNet(LRScheduler):
         state["hidden_size"] = self.net.hidden_size
         state["meta_optimizer"] = self.meta_optimizer.state_dict()
         state["lstm_state"] = [t.clone() for t in self.lstm_state]
+        placeholders = {
+            "snapshot": lambda: [torch.zeros_like(p) for p in self._params()],
+            "last_input": lambda: torch.zeros((), device=self.last_hypergrad.device),
+            "last_state": lambda: [torch.zeros_like(t) for t in self.lstm_state],
+        }
+        state["unset"] = [key for key in placeholders if state[key] is None]
+        for key in state["unset"]:
+            state[key] = placeholders[key]()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -238,9 +264,11 @@ class MLRSNet(LRScheduler):
         self.meta_optimizer.load_state_dict(state.pop("meta_optimizer"))
         h, c = state.pop("lstm_state")
         self.lstm_state = (h.to(device), c.to(device))
+        for key in state.pop("unset", []):
+            state[key] = None
         if state.get("snapshot") is not None:
             params = self._params()
-            state["snapshot"] = [t.to(p.device, p.dtype) for t, p in zip(state["snapshot"], params)]
+            state["snapshot"] = [distribute_like(t, p) for t, p in zip(state["snapshot"], params)]
         super().load_state_dict(state)
 
     # ------------------------------------------------------------------ the schedule
@@ -325,14 +353,18 @@ class MLRSNet(LRScheduler):
         dLR/dtheta through the net's forward that produced LR (the scalar chain rule)."""
         params = self._params()
         applied = self.applied_lr
-        directions = [(s - w.detach()) / applied for s, w in zip(self.snapshot, params)]
-        with torch.enable_grad():
-            val_loss = val_closure()
-            grads = torch.autograd.grad(val_loss.reshape(()), params, allow_unused=True)
-        hypergrad = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        # Under FSDP2 (DTensor params) every rank works on its shards: the validation gradient
+        # comes from FSDP2's backward (averaged over the ranks), the partial dot products are
+        # summed by one all-reduce over the mesh.
+        mesh = mesh_group(params)
+        directions = [(s - w.detach()) / applied for s, w in
+                      zip(local_shards(self.snapshot), local_shards(params))]  # fmt: skip
+        grads = validation_grads(val_closure, params, by_backward=mesh is not None)
+        hypergrad = torch.zeros((), dtype=torch.float64, device=directions[0].device)
         for g, d in zip(grads, directions):
-            if g is not None:
-                hypergrad = hypergrad - torch.dot(g.reshape(-1).double(), d.reshape(-1).double())
+            hypergrad = hypergrad - torch.dot(g.reshape(-1).double(), d.reshape(-1).double())
+        if mesh is not None:
+            torch.distributed.all_reduce(hypergrad, group=mesh)
         self.last_hypergrad = hypergrad.detach()
         # A diverged validation loss or a step skipped on the device: no meta step (one host
         # read, at meta-training steps only).

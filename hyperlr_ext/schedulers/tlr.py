@@ -19,7 +19,7 @@ from hyperlr_ext._dispatch import check_fused_params, check_fused_request, choos
 from hyperlr_ext.functional.tlr import fused_tlr_window_, tlr_rule_, tlr_window_
 from hyperlr_ext.optim._checks import check_number, check_optional_bool
 from hyperlr_ext.optim._hd_base import hyper_device_dtype
-from hyperlr_ext.optim._sharded import local_shards, mesh_group
+from hyperlr_ext.optim._sharded import distribute_like, local_shards, mesh_group
 from hyperlr_ext.schedulers._step_tracker import StepTracker
 
 __all__ = ["TLR"]
@@ -113,8 +113,9 @@ class TLR(LRScheduler):
         self.prev_updates = [[torch.zeros_like(p) for p in g["params"]] for g in groups]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads the windows and copies the saved snapshots and updates into tensors on the
-        params' devices and dtypes (a checkpoint may come from another device)."""
+        """Loads the windows and copies the saved snapshots and updates into tensors laid out as
+        the params: their devices and dtypes, and under FSDP2 their sharding (a checkpoint may
+        come from another device, another number of ranks, or an unsharded run)."""
         state = dict(state_dict)
         saved = {k: state.pop(k) for k in ("snapshots", "prev_updates")}
         groups = self.optimizer.param_groups
@@ -129,7 +130,7 @@ class TLR(LRScheduler):
         super().load_state_dict(state)
         for key, lists in saved.items():
             setattr(self, key, [
-                [t.to(device=p.device, dtype=p.dtype, copy=True) for t, p in zip(ts, g["params"])]
+                [distribute_like(t, p) for t, p in zip(ts, g["params"])]
                 for ts, g in zip(lists, groups)
             ])  # fmt: skip
 
