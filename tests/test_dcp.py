@@ -2,7 +2,7 @@
 optimizer and scheduler of the package saved after K steps on N ranks and loaded on M ranks
 (2 -> 4, 4 -> 2, and 1 -> 2 from an unsharded run), then continued, follows one uninterrupted
 single-process run (float64, 1e-10). A full state from ``get_state_dict(..., full_state_dict=True)``
-on 2 ranks also continues exactly in a single process.
+on 2 ranks also continues exactly in a single process, and on 2 ranks again.
 
 The recipe under test is the one in the README: ``get_state_dict(model, opt)`` (which creates the
 state of a fresh optimizer through its own zero-gradient step), the scheduler's ``state_dict()``
@@ -139,9 +139,13 @@ def _resume(name, world, path, saved_world, rank=0):
     """A fresh model, optimizer and scheduler, loaded from the checkpoint of ``saved_world``
     ranks, then the remaining steps."""
     model, opt, sched = _fresh(name, world)
-    state = _state(model, opt, sched)  # the template: DCP loads into these tensors
-    dcp.load(state, checkpoint_id=f"{path}/{name}-{saved_world}")
-    _restore(model, opt, sched, state)
+    if saved_world == "full":  # the whole state gathered on 2 ranks, loaded into the shards
+        full = torch.load(f"{path}/{name}-full.pt", weights_only=False)
+        _restore(model, opt, sched, full, StateDictOptions(full_state_dict=True))
+    else:
+        state = _state(model, opt, sched)  # the template: DCP loads into these tensors
+        dcp.load(state, checkpoint_id=f"{path}/{name}-{saved_world}")
+        _restore(model, opt, sched, state)
     _train(name, model, opt, sched, range(SAVE_AT, STEPS), rank, world)
     return _result(model, opt)
 
@@ -181,10 +185,10 @@ def test_dcp_reshards_every_optimizer_and_scheduler(tmp_path):
     _spawn(2, [("save", n, None) for n in names], tmp_path)
     on_four = _spawn(4, [("load", n, 2) for n in names] + [("save", n, None) for n in names],
                      tmp_path)  # fmt: skip
-    on_two = _spawn(2, [("load", n, w) for n in names for w in (4, 1)], tmp_path)
+    on_two = _spawn(2, [("load", n, w) for n in names for w in (4, 1, "full")], tmp_path)
     for name in names:
         for results, routes in [(r, ("2->4",)) for r in on_four] + [
-            (r, ("4->2", "1->2")) for r in on_two
+            (r, ("4->2", "1->2", "full->2")) for r in on_two
         ]:
             for route in routes:
                 _assert_same(results[f"{name}:{route}"], expected[name])
