@@ -426,6 +426,34 @@ def test_find_hyper_lr_divides_until_a_short_run_does_not_diverge():
         hx.MARTHE.find_hyper_lr([w], closure, argument="lr")
 
 
+def test_find_hyper_lr_restores_buffers_too():
+    """The closure of a model with BatchNorm in training mode updates its running statistics;
+    with ``buffers=model.buffers()`` the search leaves them, and the weights, as it found them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
+                                torch.nn.Linear(4, 1)).double()  # fmt: skip
+    x = torch.randn(16, 3, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def closure():
+        return model(x).pow(2).mean()
+
+    hx.RTHO.find_hyper_lr(model.parameters(), closure, steps=3, start=1e-3, lr=0.01,
+                          buffers=model.buffers())  # fmt: skip
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    hx.RTHO.find_hyper_lr(model.parameters(), closure, steps=3, start=1e-3, lr=0.01)
+    assert not torch.equal(before["1.running_mean"], model.state_dict()["1.running_mean"])
+
+
+def test_marthe_weight_decay_objective_builds_no_graph():
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = hx.MARTHE([w], lr=0.1, hyper_lr=1e-3, weight_decay=0.1)
+    (objective,) = opt._objective(opt.param_groups[0], [w], [torch.ones(3)], None)
+    assert not objective.requires_grad
+    torch.testing.assert_close(objective, torch.full((3,), 1.1, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("name", ["momentum", "adamw"])
 def test_scheduler_scales_the_learned_lr(name):
     """A torch scheduler's factor s multiplies the learned LR (as for the HD optimizers): the run

@@ -27,8 +27,7 @@ struct AdamHdParams {
   HdReduction<acc_t> reduction;
 };
 
-template <typename acc_t>
-__device__ int64_t tensor_of(int32_t tag) {
+__device__ inline int64_t tensor_of(int32_t tag) {
   return static_cast<int64_t>(tag >> kTagShift);
 }
 
@@ -51,7 +50,7 @@ struct MomentsFunctor {
     const HdReduction<acc_t>& r = p.reduction;
     const bool has_previous = (chunk.tag & kHasPrevious) != 0;
     const int64_t slot = slot_of(r, chunk.tag);
-    const acc_t step = p.steps[tensor_of<acc_t>(chunk.tag)];
+    const acc_t step = p.steps[tensor_of(chunk.tag)];
     const math::BiasCorrection<acc_t> correction = math::bias_correction(step, s);
     const math::BiasCorrection<acc_t> previous_correction =
         math::bias_correction(math::add_rn(step, acc_t(-1)), s);
@@ -106,7 +105,7 @@ struct ParamStepFunctor {
     const scalar_t* second_moment = chunk.template data<const scalar_t>(2);
     const acc_t lr = p.reduction.effective_lrs[slot_of(p.reduction, chunk.tag)];
     const math::BiasCorrection<acc_t> correction =
-        math::bias_correction(p.steps[tensor_of<acc_t>(chunk.tag)], p.adam);
+        math::bias_correction(p.steps[tensor_of(chunk.tag)], p.adam);
     for (int64_t i = threadIdx.x; i < chunk.size; i += kBlockThreads) {
       const acc_t w = static_cast<acc_t>(param[i]);
       const acc_t ratio =

@@ -244,8 +244,11 @@ class HDOptimizer(Optimizer):
                     grad.layout != torch.strided or grad.dtype.is_complex or p.dtype.is_complex
                 ):
                     continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if grad.layout != torch.strided:  # COO, CSR/CSC/BSR, nested (jagged)
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients (got layout "
+                        f"{grad.layout}); only dense (strided) gradients are supported"
+                    )
                 if grad.dtype.is_complex or p.dtype.is_complex:
                     raise ValueError(
                         f"{type(self).__name__} does not support complex parameters or "

@@ -440,7 +440,8 @@ class MARTHE(Optimizer):
         if val_grads is not None:
             return val_grads
         l2 = group["weight_decay"] if group["inner"] != "adamw" else 0.0
-        return [g.add(p, alpha=l2) if l2 != 0 else g for g, p in zip(grads, params)]
+        # p detached: the sums need no graph through the decay term.
+        return [g.add(p.detach(), alpha=l2) if l2 != 0 else g for g, p in zip(grads, params)]
 
     def _hyper_update(self, group: dict[str, Any], sums: Tensor) -> None:
         """Steps 1, 5 and 6 of DESIGN.md §2 from the group's sums: Delta_t, then mu, beta and
@@ -543,12 +544,15 @@ class MARTHE(Optimizer):
         argument: str = "hyper_lr",
         divergence_ratio: float = 2.0,
         val_closure: Callable[[], Tensor] | None = None,
+        buffers: Iterable[Tensor] = (),
         **kwargs: Any,
     ) -> float:
         """The paper's selection of the hyper-LR (end of its section 4): start high and divide by
         ``factor`` until a short run of ``steps`` steps does not diverge; return that value.
 
-        ``params`` are restored after every trial (the call leaves them as it found them);
+        ``params`` and ``buffers`` (pass ``model.buffers()`` when the closure updates some, as
+        BatchNorm's running statistics in training mode) are restored after every trial (the call
+        leaves them as it found them);
         ``closure``/``val_closure`` are those of :meth:`step` (let the closure draw a new batch at
         each call). ``argument`` is the value searched: ``"hyper_lr"`` (beta, fixed or initial)
         or ``"hyper_hyper_lr"`` (beta', for MARTHE with adaptive beta and ``hyper_lr=0``).
@@ -567,7 +571,8 @@ class MARTHE(Optimizer):
         check_number("divergence_ratio", divergence_ratio, low=1.0)
         if factor == 1.0 or not (0 < smallest <= start):
             raise ValueError("find_hyper_lr needs factor > 1 and 0 < smallest <= start")
-        saved = [p.detach().clone() for p in params]
+        restored = params + list(buffers)
+        saved = [t.detach().clone() for t in restored]
         value = start
         try:
             while value >= smallest:
@@ -578,8 +583,8 @@ class MARTHE(Optimizer):
                     if not torch.isfinite(losses[-1]):
                         break
                 with torch.no_grad():
-                    for p, s in zip(params, saved):
-                        p.copy_(s)
+                    for t, s in zip(restored, saved):
+                        t.copy_(s)
                 history = torch.stack(losses).double()
                 tail = history[-max(1, steps // 10) :]
                 finite = len(losses) == steps and bool(torch.isfinite(history).all())
@@ -588,8 +593,8 @@ class MARTHE(Optimizer):
                 value /= factor
         finally:
             with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
+                for t, s in zip(restored, saved):
+                    t.copy_(s)
         raise RuntimeError(
             f"find_hyper_lr: every {argument} from {start} down to {smallest} diverged within "
             f"{steps} steps; lower start or smallest, or check the closure"
