@@ -448,7 +448,7 @@ def markdown(result: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "## Targets (issue 5)",
+        "## Targets",
         "",
         "Ratio of the median steps; in brackets, the range of the same ratio over the rounds "
         "(each round's median steps), which shows how firm the verdict is.",

@@ -4,10 +4,10 @@ For each total size (fp32 parameters) split into N equal tensors, every variant 
 parameters with the same fixed random gradients. Variants are timed round-robin (a few steps
 each, again and again), so torch's baseline and ours are measured side by side under the same
 machine load; the reported time is the median step. Achieved bandwidth counts the minimal bytes of
-DESIGN.md §5 (reads + writes per element: torch SGD-momentum 5, Adam 7; HD exact adds a
-second pass: SGD-HD exact reads/writes 6 (direction pass: g, b read, b written; param pass: w, b
-read, w written), Adam-HD exact 9 (moments pass: g, m, v read, m, v written; param pass: w, m, v
-read, w written); ``lr_lag=1`` is one pass with torch's own bytes).
+docs/design.md, "Kernel byte budgets" (reads + writes per element: torch SGD-momentum 5, Adam 7;
+HD exact adds a second pass: SGD-HD exact reads/writes 6 (direction pass: g, b read, b written;
+param pass: w, b read, w written), Adam-HD exact 9 (moments pass: g, m, v read, m, v written;
+param pass: w, m, v read, w written); ``lr_lag=1`` is one pass with torch's own bytes).
 
     python -m benchmarks.overhead --help
 """
@@ -43,7 +43,7 @@ IMPLS: dict[str, dict[str, bool]] = {
 
 @dataclass(frozen=True)
 class Variant:
-    """One optimizer to time; ``impl`` is a key of ``IMPLS``; ``bytes_per_elem``: DESIGN.md §5."""
+    """One optimizer to time; ``impl`` is a key of ``IMPLS``; ``bytes_per_elem``: docs/design.md."""
 
     name: str
     family: str
@@ -296,7 +296,7 @@ def run_overhead(
             "warmup_steps": 1,
             "dtype": "float32",
             "grads": "fixed, N(0, 1)",
-            "bytes_per_elem": "DESIGN.md §5 minimal reads + writes per element",
+            "bytes_per_elem": "docs/design.md minimal reads + writes per element",
         },
         "copy_numel": max(sizes),
         "copy_bandwidth_gb_per_s": copy_bandwidth(max(sizes), dev),

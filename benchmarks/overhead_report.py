@@ -55,7 +55,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"(compiled extension {'loaded' if env['hyperlr_ext_compiled_extension'] else 'absent'}), "
         f"{env['torch_threads']} threads, {env['date']}. fp32, fixed random gradients; median step "
         "time of steps timed round-robin across variants. Ratio = ours / torch.optim with the same "
-        "implementation (foreach, fused or for-loop), measured side by side. GB/s = DESIGN.md §5 "
+        "implementation (foreach, fused or for-loop), measured side by side. GB/s = docs/design.md "
         f"minimal bytes / time; `copy_` of {_fmt_size(result['copy_numel'])} floats reaches "
         f"{result['copy_bandwidth_gb_per_s']:.1f} GB/s here. Other processes kept "
         f"{env['other_processes_cores']:.2f} of {env['cpu_count']} cores busy on average during "

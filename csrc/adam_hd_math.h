@@ -1,7 +1,8 @@
-// Layer 1 of the fused Adam-HD kernels (STYLE.md section 2): one element of torch.optim.Adam's /
-// AdamW's step, of the recomputed previous direction d_{t-1}, on registers. Shared by the CPU
-// kernel (csrc/adam_hd_cpu.cpp) and the CUDA functors (csrc/cuda/adam_hd.cu). The reference is
-// hyperlr_ext/functional/adam_hd.py (_adam_hd_impl); the HD rule and sums are sgd_hd_math.h's.
+// Layer 1 of the fused Adam-HD kernels (docs/design.md, Conventions): one element of
+// torch.optim.Adam's / AdamW's step, of the recomputed previous direction d_{t-1}, on registers.
+// Shared by the CPU kernel (csrc/adam_hd_cpu.cpp) and the CUDA functors (csrc/cuda/adam_hd.cu).
+// The reference is hyperlr_ext/functional/adam_hd.py (_adam_hd_impl); the HD rule and sums are
+// sgd_hd_math.h's.
 #pragma once
 
 #include "sgd_hd_math.h"

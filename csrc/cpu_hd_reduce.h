@@ -4,6 +4,7 @@
 #pragma once
 
 #include "cpu_chunks.h"
+#include "fused_args.h"
 #include "sgd_hd_math.h"
 
 #include <ATen/core/Tensor.h>
@@ -101,11 +102,6 @@ bool use_avx2();
 
 // Allows or forbids the AVX2 variants; returns whether they were in use before.
 bool set_avx2_allowed(bool allowed);
-
-// The data of an optional float32 tensor (AMP's grad_scale / found_inf), or null.
-inline const float* float_ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
-}
 
 }  // namespace cpu
 }  // namespace hyperlr

@@ -34,4 +34,10 @@ std::vector<at::Tensor> contiguous_or_empty(at::TensorList list);
 // Copies results computed in contiguous copies back into non-contiguous originals.
 void copy_back_list(at::TensorList originals, const std::vector<at::Tensor>& results);
 
+// The data of an optional float32 tensor (AMP's grad_scale / found_inf), or null; shared by the
+// CPU kernels and the CUDA launchers.
+inline const float* float_ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
+}
+
 }  // namespace hyperlr

@@ -1,6 +1,7 @@
-// Layer 1 of the kernels (STYLE.md section 2): arithmetic on registers, no memory access, no
-// indexing. Every function here is compiled both for the host (the CPU kernels) and for the device
-// (the CUDA functors), so the CPU tests run the same arithmetic, in the same order, as the GPU.
+// Layer 1 of the kernels (docs/design.md, Conventions): arithmetic on registers, no memory access,
+// no indexing. Every function here is compiled both for the host (the CPU kernels) and for the
+// device (the CUDA functors), so the CPU tests run the same arithmetic, in the same order, as the
+// GPU.
 #pragma once
 
 #include <cstdint>

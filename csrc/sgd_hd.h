@@ -1,9 +1,9 @@
 // The fused SGD-HD ops, shared by the CPU kernel (sgd_hd_cpu.cpp) and the CUDA one
 // (cuda/sgd_hd.cu): their arguments in one struct, the input checks (sgd_hd.cpp), and the
-// functions that turn an op call into a kernel call. Schemas: csrc/ops.cpp.
+// functions that turn an op call into a kernel call. Schemas: csrc/schemas.cpp.
 //
-// Three ops (DESIGN.md section 5; the split of exact mode is cheaper than "dot pass + full SGD
-// step": 6 element reads/writes instead of 7 for SGD with momentum):
+// Three ops (docs/design.md, "Kernel byte budgets"; the split of exact mode is cheaper than
+// "dot pass + full SGD step": 6 element reads/writes instead of 7 for SGD with momentum):
 //   sgd_hd_direction_    exact mode, pass 1: reads g (and w with weight decay, the validation
 //                        gradient when given) and d_{t-1}; per-slot sums of <g^, d_{t-1}>, |g^|^2,
 //                        |d_{t-1}|^2; writes d_t (the momentum buffer and/or prev_directions);

@@ -1,4 +1,4 @@
-// The fused SGD-HD ops on the CPU (schemas in csrc/ops.cpp, math in csrc/sgd_hd_math.h).
+// The fused SGD-HD ops on the CPU (schemas in csrc/schemas.cpp, math in csrc/sgd_hd_math.h).
 // Chunks of kChunkSize elements run in parallel (at::parallel_for); inside a chunk the elements
 // are visited in runs of kLanes, lane l taking element l of every run, exactly as CUDA thread l of
 // a block does; chunk sums are reduced per LR slot in chunk order (csrc/cpu_chunks.h). Results do
@@ -18,7 +18,6 @@ namespace hyperlr {
 namespace {
 
 using cpu::ChunkList;
-using cpu::float_ptr_or_null;
 using cpu::kLanes;
 using cpu::LaneSums;
 using cpu::with_bool;

@@ -1,8 +1,9 @@
-// Layer 1 of the fused SGD-HD kernels (STYLE.md section 2): one element of torch.optim.SGD's step
-// and of the hypergradient sums, and the HD rule of one LR slot, on registers. Shared by the CPU
-// kernel (csrc/sgd_hd_cpu.cpp) and the CUDA functors (csrc/cuda/sgd_hd.cu), so both compute the
-// same arithmetic in the same order. Equations: DESIGN.md section 2, HD; the reference is
-// hyperlr_ext/functional/sgd_hd.py (_single_tensor_sgd_hd) and _hd_rule.hd_rule_.
+// Layer 1 of the fused SGD-HD kernels (docs/design.md, Conventions): one element of
+// torch.optim.SGD's step and of the hypergradient sums, and the HD rule of one LR slot, on
+// registers. Shared by the CPU kernel (csrc/sgd_hd_cpu.cpp) and the CUDA functors
+// (csrc/cuda/sgd_hd.cu), so both compute the same arithmetic in the same order. Equations:
+// docs/design.md, HD; the reference is hyperlr_ext/functional/sgd_hd.py (_single_tensor_sgd_hd)
+// and _hd_rule.hd_rule_.
 #pragma once
 
 #include "hd_math.h"
@@ -38,7 +39,7 @@ HYPERLR_INLINE acc_t decayed_grad(acc_t grad, acc_t param, const SgdSettings<acc
   return s.weight_decay != acc_t(0) ? with_decay : signed_grad;
 }
 
-// g^ with a validation objective: +-(validation gradient), no decay (DESIGN.md section 2).
+// g^ with a validation objective: +-(validation gradient), no decay (docs/design.md, HD).
 template <typename acc_t>
 HYPERLR_INLINE acc_t validation_objective(acc_t objective_grad, const SgdSettings<acc_t>& s) {
   return s.maximize ? -objective_grad : objective_grad;

@@ -1,4 +1,4 @@
-// The fused tangent step of MARTHE / RTHO (DESIGN.md section 5, "MARTHE/RTHO after the HVP"):
+// The fused tangent step of MARTHE / RTHO (docs/design.md, "Kernel byte budgets"):
 // one pass over every tensor that applies the inner optimizer's step and updates the tangents of
 // the weights and of every state buffer, Z <- mu (A Z) + B. Shared by the CPU kernel
 // (tangent_cpu.cpp) and the CUDA one (cuda/tangent.cu); checks in tangent.cpp; schemas in ops.cpp;

@@ -165,7 +165,7 @@ void run_cpu(const TangentArgs& a) {
 
 void tangent_cpu(const TangentArgs& a) {
   check_tangent_args(a);
-  if (a.lists[kParams].empty() || math::skips_step(cpu::float_ptr_or_null(a.found_inf))) {
+  if (a.lists[kParams].empty() || math::skips_step(float_ptr_or_null(a.found_inf))) {
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.lists[kParams][0].scalar_type(),

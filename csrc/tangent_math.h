@@ -1,8 +1,8 @@
-// Layer 1 of the fused tangent step of MARTHE / RTHO (STYLE.md section 2): one element of the
-// inner step (torch.optim.SGD's, or Adam's / AdamW's) together with the update of its tangents
-// Z = d(state)/d eta, on registers. Shared by the CPU kernel (csrc/tangent_cpu.cpp) and the CUDA
-// functor (csrc/cuda/tangent.cu). The equations and their derivation: docs/tangents.md; the
-// reference, with the same operations in the same order: hyperlr_ext/functional/marthe.py.
+// Layer 1 of the fused tangent step of MARTHE / RTHO (docs/design.md, Conventions): one element
+// of the inner step (torch.optim.SGD's, or Adam's / AdamW's) together with the update of its
+// tangents Z = d(state)/d eta, on registers. Shared by the CPU kernel (csrc/tangent_cpu.cpp) and
+// the CUDA functor (csrc/cuda/tangent.cu). The equations and their derivation: docs/tangents.md;
+// the reference, with the same operations in the same order: hyperlr_ext/functional/marthe.py.
 #pragma once
 
 #include "adam_hd_math.h"

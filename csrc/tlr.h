@@ -1,4 +1,4 @@
-// The fused TLR window end (DESIGN.md section 5, "TLR window end"): one pass over a param group's
+// The fused TLR window end (docs/design.md, "Kernel byte budgets"): one pass over a param group's
 // tensors that forms the window's update u = (w_snapshot - w) / eta, the partial sums of
 // <u_prev, u> and |u_prev|^2, and writes the new snapshot (w) and u_prev (u). Shared by the CPU
 // kernel (tlr_cpu.cpp) and the CUDA one (cuda/tlr.cu); math in tlr_math.h; schema in ops.cpp;

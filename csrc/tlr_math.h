@@ -1,7 +1,7 @@
-// Layer 1 of the fused TLR window end (STYLE.md section 2): one element of the window's update
-// u = (w_snapshot - w) / eta, of the two sums <u_prev, u> and |u_prev|^2, on registers. Shared by
-// the CPU kernel (csrc/tlr_cpu.cpp) and the CUDA functor (csrc/cuda/tlr.cu). Equations: DESIGN.md
-// section 2 (TLR); reference: hyperlr_ext/functional/tlr.py.
+// Layer 1 of the fused TLR window end (docs/design.md, Conventions): one element of the window's
+// update u = (w_snapshot - w) / eta, of the two sums <u_prev, u> and |u_prev|^2, on registers.
+// Shared by the CPU kernel (csrc/tlr_cpu.cpp) and the CUDA functor (csrc/cuda/tlr.cu).
+// Equations: docs/design.md, TLR; reference: hyperlr_ext/functional/tlr.py.
 #pragma once
 
 #include "sgd_hd_math.h"

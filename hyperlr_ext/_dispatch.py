@@ -28,7 +28,7 @@ FUSED_ALGORITHMS: frozenset[str] = frozenset(
 FUSED_DEVICES = ("cpu", "cuda")
 # Where the fused kernels are the default (fused=None and foreach=None): the devices on which
 # benchmarks/overhead.py measured them faster than foreach and the for-loop, and whose kernels the
-# test suite has run. CUDA joins once the GPU tests have passed on a lent GPU.
+# test suite has run. CUDA joins once the GPU tests have passed on a GPU.
 DEFAULT_FUSED: dict[str, frozenset[str]] = {
     "sgd_hd": frozenset({"cpu"}),
     "adam_hd": frozenset({"cpu"}),

@@ -129,7 +129,7 @@ def _dot_result_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_dot_args(a: Sequence[Tensor], b: Sequence[Tensor]) -> None:
-    """The checks of csrc/ops.cpp, same messages (RuntimeError, like TORCH_CHECK)."""
+    """The checks of csrc/multi_tensor_dot.cpp, same messages (RuntimeError, like TORCH_CHECK)."""
     if len(a) != len(b):
         raise RuntimeError(
             f"multi_tensor_dot: a and b must have the same length, but a has {len(a)} tensors "

@@ -3,7 +3,7 @@
 - the tangent hypergradient equals dE(w_T)/d eta from autograd through the unrolled trajectory
   (float64, T = 20 minibatch steps, SGD / momentum / Nesterov with L2 decay, training or
   validation objective), with Hessian products by double backward or finite differences;
-- MARTHE's adaptive mu and beta against an oracle written from DESIGN.md §2 on a quadratic whose
+- MARTHE's adaptive mu and beta against an oracle written from docs/design.md on a quadratic whose
   Hessian is explicit;
 - mu = 0 reproduces SGDHD, beta = 0 reproduces torch.optim.SGD; LR >= 0; no host sync; errors.
 """
@@ -158,7 +158,8 @@ def test_tangent_hypergradient_is_exact(name, validation, hvp, fused):
 
 
 def _quadratic_oracle(a, centres, w0, *, lr, beta, beta_prime, momentum, wd, steps):
-    """MARTHE from DESIGN.md §2, steps 1-6, on L_t(w) = 1/2 (w - c_t)^T A (w - c_t): H = A."""
+    """MARTHE from docs/design.md ("Tangent-system methods") on
+    L_t(w) = 1/2 (w - c_t)^T A (w - c_t): H = A."""
     w, z_w, z_b, b, d_prev = w0.clone(), torch.zeros_like(w0), None, None, None
     eta, mu, c, delta_prev = lr, 0.0, 0.0, 0.0
     trace = []

@@ -109,7 +109,8 @@ def fp64_reference(a, b) -> float:
 
 def assert_close_to_fp64(result: torch.Tensor, a, b) -> None:
     """|ours - fp64| <= 2 * max(PyTorch's own error at our accumulation precision, one ulp of
-    sum_i |a_i b_i|): the STYLE.md rule, with a floor for the final rounding no method avoids."""
+    sum_i |a_i b_i|): the rule of docs/design.md, Conventions, with a floor for the final rounding
+    no method avoids."""
     acc_dtype = result.dtype
     reference = fp64_reference(a, b)
     torch_same_precision = sum(

@@ -1,5 +1,5 @@
-"""TLR (hyperlr_ext/schedulers/tlr.py) against an oracle written from DESIGN.md §2 / the paper's
-Eq. 8 with windows: several param groups, optimizers whose direction is not the gradient
+"""TLR (hyperlr_ext/schedulers/tlr.py) against an oracle written from docs/design.md, TLR /
+the paper's Eq. 8 with windows: several param groups, optimizers whose direction is not the gradient
 (momentum, Adam), the closed form on 1/2 a w^2, the cap and the den <= 0 guard, state_dict
 round trips, no host sync with a tensor LR, the fused window end against its reference."""
 

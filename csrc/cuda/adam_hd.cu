@@ -1,4 +1,4 @@
-// The fused Adam-HD ops on CUDA (schemas: csrc/ops.cpp; arguments: csrc/adam_hd.h; math:
+// The fused Adam-HD ops on CUDA (schemas: csrc/schemas.cpp; arguments: csrc/adam_hd.h; math:
 // csrc/adam_hd_math.h, shared with the CPU kernel). One block per chunk; thread l handles
 // elements l, l + kLanes, ... of its chunk; the reducing passes end with the last-block reduction
 // of csrc/cuda/hd_reduce.cuh. A tensor's tag carries its index (for its step count and LR slot)

@@ -12,6 +12,7 @@
 
 #include "cuda/block_reduce.cuh"
 #include "cuda/multi_tensor_apply.cuh"
+#include "fused_args.h"
 #include "sgd_hd_math.h"
 
 #include <ATen/Functions.h>
@@ -133,10 +134,6 @@ inline void empty_reduction(const at::Tensor& lrs, const at::Tensor& hypergrads,
   lrs.copy_(new_lrs);
   hypergrads.copy_(new_hypergrads);
   effective_lrs.copy_(new_effective);
-}
-
-inline const float* float_ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
 }
 
 }  // namespace cuda

@@ -1,4 +1,4 @@
-// Our chunked launcher over lists of tensors (layer 3 helper, STYLE.md section 2).
+// Our chunked launcher over lists of tensors (layer 3 helper, docs/design.md, Conventions).
 //
 // multi_tensor_apply<kDepth>(lists, functor, args...) runs `functor(chunk, args...)` once per
 // chunk of kChunkSize elements, one CUDA block of kBlockThreads threads per chunk. `lists` holds

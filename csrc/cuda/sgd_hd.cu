@@ -1,4 +1,4 @@
-// The fused SGD-HD ops on CUDA (schemas: csrc/ops.cpp; arguments: csrc/sgd_hd.h; math:
+// The fused SGD-HD ops on CUDA (schemas: csrc/schemas.cpp; arguments: csrc/sgd_hd.h; math:
 // csrc/sgd_hd_math.h, shared with the CPU kernel, which computes the same bits).
 //
 // One block per chunk (multi_tensor_apply.cuh); thread l handles elements l, l + kLanes, ... of

@@ -1,8 +1,8 @@
 """The hypergradient-descent (HD) learning-rate rule, shared by every HD optimizer.
 
-Notation (DESIGN.md §2): the step is ``w_{t+1} = w_t - s_t * eta_t * d_t``, where ``eta_t`` is the
-learned LR, ``s_t`` the scheduler scale and ``d_t`` the update direction. The hypergradient of the
-objective E at ``w_t`` with respect to the LR of the previous step is
+Notation (docs/design.md, HD): the step is ``w_{t+1} = w_t - s_t * eta_t * d_t``, where
+``eta_t`` is the learned LR, ``s_t`` the scheduler scale and ``d_t`` the update direction. The
+hypergradient of the objective E at ``w_t`` with respect to the LR of the previous step is
 
     dE(w_t)/d eta_{t-1} = -<g_hat_t, s_{t-1} d_{t-1}> = -h_t,
 

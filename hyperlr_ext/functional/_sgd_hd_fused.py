@@ -1,9 +1,10 @@
 """The fused implementation of SGD-HD: the compiled ops of csrc/sgd_hd*.{h,cpp} and
 csrc/cuda/sgd_hd.cu, behind the signature of ``_single_tensor_sgd_hd``.
 
-Exact mode (``lr_lag=0``) is two passes (DESIGN.md §5): ``sgd_hd_direction_`` reduces
-<g_hat, d_{t-1}> (and the squared norms) per LR slot, writes d_t (the momentum buffer and/or the
-kept direction) and applies the HD rule on the device, then ``sgd_hd_param_step_`` computes
+Exact mode (``lr_lag=0``) is two passes (docs/design.md, "Kernel byte budgets"):
+``sgd_hd_direction_`` reduces <g_hat, d_{t-1}> (and the squared norms) per LR slot, writes d_t
+(the momentum buffer and/or the kept direction) and applies the HD rule on the device, then
+``sgd_hd_param_step_`` computes
 w - lr * d_t with the effective LR it wrote. ``lr_lag=1`` is one pass, ``sgd_hd_lagged_step_``:
 the step uses s_t * eta_{t-1} and the same pass reduces the sums for eta_t.
 The LR never leaves the device; nothing here reads a tensor's value.

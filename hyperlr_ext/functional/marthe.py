@@ -1,6 +1,6 @@
 """Forward-mode (tangent) hypergradients of the LR: RTHO, RT-HPO and MARTHE.
 
-Notation of DESIGN.md §2 ("Tangent-system methods"); docs/tangents.md derives every line. The
+Notation of docs/design.md ("Tangent-system methods"); docs/tangents.md derives every line. The
 inner step is torch.optim.SGD's or Adam's / AdamW's, written w' = w - s eta d with s the
 scheduler scale (AdamW's decay is folded into d = ratio + lambda w). The tangents Z = d(state)/d eta
 of the weights and of every state buffer follow

@@ -1,4 +1,4 @@
-"""TLR, the Newton-based trainable LR (Retsinas et al.): the window end of DESIGN.md §2.
+"""TLR, the Newton-based trainable LR (Retsinas et al.): the window end of docs/design.md, TLR.
 
 Every K optimizer steps, per param group: u_k = (w_snapshot - w) / eta (the window's mean update
 direction, whatever the optimizer), num = <u_{k-1}, u_k>, den = |u_{k-1}|^2 - num, and, when

@@ -1,7 +1,7 @@
 """Shared machinery of the HD optimizers: argument checks, the learned-LR state, the scheduler
 scale, validation gradients and a lossless state_dict.
 
-Where things live (DESIGN.md §3):
+Where things live (docs/design.md, "Public API and state"):
 
 - ``group["lr"]`` keeps its torch.optim meaning, a float that schedulers write. The step uses
   ``effective LR = learned LR * group["lr"] / group["initial_lr"]`` (scale 1 when initial_lr is 0).

@@ -1,6 +1,6 @@
 """MARTHE and RTHO: the LR learned from forward-mode (tangent) hypergradients.
 
-Equations: DESIGN.md §2 "Tangent-system methods", hyperlr_ext/functional/marthe.py and
+Equations: docs/design.md, "Tangent-system methods", hyperlr_ext/functional/marthe.py and
 docs/tangents.md. RTHO is MARTHE with mu = 1 and a fixed hyper-LR; with ``val_closure`` it is
 RT-HPO; mu = 0 is HD. The inner dynamics are torch.optim.SGD's (momentum, dampening, Nesterov, L2
 decay) or Adam's / AdamW's.
@@ -444,8 +444,8 @@ class MARTHE(Optimizer):
         return [g.add(p.detach(), alpha=l2) if l2 != 0 else g for g, p in zip(grads, params)]
 
     def _hyper_update(self, group: dict[str, Any], sums: Tensor) -> None:
-        """Steps 1, 5 and 6 of DESIGN.md §2 from the group's sums: Delta_t, then mu, beta and
-        eta, on the device."""
+        """The hyper-update of docs/design.md, "Tangent-system methods", from the group's sums:
+        Delta_t, then mu, beta and eta, on the device."""
         lr, mu = group["learned_lr"], group["learned_mu"]
         delta = sums[0]
         if group["mu"] == "adaptive":
@@ -463,9 +463,10 @@ class MARTHE(Optimizer):
         group["prev_hypergrad"].copy_(delta)
 
     def _step_group(self, span, step_grads, hvps, sums, found_inf) -> None:
-        """Steps 1-6 of DESIGN.md §2 for one group. ``hvps``: H Z_w per tensor, or an empty list
-        when none was needed (it counts as 0). ``found_inf`` (AMP / skip_nonfinite): when
-        nonzero, every tensor the step writes is left with its bits (no host read)."""
+        """One step of docs/design.md, "Tangent-system methods", for one group. ``hvps``:
+        H Z_w per tensor, or an empty list when none was needed (it counts as 0). ``found_inf``
+        (AMP / skip_nonfinite): when nonzero, every tensor the step writes is left with its bits
+        (no host read)."""
         group, params = span.group, span.params
         states = [self.state[p] for p in params]
         if found_inf is not None:

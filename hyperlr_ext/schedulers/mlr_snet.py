@@ -1,7 +1,7 @@
 """MLR-SNet (Shu et al.): an LSTM that maps the training loss to the LR, meta-learned online on a
 validation loss, then reusable ("plug and play") on other tasks.
 
-Equations: DESIGN.md §2 (MLR-SNet) and the paper's Eq. 7-11: LR_t = gamma * sigmoid(head(h_t)),
+Equations: docs/design.md, MLR-SNet, and the paper's Eq. 7-11: LR_t = gamma * sigmoid(head(h_t)),
 h_t from an LSTM cell whose input (the training loss) and previous state each go through a
 fully connected layer with ReLU before the gates. Meta-training: w^ = w - LR d (d the inner
 optimizer's last update direction, detached), dL_val(w^)/dLR = -<grad L_val(w^), d> (one dot

@@ -1,6 +1,6 @@
 """TLR: the Newton-based trainable LR (Retsinas et al.) as a torch LR scheduler.
 
-Equations: DESIGN.md §2 (TLR) and hyperlr_ext/functional/tlr.py. Works on top of any
+Equations: docs/design.md, TLR, and hyperlr_ext/functional/tlr.py. Works on top of any
 torch.optim optimizer (and of ours): the window's update direction is measured from the weights,
 so momentum and Adam directions are handled as they are.
 """

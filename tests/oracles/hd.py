@@ -1,4 +1,4 @@
-"""An independent oracle for hypergradient descent, written from DESIGN.md §2 and the papers.
+"""An independent oracle for hypergradient descent, written from docs/design.md, HD, and the papers.
 
 Plain float64 code over one flat vector per LR slot (a whole param group, or one tensor with
 per_tensor=True). It keeps d_{t-1} explicitly (the package recomputes it for Adam), and shares no
