@@ -66,20 +66,8 @@ void copy_back(const AdamHdArgs& a, const AdamHdTensors& t);
 
 template <typename acc_t>
 math::AdamSettings<acc_t> adam_settings(const AdamHdArgs& a) {
-  const double one_minus_beta1 = 1.0 - a.beta1;
-  math::AdamSettings<acc_t> s{};
-  s.beta1 = static_cast<acc_t>(a.beta1);
-  s.beta2 = static_cast<acc_t>(a.beta2);
-  s.one_minus_beta1 = static_cast<acc_t>(one_minus_beta1);
-  s.one_minus_beta2 = static_cast<acc_t>(1.0 - a.beta2);
-  s.eps = static_cast<acc_t>(a.eps);
-  s.l2_decay = static_cast<acc_t>(a.decoupled ? 0.0 : a.weight_decay);
-  s.adamw_decay = static_cast<acc_t>(a.decoupled ? a.weight_decay : 0.0);
-  s.small_lerp_weight = std::abs(static_cast<acc_t>(one_minus_beta1)) < acc_t(0.5);
-  s.amsgrad = a.amsgrad;
-  s.maximize = a.maximize;
-  s.sign = a.maximize ? acc_t(-1) : acc_t(1);
-  return s;
+  return math::adam_settings_from<acc_t>(a.beta1, a.beta2, a.eps, a.weight_decay, a.decoupled,
+                                         a.amsgrad, a.maximize);
 }
 
 template <typename acc_t>

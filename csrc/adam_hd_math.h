@@ -5,7 +5,7 @@
 // sgd_hd_math.h's.
 #pragma once
 
-#include "sgd_hd_math.h"
+#include "hd_math.h"
 
 #include <cmath>
 
@@ -29,6 +29,28 @@ struct AdamSettings {
   bool amsgrad;
   bool maximize;
 };
+
+// The settings from torch.optim.Adam's arguments, built on the host (1 - beta formed in double,
+// as torch.optim passes it); every op with an Adam step builds them here.
+template <typename acc_t>
+inline AdamSettings<acc_t> adam_settings_from(double beta1, double beta2, double eps,
+                                              double weight_decay, bool decoupled, bool amsgrad,
+                                              bool maximize) {
+  const double one_minus_beta1 = 1.0 - beta1;
+  AdamSettings<acc_t> s{};
+  s.beta1 = static_cast<acc_t>(beta1);
+  s.beta2 = static_cast<acc_t>(beta2);
+  s.one_minus_beta1 = static_cast<acc_t>(one_minus_beta1);
+  s.one_minus_beta2 = static_cast<acc_t>(1.0 - beta2);
+  s.eps = static_cast<acc_t>(eps);
+  s.l2_decay = static_cast<acc_t>(decoupled ? 0.0 : weight_decay);
+  s.adamw_decay = static_cast<acc_t>(decoupled ? weight_decay : 0.0);
+  s.small_lerp_weight = std::abs(static_cast<acc_t>(one_minus_beta1)) < acc_t(0.5);
+  s.amsgrad = amsgrad;
+  s.maximize = maximize;
+  s.sign = maximize ? acc_t(-1) : acc_t(1);
+  return s;
+}
 
 // The bias corrections of one step count t: 1 - beta1^t and sqrt(1 - beta2^t).
 template <typename acc_t>

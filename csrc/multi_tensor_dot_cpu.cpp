@@ -16,9 +16,10 @@
 namespace hyperlr {
 namespace {
 
-using math::kChunkSize;
 using math::kLanes;
 
+using cpu::ChunkRef;
+using cpu::reduce_range;
 using cpu::tree_reduce;
 
 // <a, b> over one chunk of n <= kChunkSize elements, as one CUDA block computes it.
@@ -35,23 +36,6 @@ acc_t chunk_dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   return tree_reduce(lanes);
 }
 
-// The sum of the chunk results, as the last CUDA block computes it.
-template <typename acc_t>
-acc_t reduce_chunk_results(const std::vector<acc_t>& chunk_results) {
-  std::array<acc_t, kLanes> lanes{};
-  const int64_t count = static_cast<int64_t>(chunk_results.size());
-  for (int64_t i = 0; i < count; ++i) {
-    lanes[i % kLanes] = math::sum_step(lanes[i % kLanes], chunk_results[i]);
-  }
-  return tree_reduce(lanes);
-}
-
-struct ChunkRef {
-  size_t tensor;
-  int64_t offset;
-  int64_t size;
-};
-
 at::Tensor multi_tensor_dot_cpu(at::TensorList a, at::TensorList b) {
   check_multi_tensor_dot_args(a, b);
   if (a.empty()) {
@@ -62,13 +46,7 @@ at::Tensor multi_tensor_dot_cpu(at::TensorList a, at::TensorList b) {
   const auto out_options = a[0].options().dtype(dot_result_dtype(a[0].scalar_type()));
 
   // The chunks in the order the CUDA launcher numbers its blocks.
-  std::vector<ChunkRef> chunks;
-  for (size_t t = 0; t < a_contig.size(); ++t) {
-    const int64_t numel = a_contig[t].numel();
-    for (int64_t offset = 0; offset < numel; offset += kChunkSize) {
-      chunks.push_back({t, offset, std::min(kChunkSize, numel - offset)});
-    }
-  }
+  const std::vector<ChunkRef> chunks = cpu::make_chunks(a_contig).chunks;
   at::Tensor result = at::empty({}, out_options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -84,7 +62,9 @@ at::Tensor multi_tensor_dot_cpu(at::TensorList a, at::TensorList b) {
                 chunk_dot<scalar_t, acc_t>(a_data + chunk.offset, b_data + chunk.offset, chunk.size);
           }
         });
-        *result.mutable_data_ptr<acc_t>() = reduce_chunk_results(chunk_results);
+        // The sum of the chunk results, as the last CUDA block computes it.
+        *result.mutable_data_ptr<acc_t>() =
+            reduce_range(chunk_results, 0, static_cast<int64_t>(chunk_results.size()));
       });
   return result;
 }

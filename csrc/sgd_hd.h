@@ -76,8 +76,8 @@ void copy_back(const SgdHdArgs& a, const SgdHdTensors& t);
 
 template <typename acc_t>
 math::SgdSettings<acc_t> sgd_settings(const SgdHdArgs& a) {
-  return {static_cast<acc_t>(a.weight_decay), static_cast<acc_t>(a.momentum),
-          static_cast<acc_t>(1.0 - a.dampening), a.nesterov, a.maximize, a.momentum != 0.0};
+  return math::sgd_settings_from<acc_t>(a.weight_decay, a.momentum, a.dampening, a.nesterov,
+                                        a.maximize);
 }
 
 template <typename acc_t>

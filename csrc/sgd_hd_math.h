@@ -24,10 +24,13 @@ struct SgdSettings {
   bool has_momentum;  // momentum != 0
 };
 
-// g / S as GradScaler unscales it: g * (1 / S) (exactly g when inv_scale is 1).
+// The settings from torch.optim.SGD's arguments, built on the host; every op with an SGD step
+// builds them here.
 template <typename acc_t>
-HYPERLR_INLINE acc_t unscale(acc_t grad, acc_t inv_scale) {
-  return mul_rn(grad, inv_scale);
+inline SgdSettings<acc_t> sgd_settings_from(double weight_decay, double momentum,
+                                            double dampening, bool nesterov, bool maximize) {
+  return {static_cast<acc_t>(weight_decay), static_cast<acc_t>(momentum),
+          static_cast<acc_t>(1.0 - dampening), nesterov, maximize, momentum != 0.0};
 }
 
 // g~ = (+-g) + lambda w: torch.optim.SGD's decayed gradient (the training objective's gradient).
@@ -43,25 +46,6 @@ HYPERLR_INLINE acc_t decayed_grad(acc_t grad, acc_t param, const SgdSettings<acc
 template <typename acc_t>
 HYPERLR_INLINE acc_t validation_objective(acc_t objective_grad, const SgdSettings<acc_t>& s) {
   return s.maximize ? -objective_grad : objective_grad;
-}
-
-// The running sums of one lane: <g^, d_{t-1}>, |g^|^2 and |d_{t-1}|^2.
-template <typename acc_t>
-struct HdSums {
-  acc_t dot;
-  acc_t grad_sq;
-  acc_t dir_sq;
-};
-
-// Adds one element to a lane's sums; d_{t-1} counts only when the tensor has one.
-template <typename acc_t>
-HYPERLR_INLINE void hd_sums_step(HdSums<acc_t>& sums, acc_t objective, acc_t previous,
-                                 bool has_previous) {
-  sums.grad_sq = dot_step(sums.grad_sq, objective, objective);
-  const acc_t dot = dot_step(sums.dot, objective, previous);
-  const acc_t dir_sq = dot_step(sums.dir_sq, previous, previous);
-  sums.dot = has_previous ? dot : sums.dot;
-  sums.dir_sq = has_previous ? dir_sq : sums.dir_sq;
 }
 
 // The new momentum buffer: b = m b + (1 - dampening) g~, or g~ on the tensor's first step.
@@ -124,99 +108,6 @@ HYPERLR_INLINE DirectionStep<acc_t> direction_step(acc_t grad, acc_t weight, acc
   const acc_t with_momentum = f.nesterov ? nesterov_direction(decayed, e.buffer, s) : e.buffer;
   e.direction = f.has_momentum ? with_momentum : decayed;
   return e;
-}
-
-// w - lr * d (torch's addcmul_(d, -lr) on the parameter).
-template <typename acc_t>
-HYPERLR_INLINE acc_t param_step(acc_t param, acc_t direction, acc_t effective_lr) {
-  return add_rn(param, mul_rn(direction, -effective_lr));
-}
-
-// Correctly rounded square root on the host and the device.
-HYPERLR_INLINE float sqrt_rn(float x) {
-#if defined(__CUDA_ARCH__)
-  return __fsqrt_rn(x);
-#else
-  return std::sqrt(x);
-#endif
-}
-HYPERLR_INLINE double sqrt_rn(double x) {
-#if defined(__CUDA_ARCH__)
-  return __dsqrt_rn(x);
-#else
-  return std::sqrt(x);
-#endif
-}
-
-// Correctly rounded division (also under nvcc's -prec-div=false).
-HYPERLR_INLINE float div_rn(float x, float y) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(x, y);
-#else
-  return x / y;
-#endif
-}
-HYPERLR_INLINE double div_rn(double x, double y) {
-#if defined(__CUDA_ARCH__)
-  return __ddiv_rn(x, y);
-#else
-  return x / y;
-#endif
-}
-
-// The reciprocal of AMP's grad scale, in float32 like GradScaler's inv_scale (1 without a scaler).
-HYPERLR_INLINE float inverse_grad_scale(const float* grad_scale) {
-  return grad_scale == nullptr ? 1.0f : div_rn(1.0f, *grad_scale);
-}
-
-// True when AMP found an inf/NaN gradient: the step must change nothing.
-HYPERLR_INLINE bool skips_step(const float* found_inf) {
-  return found_inf != nullptr && *found_inf != 0.0f;
-}
-
-// The settings of the HD rule (hyperlr_ext/functional/_hd_rule.py, hd_rule_).
-template <typename acc_t>
-struct HdRuleSettings {
-  acc_t hyper_lr;
-  acc_t prev_lr_scale;  // s_{t-1}
-  acc_t lr_scale;       // s_t
-  bool multiplicative;
-  bool lr_lag;  // the step applies eta_{t-1}, not eta_t
-};
-
-// The smallest positive normal number (torch.finfo(dtype).tiny).
-template <typename acc_t>
-HYPERLR_INLINE acc_t tiny_normal();
-template <>
-HYPERLR_INLINE float tiny_normal<float>() {
-  return 1.17549435e-38f;
-}
-template <>
-HYPERLR_INLINE double tiny_normal<double>() {
-  return 2.2250738585072014e-308;
-}
-
-// One slot's LR update from its reduced sums: h = s_{t-1} <g^, d_{t-1}>;
-// additive eta + beta h, multiplicative eta (1 + beta h / (|g^| |s_{t-1} d_{t-1}|)); clamp at 0
-// (NaN stays NaN, like clamp_min); hypergrad = -h; the applied LR times s_t is the effective LR.
-template <typename acc_t>
-HYPERLR_INLINE void hd_rule(acc_t& lr, acc_t& hypergrad, acc_t& effective_lr,
-                            const HdSums<acc_t>& sums, const HdRuleSettings<acc_t>& r) {
-  const acc_t old_lr = lr;
-  const acc_t h = mul_rn(sums.dot, r.prev_lr_scale);
-  acc_t new_lr;
-  if (r.multiplicative) {
-    const acc_t abs_scale = r.prev_lr_scale < acc_t(0) ? -r.prev_lr_scale : r.prev_lr_scale;
-    acc_t norms = mul_rn(mul_rn(sqrt_rn(sums.grad_sq), sqrt_rn(sums.dir_sq)), abs_scale);
-    norms = norms < tiny_normal<acc_t>() ? tiny_normal<acc_t>() : norms;
-    const acc_t cosine = div_rn(h, norms);
-    new_lr = mul_rn(old_lr, add_rn(acc_t(1), mul_rn(r.hyper_lr, cosine)));
-  } else {
-    new_lr = add_rn(old_lr, mul_rn(r.hyper_lr, h));
-  }
-  lr = new_lr < acc_t(0) ? acc_t(0) : new_lr;
-  hypergrad = -h;
-  effective_lr = mul_rn(r.lr_lag ? old_lr : lr, r.lr_scale);
 }
 
 }  // namespace math

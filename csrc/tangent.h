@@ -67,25 +67,15 @@ void copy_back_tangent_lists(const TangentArgs& a,
 
 template <typename acc_t>
 math::SgdSettings<acc_t> tangent_sgd_settings(const TangentArgs& a) {
-  return {static_cast<acc_t>(a.weight_decay), static_cast<acc_t>(a.momentum),
-          static_cast<acc_t>(1.0 - a.dampening), a.nesterov, false, a.momentum != 0.0};
+  return math::sgd_settings_from<acc_t>(a.weight_decay, a.momentum, a.dampening, a.nesterov,
+                                        /*maximize=*/false);
 }
 
 template <typename acc_t>
 math::AdamSettings<acc_t> tangent_adam_settings(const TangentArgs& a) {
-  math::AdamSettings<acc_t> s{};
-  s.beta1 = static_cast<acc_t>(a.beta1);
-  s.beta2 = static_cast<acc_t>(a.beta2);
-  s.one_minus_beta1 = static_cast<acc_t>(1.0 - a.beta1);
-  s.one_minus_beta2 = static_cast<acc_t>(1.0 - a.beta2);
-  s.eps = static_cast<acc_t>(a.eps);
-  s.l2_decay = static_cast<acc_t>(a.decoupled_weight_decay ? 0.0 : a.weight_decay);
-  s.adamw_decay = static_cast<acc_t>(a.decoupled_weight_decay ? a.weight_decay : 0.0);
-  s.small_lerp_weight = (1.0 - a.beta1) < 0.5;
-  s.sign = acc_t(1);
-  s.amsgrad = false;
-  s.maximize = false;
-  return s;
+  return math::adam_settings_from<acc_t>(a.beta1, a.beta2, a.eps, a.weight_decay,
+                                         a.decoupled_weight_decay, /*amsgrad=*/false,
+                                         /*maximize=*/false);
 }
 
 // 2 (1 - beta2), formed in double as the reference's Python arithmetic does.

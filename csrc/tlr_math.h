@@ -4,7 +4,7 @@
 // Equations: docs/design.md, TLR; reference: hyperlr_ext/functional/tlr.py.
 #pragma once
 
-#include "sgd_hd_math.h"
+#include "hd_math.h"
 
 namespace hyperlr {
 namespace math {

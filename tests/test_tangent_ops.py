@@ -16,8 +16,8 @@ import torch
 from torch.library import opcheck
 
 from hyperlr_ext import _ops
-from hyperlr_ext.functional._marthe_fused import fused_adam_tangent_step_, fused_sgd_tangent_step_
-from hyperlr_ext.functional.marthe import adam_tangent_step_, sgd_tangent_step_
+from hyperlr_ext.functional._marthe_fused import fused_tangent_adam_step_, fused_tangent_sgd_step_
+from hyperlr_ext.functional.marthe import tangent_adam_step_, tangent_sgd_step_
 
 pytestmark = pytest.mark.skipif(
     not _ops.EXTENSION_AVAILABLE, reason=f"compiled extension unavailable: {_ops.EXTENSION_ERROR}"
@@ -97,10 +97,10 @@ ORDER = {
              "z_exp_avg_sqs", "directions"),
 }  # fmt: skip
 STEPS = {
-    ("sgd", False): sgd_tangent_step_,
-    ("sgd", True): fused_sgd_tangent_step_,
-    ("adam", False): adam_tangent_step_,
-    ("adam", True): fused_adam_tangent_step_,
+    ("sgd", False): tangent_sgd_step_,
+    ("sgd", True): fused_tangent_sgd_step_,
+    ("adam", False): tangent_adam_step_,
+    ("adam", True): fused_tangent_adam_step_,
 }
 
 

@@ -130,53 +130,39 @@ template <typename scalar_t>
 void run_cuda(AdamHdMode mode, const AdamHdArgs& a) {
   using acc_t = math::acc_type<scalar_t>;
   const AdamHdTensors t = contiguous_tensors(a);
-  const int64_t total_blocks = count_chunks(t.params);
   AdamHdParams<acc_t> p{};
   p.adam = adam_settings<acc_t>(a);
   p.has_objective = !t.objective_grads.empty();
   p.steps = a.steps.const_data_ptr<acc_t>();
   p.grad_scale = float_ptr_or_null(a.grad_scale);
   p.found_inf = float_ptr_or_null(a.found_inf);
-  HdReduction<acc_t>& r = p.reduction;
-  r.rule = rule_settings<acc_t>(a, mode == AdamHdMode::kLagged);
-  r.num_slots = a.lrs.numel();
-  r.effective_lrs = a.effective_lrs.mutable_data_ptr<acc_t>();
-  r.total_blocks = total_blocks;
+  p.reduction.rule = rule_settings<acc_t>(a, mode == AdamHdMode::kLagged);
   const std::vector<int32_t> tags = make_tags(a);
-
-  if (mode == AdamHdMode::kParamStep) {
-    if (total_blocks > 0) {
-      multi_tensor_apply_tagged<3>({at::TensorList(t.params), at::TensorList(t.exp_avgs),
-                                    at::TensorList(t.exp_avg_sqs)},
-                                   tags, ParamStepFunctor<scalar_t, acc_t>{}, p);
+  const auto launch_param_step = [&] {
+    multi_tensor_apply_tagged<3>(
+        {at::TensorList(t.params), at::TensorList(t.exp_avgs), at::TensorList(t.exp_avg_sqs)},
+        tags, ParamStepFunctor<scalar_t, acc_t>{}, p);
+  };
+  const auto launch_reducing = [&] {
+    // Absent lists are stood in for by others, never read or written (the flags say so).
+    const at::TensorList grads(t.grads);
+    const std::array<at::TensorList, 6> lists{
+        at::TensorList(t.params),
+        grads,
+        t.objective_grads.empty() ? grads : at::TensorList(t.objective_grads),
+        at::TensorList(t.exp_avgs),
+        at::TensorList(t.exp_avg_sqs),
+        t.max_exp_avg_sqs.empty() ? at::TensorList(t.exp_avg_sqs)
+                                  : at::TensorList(t.max_exp_avg_sqs)};
+    if (mode == AdamHdMode::kLagged) {
+      multi_tensor_apply_tagged<6>(lists, tags, MomentsFunctor<scalar_t, acc_t, true>{}, p);
+    } else {
+      multi_tensor_apply_tagged<6>(lists, tags, MomentsFunctor<scalar_t, acc_t, false>{}, p);
     }
-    copy_back(a, t);
-    return;
-  }
-  if (total_blocks == 0) {
-    empty_reduction(a.lrs, a.hypergrads, a.effective_lrs, a.lr_scale,
-                    mode == AdamHdMode::kLagged, a.found_inf);
-    return;
-  }
-  r.lrs = a.lrs.mutable_data_ptr<acc_t>();
-  r.hypergrads = a.hypergrads.mutable_data_ptr<acc_t>();
-  const at::Tensor scratch = prepare_reduction(r, a.params[0].options());
-  // Absent lists are stood in for by others, never read or written (the flags say so).
-  const at::TensorList grads(t.grads);
-  const std::array<at::TensorList, 6> lists{
-      at::TensorList(t.params),
-      grads,
-      t.objective_grads.empty() ? grads : at::TensorList(t.objective_grads),
-      at::TensorList(t.exp_avgs),
-      at::TensorList(t.exp_avg_sqs),
-      t.max_exp_avg_sqs.empty() ? at::TensorList(t.exp_avg_sqs)
-                                : at::TensorList(t.max_exp_avg_sqs)};
-  if (mode == AdamHdMode::kLagged) {
-    multi_tensor_apply_tagged<6>(lists, tags, MomentsFunctor<scalar_t, acc_t, true>{}, p);
-  } else {
-    multi_tensor_apply_tagged<6>(lists, tags, MomentsFunctor<scalar_t, acc_t, false>{}, p);
-  }
-  copy_back(a, t);
+  };
+  run_hd_op<acc_t>(a, mode == AdamHdMode::kParamStep, mode == AdamHdMode::kLagged,
+                   count_chunks(t.params), p.reduction, launch_param_step, launch_reducing,
+                   [&] { copy_back(a, t); });
 }
 
 void adam_hd_cuda(AdamHdMode mode, const AdamHdArgs& a) {

@@ -136,5 +136,39 @@ inline void empty_reduction(const at::Tensor& lrs, const at::Tensor& hypergrads,
   effective_lrs.copy_(new_effective);
 }
 
+// The launch sequence every fused HD op shares (SGD-HD, Adam-HD). `a` holds the op's arguments
+// (lrs, hypergrads, effective_lrs, lr_scale, found_inf, params and what rule_settings reads);
+// `r` is the reduction state inside the functors' parameter block, its rule settings already
+// set. The parameter pass
+// (`param_step`) launches `launch_param_step` when there is a block to run; a reducing pass
+// (the direction/moments pass, or the lagged one-pass step) sets up the scratch of `r` and
+// launches `launch_reducing`, or applies the rule to zero sums when every tensor is empty.
+// `copy_back` writes results computed in contiguous copies back to the originals.
+template <typename acc_t, typename Args, typename LaunchParamStep, typename LaunchReducing,
+          typename CopyBack>
+void run_hd_op(const Args& a, bool param_step, bool lagged, int64_t total_blocks,
+               HdReduction<acc_t>& r, const LaunchParamStep& launch_param_step,
+               const LaunchReducing& launch_reducing, const CopyBack& copy_back) {
+  r.num_slots = a.lrs.numel();
+  r.effective_lrs = a.effective_lrs.template mutable_data_ptr<acc_t>();
+  r.total_blocks = total_blocks;
+  if (param_step) {
+    if (total_blocks > 0) {
+      launch_param_step();
+    }
+    copy_back();
+    return;
+  }
+  if (total_blocks == 0) {
+    empty_reduction(a.lrs, a.hypergrads, a.effective_lrs, a.lr_scale, lagged, a.found_inf);
+    return;
+  }
+  r.lrs = a.lrs.template mutable_data_ptr<acc_t>();
+  r.hypergrads = a.hypergrads.template mutable_data_ptr<acc_t>();
+  const at::Tensor scratch = prepare_reduction(r, a.params[0].options());
+  launch_reducing();
+  copy_back();
+}
+
 }  // namespace cuda
 }  // namespace hyperlr

@@ -122,8 +122,6 @@ template <typename scalar_t>
 void run_cuda(SgdHdMode mode, const SgdHdArgs& a) {
   using acc_t = math::acc_type<scalar_t>;
   const SgdHdTensors t = contiguous_tensors(a);
-  const int64_t total_blocks = count_chunks(t.params);
-  const int64_t num_slots = a.lrs.numel();
   SgdHdParams<acc_t> p{};
   p.sgd = sgd_settings<acc_t>(a);
   p.has_objective = !t.objective_grads.empty();
@@ -131,42 +129,29 @@ void run_cuda(SgdHdMode mode, const SgdHdArgs& a) {
   p.has_directions = !t.prev_directions.empty();
   p.grad_scale = float_ptr_or_null(a.grad_scale);
   p.found_inf = float_ptr_or_null(a.found_inf);
-  HdReduction<acc_t>& r = p.reduction;
-  r.rule = rule_settings<acc_t>(a, mode == SgdHdMode::kLagged);
-  r.num_slots = num_slots;
-  r.effective_lrs = a.effective_lrs.mutable_data_ptr<acc_t>();
-  r.total_blocks = total_blocks;
+  p.reduction.rule = rule_settings<acc_t>(a, mode == SgdHdMode::kLagged);
   const std::vector<int32_t> tags = make_tags(a);
-
-  if (mode == SgdHdMode::kParamStep) {
-    if (total_blocks > 0) {
-      multi_tensor_apply_tagged<2>({at::TensorList(t.params), at::TensorList(t.directions)},
-                                   tags, ParamStepFunctor<scalar_t, acc_t>{}, p);
-    }
-    copy_back(a, t);
-    return;
-  }
-  if (total_blocks == 0) {
-    empty_reduction(a.lrs, a.hypergrads, a.effective_lrs, a.lr_scale,
-                    mode == SgdHdMode::kLagged, a.found_inf);
-    return;
-  }
-  r.lrs = a.lrs.mutable_data_ptr<acc_t>();
-  r.hypergrads = a.hypergrads.mutable_data_ptr<acc_t>();
-  const at::Tensor scratch = prepare_reduction(r, a.params[0].options());
-  // Absent lists are stood in for by grads, never read or written (the flags above say so).
-  const auto or_grads = [&](const std::vector<at::Tensor>& list) -> at::TensorList {
-    return list.empty() ? at::TensorList(t.grads) : at::TensorList(list);
+  const auto launch_param_step = [&] {
+    multi_tensor_apply_tagged<2>({at::TensorList(t.params), at::TensorList(t.directions)}, tags,
+                                 ParamStepFunctor<scalar_t, acc_t>{}, p);
   };
-  const std::array<at::TensorList, 5> lists{
-      at::TensorList(t.params), at::TensorList(t.grads), or_grads(t.objective_grads),
-      or_grads(t.momentum_buffers), or_grads(t.prev_directions)};
-  if (mode == SgdHdMode::kLagged) {
-    multi_tensor_apply_tagged<5>(lists, tags, DirectionFunctor<scalar_t, acc_t, true>{}, p);
-  } else {
-    multi_tensor_apply_tagged<5>(lists, tags, DirectionFunctor<scalar_t, acc_t, false>{}, p);
-  }
-  copy_back(a, t);
+  const auto launch_reducing = [&] {
+    // Absent lists are stood in for by grads, never read or written (the flags above say so).
+    const auto or_grads = [&](const std::vector<at::Tensor>& list) -> at::TensorList {
+      return list.empty() ? at::TensorList(t.grads) : at::TensorList(list);
+    };
+    const std::array<at::TensorList, 5> lists{
+        at::TensorList(t.params), at::TensorList(t.grads), or_grads(t.objective_grads),
+        or_grads(t.momentum_buffers), or_grads(t.prev_directions)};
+    if (mode == SgdHdMode::kLagged) {
+      multi_tensor_apply_tagged<5>(lists, tags, DirectionFunctor<scalar_t, acc_t, true>{}, p);
+    } else {
+      multi_tensor_apply_tagged<5>(lists, tags, DirectionFunctor<scalar_t, acc_t, false>{}, p);
+    }
+  };
+  run_hd_op<acc_t>(a, mode == SgdHdMode::kParamStep, mode == SgdHdMode::kLagged,
+                   count_chunks(t.params), p.reduction, launch_param_step, launch_reducing,
+                   [&] { copy_back(a, t); });
 }
 
 void sgd_hd_cuda(SgdHdMode mode, const SgdHdArgs& a) {

@@ -17,12 +17,10 @@ the reduction over every tensor of a slot completes before the slot's LR changes
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
+
+from hyperlr_ext._common.sharded import SumReducer
 
 __all__ = [
     "FoundInfGuard",
@@ -149,27 +147,9 @@ def decayed_grads(
     return out
 
 
-# Set while a param group of DTensor shards (FSDP2) steps: a function that sums per-rank partial
-# sums over the device mesh, all of them in one all-reduce (HDOptimizer sets it; see
-# sums_reduced_by). None: the tensors are whole, the sums are complete.
-_SUM_REDUCER: contextvars.ContextVar[Callable[[list[Tensor]], list[Tensor]] | None] = (
-    contextvars.ContextVar("hyperlr_sum_reducer", default=None)
-)
-
-
-@contextlib.contextmanager
-def sums_reduced_by(reducer: Callable[[list[Tensor]], list[Tensor]] | None):
-    """Within the block, the HD sums of every LR slot go through ``reducer`` (a list of 0-dim
-    tensors in, the same number out) before the rule: one call per step and group."""
-    token = _SUM_REDUCER.set(reducer)
-    try:
-        yield
-    finally:
-        _SUM_REDUCER.reset(token)
-
-
-def _reduce_sums(dots, grad_sq, dir_sq):
-    reducer = _SUM_REDUCER.get()
+def _reduce_sums(dots, grad_sq, dir_sq, reducer):
+    """The partial sums of every slot through ``reducer`` (FSDP2's sum over the mesh), in one
+    call; as they are without one."""
     if reducer is None:
         return dots, grad_sq, dir_sq
     parts = [dots] + ([grad_sq, dir_sq] if grad_sq is not None else [])
@@ -193,11 +173,13 @@ def update_learned_lrs_(
     prev_lr_scale: float,
     lr_scale: float,
     lr_lag: int,
+    sum_reducer: SumReducer | None = None,
 ) -> None:
     """The HD half of a step: reduce <g_hat, d_{t-1}> (and the norms) over every tensor of each
     slot, update the learned LRs, and write into ``effective_lrs`` the LR this step applies
     (``lr_scale`` times eta_t, or eta_{t-1} with ``lr_lag=1``). A ``None`` in ``previous`` is a
-    tensor without d_{t-1}."""
+    tensor without d_{t-1}. ``sum_reducer``: for the local shards of DTensor parameters (FSDP2),
+    sums the partial sums of every rank (all of them in one call) before the rule."""
     acc_dtype, device, num_slots = lrs[0].dtype, lrs[0].device, len(lrs)
     applied = [lr.clone() for lr in lrs] if lr_lag else lrs
     dots = per_slot_sums(tensor_dots(objective, previous, acc_dtype), num_slots)
@@ -205,7 +187,7 @@ def update_learned_lrs_(
     if multiplicative:
         grad_sq = per_slot_sums(tensor_sq_norms(objective, acc_dtype, device), num_slots)
         dir_sq = per_slot_sums(tensor_sq_norms(previous, acc_dtype, device), num_slots)
-    dots, grad_sq, dir_sq = _reduce_sums(dots, grad_sq, dir_sq)
+    dots, grad_sq, dir_sq = _reduce_sums(dots, grad_sq, dir_sq, sum_reducer)
     hd_rule_(
         lrs,
         hypergrads,

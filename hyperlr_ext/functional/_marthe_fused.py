@@ -1,5 +1,5 @@
 """The fused tangent step of MARTHE / RTHO: the compiled ops of csrc/tangent*.{h,cpp} and
-csrc/cuda/tangent.cu behind the signatures of ``sgd_tangent_step_`` and ``adam_tangent_step_``
+csrc/cuda/tangent.cu behind the signatures of ``tangent_sgd_step_`` and ``tangent_adam_step_``
 (hyperlr_ext/functional/marthe.py), and the dot products of the hypergradient with
 ``multi_tensor_dot`` (one fixed-order reduction over all tensors, on the device).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fused_adam_tangent_step_", "fused_list_dot", "fused_sgd_tangent_step_"]
+__all__ = ["fused_tangent_adam_step_", "fused_list_dot", "fused_tangent_sgd_step_"]
 
 
 def fused_list_dot(a: list[Tensor], b: list[Tensor], dtype: torch.dtype) -> Tensor:
@@ -18,7 +18,7 @@ def fused_list_dot(a: list[Tensor], b: list[Tensor], dtype: torch.dtype) -> Tens
     return torch.ops.hyperlr_ext.multi_tensor_dot(a, b).to(dtype)
 
 
-def fused_sgd_tangent_step_(
+def fused_tangent_sgd_step_(
     params: list[Tensor],
     grads: list[Tensor],
     hvps: list[Tensor],
@@ -37,14 +37,14 @@ def fused_sgd_tangent_step_(
     first_step: bool,
     found_inf: Tensor | None = None,
 ) -> None:
-    """``sgd_tangent_step_`` by the compiled one-pass kernel (same arguments, same results)."""
+    """``tangent_sgd_step_`` by the compiled one-pass kernel (same arguments, same results)."""
     torch.ops.hyperlr_ext.tangent_sgd_step_(
         params, grads, hvps, momentum_buffers, z_params, z_buffers, directions, lr, mu,
         lr_scale, momentum, dampening, nesterov, weight_decay, first_step, found_inf,
     )  # fmt: skip
 
 
-def fused_adam_tangent_step_(
+def fused_tangent_adam_step_(
     params: list[Tensor],
     grads: list[Tensor],
     hvps: list[Tensor],
@@ -66,7 +66,7 @@ def fused_adam_tangent_step_(
     decoupled_weight_decay: bool,
     found_inf: Tensor | None = None,
 ) -> None:
-    """``adam_tangent_step_`` by the compiled one-pass kernel (same arguments, same results)."""
+    """``tangent_adam_step_`` by the compiled one-pass kernel (same arguments, same results)."""
     torch.ops.hyperlr_ext.tangent_adam_step_(
         params, grads, hvps, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs,
         directions, lr, mu, step, lr_scale, beta1, beta2, eps, weight_decay,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hyperlr_ext._common.sharded import SumReducer
 from hyperlr_ext.functional._fused_common import copy_back_slots, slot_tensors
 
 __all__ = ["_fused_sgd_hd"]
@@ -55,8 +56,14 @@ def _fused_sgd_hd(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    sum_reducer: SumReducer | None = None,
 ) -> None:
     """SGD-HD with the compiled kernels; same signature and results as the reference."""
+    if sum_reducer is not None:
+        raise ValueError(
+            "the fused kernels take whole tensors, not shards with a sum_reducer (DTensor/FSDP2 "
+            "param groups step on the pure-PyTorch path)"
+        )
     if not params:
         return
     has_buffer = [int(b is not None) for b in momentum_buffers]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hyperlr_ext._common.sharded import SumReducer
 from hyperlr_ext._dispatch import choose_implementation
 from hyperlr_ext.functional._adam_hd_fused import _fused_adam_hd
 from hyperlr_ext.functional._hd_rule import (
@@ -77,6 +78,7 @@ def _adam_hd_impl(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    sum_reducer: SumReducer | None = None,
 ) -> None:
     if not params:
         return
@@ -126,6 +128,7 @@ def _adam_hd_impl(
         prev_lr_scale=prev_lr_scale,
         lr_scale=lr_scale,
         lr_lag=lr_lag,
+        sum_reducer=sum_reducer,
     )
     del previous
 
@@ -197,6 +200,7 @@ def adam_hd(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    sum_reducer: SumReducer | None = None,
 ) -> None:
     """One Adam-HD step over tensors sharing ``lrs`` (one slot, or one per tensor).
 
@@ -205,7 +209,9 @@ def adam_hd(
     applied by the previous step, which AdamW's d_{t-1} needs). ``max_exp_avg_sqs`` is used only
     with ``amsgrad``. ``has_previous[i]`` says whether tensor i moved at the previous step.
     AMP: ``grads`` are divided by ``grad_scale`` (GradScaler's g * (1 / S)); when ``found_inf``
-    is nonzero the step changes nothing, step counts included.
+    is nonzero the step changes nothing, step counts included. ``sum_reducer``: for the local
+    shards of DTensor parameters (FSDP2), sums every rank's partial HD sums (see
+    ``hyperlr_ext._common.sharded.sum_reducer``); the fused kernels do not take one.
     """
     impl = choose_implementation(params, foreach=foreach, fused=fused, algorithm="adam_hd")
     func = {
@@ -239,4 +245,5 @@ def adam_hd(
         maximize=maximize,
         grad_scale=grad_scale,
         found_inf=found_inf,
+        sum_reducer=sum_reducer,
     )

@@ -28,7 +28,7 @@ Adam (moments m, v; bias corrections c1 = 1 - beta1^t, c2 = 1 - beta2^t; r = sqr
 
 The LR moves along Delta_t = <Z_w, grad E(w_t)>: eta_t = max(eta_{t-1} - beta Delta_t, 0).
 
-``sgd_tangent_step_`` and ``adam_tangent_step_`` are the pure-PyTorch references; the fused ops
+``tangent_sgd_step_`` and ``tangent_adam_step_`` are the pure-PyTorch references; the fused ops
 (csrc/tangent_math.h, one pass over all tensors) share their signatures and compute the same
 arithmetic in the same order (hyperlr_ext/functional/_marthe_fused.py).
 """
@@ -41,9 +41,9 @@ from torch import Tensor
 from hyperlr_ext.functional._hd_rule import FoundInfGuard
 
 __all__ = [
-    "adam_tangent_step_",
+    "tangent_adam_step_",
     "marthe_mu_",
-    "sgd_tangent_step_",
+    "tangent_sgd_step_",
     "tensor_list_dot",
 ]
 
@@ -76,7 +76,7 @@ def _store(target: Tensor, value: Tensor) -> None:
     target.copy_(value)
 
 
-def sgd_tangent_step_(
+def tangent_sgd_step_(
     params: list[Tensor],
     grads: list[Tensor],
     hvps: list[Tensor],
@@ -151,7 +151,7 @@ def _sgd_tangent_step(
         _store(w_stored, w + direction * -step_lr)
 
 
-def adam_tangent_step_(
+def tangent_adam_step_(
     params: list[Tensor],
     grads: list[Tensor],
     hvps: list[Tensor],
@@ -175,11 +175,11 @@ def adam_tangent_step_(
 ) -> None:
     """One torch.optim.Adam (or AdamW, ``decoupled_weight_decay``) step and its tangent update.
 
-    Arguments as :func:`sgd_tangent_step_`; ``step`` is the step count t of this step (0-dim,
+    Arguments as :func:`tangent_sgd_step_`; ``step`` is the step count t of this step (0-dim,
     already incremented, on the device), from which the bias corrections are formed. The moments
     start at zero as in torch, so the first step needs no special case. ``directions`` receives
     d_t = ratio (+ lambda w for AdamW), so that the step is w' = w - s eta d_t (or is empty).
-    ``found_inf`` as in :func:`sgd_tangent_step_` (the caller keeps ``step`` unchanged too).
+    ``found_inf`` as in :func:`tangent_sgd_step_` (the caller keeps ``step`` unchanged too).
     """
     lists = [params, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs, directions]
     guard = FoundInfGuard(found_inf, lists)

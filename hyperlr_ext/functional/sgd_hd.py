@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hyperlr_ext._common.sharded import SumReducer
 from hyperlr_ext._dispatch import choose_implementation
 from hyperlr_ext.functional._hd_rule import (
     FoundInfGuard,
@@ -120,6 +121,7 @@ def _sgd_hd_impl(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    sum_reducer: SumReducer | None = None,
 ) -> None:
     if not params:
         return
@@ -147,6 +149,7 @@ def _sgd_hd_impl(
         prev_lr_scale=prev_lr_scale,
         lr_scale=lr_scale,
         lr_lag=lr_lag,
+        sum_reducer=sum_reducer,
     )
 
     # 3. torch.optim.SGD's step with the learned LR.
@@ -193,6 +196,7 @@ def sgd_hd(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    sum_reducer: SumReducer | None = None,
 ) -> None:
     """One SGD-HD step over a list of tensors that share ``lrs`` (one slot, or one per tensor).
 
@@ -202,7 +206,9 @@ def sgd_hd(
     tensor i moved at the previous step (otherwise its d_{t-1} is 0). ``objective_grads`` are the
     validation gradients for the First-order (Val) variant, else the training gradient is used.
     AMP: ``grads`` are divided by ``grad_scale`` (GradScaler's g * (1 / S)); when ``found_inf`` is
-    nonzero the step changes nothing (new buffers are created zero-filled).
+    nonzero the step changes nothing (new buffers are created zero-filled). ``sum_reducer``: for
+    the local shards of DTensor parameters (FSDP2), sums every rank's partial HD sums (see
+    ``hyperlr_ext._common.sharded.sum_reducer``); the fused kernels do not take one.
     """
     impl = choose_implementation(params, foreach=foreach, fused=fused, algorithm="sgd_hd")
     func = {"single": _single_tensor_sgd_hd, "foreach": _foreach_sgd_hd, "fused": _fused_sgd_hd}[
@@ -230,4 +236,5 @@ def sgd_hd(
         maximize=maximize,
         grad_scale=grad_scale,
         found_inf=found_inf,
+        sum_reducer=sum_reducer,
     )

@@ -21,15 +21,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hyperlr_ext._dispatch import check_fused_params, check_fused_request
-from hyperlr_ext.functional._hd_rule import nonfinite_check_
-from hyperlr_ext.optim._checks import (
+from hyperlr_ext._common.checks import (
     check_bool,
     check_choice,
     check_number,
     check_optional_bool,
     check_tensor_lr,
 )
+from hyperlr_ext._common.devices import hyper_device_dtype
+from hyperlr_ext._dispatch import check_fused_params, check_fused_request
+from hyperlr_ext.functional._hd_rule import nonfinite_check_
 from hyperlr_ext.optim._state_check import check_state_dict, check_state_matches_params
 
 __all__ = ["HDOptimizer"]
@@ -70,14 +71,6 @@ def check_hd_arguments(
             "optimizers learn the LR online and do not support differentiating through step()"
         )
     check_fused_request(algorithm, foreach, fused)
-
-
-def hyper_device_dtype(params: list[Tensor]) -> tuple[torch.device, torch.dtype]:
-    """Where a group's hyper-state (learned LR, tangent scalars, TLR's LR) lives: the params'
-    device, float64 when any param is float64, else float32."""
-    device = params[0].device if params else torch.device("cpu")
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    return device, dtype
 
 
 def _lr_scale(group: dict[str, Any]) -> float:

@@ -3,11 +3,8 @@ the Hessian product when it is taken by double backward), the validation gradien
 double backward or by finite differences; averaged over DDP ranks by MARTHE itself, or reduced by
 FSDP2's own backward; of the loss times a GradScaler's scale under AMP.
 
-Two ways to differentiate: ``torch.autograd.grad`` (the default: nothing touches ``p.grad``, and
-the graph can be kept for the Hessian product), or ``loss.backward()`` reading ``p.grad``
-(``by_backward``, for FSDP2's DTensor shards, whose gradients exist only as FSDP2's
-reduce-scatter of the unsharded ones; ``p.grad`` is restored afterwards). Gradients come back as
-plain tensors: the local shards under FSDP2.
+The two ways to differentiate (``torch.autograd.grad``, or ``backward()`` through FSDP2) are in
+hyperlr_ext/_common/grads.py.
 """
 
 from __future__ import annotations
@@ -18,10 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hyperlr_ext.optim._sharded import local_shards
+from hyperlr_ext._common.grads import differentiate, validation_grads
+from hyperlr_ext._common.sharded import local_shards
 
 __all__ = [
     "all_reduce_mean",
+    "averaging_group",
+    "hessian_products",
     "hvp_autograd",
     "hvp_finite_difference",
     "loss_grads",
@@ -46,26 +46,6 @@ def all_reduce_mean(tensors: list[Tensor], group: Any) -> list[Tensor]:
         out.append(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
     return out
-
-
-def _differentiate(loss: Tensor, params: list[Tensor], *, graph: bool, by_backward: bool):
-    """d loss / d params (zeros for params the loss does not reach)."""
-    if not by_backward:
-        grads = torch.autograd.grad(loss, params, create_graph=graph, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    saved = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    try:
-        loss.backward()
-        grads = [p.grad for p in params]
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
-    return [
-        torch.zeros_like(local) if g is None else g
-        for local, g in zip(local_shards(params), local_shards(grads))
-    ]
 
 
 @torch.compiler.disable  # autograd's own work (double backward cannot be compiled)
@@ -96,25 +76,8 @@ def loss_grads(
         raise ValueError("closure returned a loss that does not require grad")
     with torch.enable_grad():
         scaled = loss.reshape(()) if scale is None else loss.reshape(()) * scale
-        grads = _differentiate(scaled, params, graph=graph, by_backward=by_backward)
+        grads = differentiate(scaled, params, graph=graph, by_backward=by_backward)
     return loss.detach(), grads
-
-
-@torch.compiler.disable  # autograd's own work
-def validation_grads(
-    val_closure: Callable[[], Tensor],
-    params: list[Tensor],
-    *,
-    scale: Tensor | None = None,
-    by_backward: bool = False,
-) -> list[Tensor]:
-    """Gradients of the validation loss (times ``scale`` when given)."""
-    with torch.enable_grad():
-        val_loss = val_closure().reshape(())
-        if scale is not None:
-            val_loss = val_loss * scale
-        return [g.detach() for g in
-                _differentiate(val_loss, params, graph=False, by_backward=by_backward)]  # fmt: skip
 
 
 @torch.compiler.disable  # autograd's own work (double backward cannot be compiled)
@@ -207,3 +170,49 @@ def record_found_inf(scaler: Any, optimizer: Any, found_inf: Tensor) -> None:
     state = scaler._per_optimizer_states[id(optimizer)]
     state["found_inf_per_device"] = {found_inf.device: found_inf}
     state["stage"] = OptState.STEPPED
+
+
+def averaging_group(distributed: bool | None) -> Any:
+    """The default process group when gradients must be averaged across ranks (DDP), else
+    None. MARTHE differentiates with torch.autograd.grad, which DDP's gradient hooks never
+    see, so it averages its gradients and Hessian products itself (one all-reduce each).
+    ``distributed``: None (whenever a process group of more than one rank is initialised),
+    True (required) or False (never)."""
+    import torch.distributed as dist
+
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed is None:
+        return dist.group.WORLD if active else None
+    if distributed and not active:
+        raise RuntimeError("MARTHE(distributed=True) needs an initialised process group")
+    return dist.group.WORLD if distributed else None
+
+
+def hessian_products(spans, state, grads, closure, world, scale, sums) -> list[Tensor]:
+    """For MARTHE's param-group spans (with their ``state``, the optimizer's per-parameter
+    state): H Z_w of the undamped tangent for every parameter, in the order of ``grads`` (zeros for
+    groups that need none: Z_w is 0 on their first step, or mu is fixed at 0); an empty list
+    when no group needs one. One double backward for all autograd groups; finite
+    differences per group, e = fd_eps / |Z_w|."""
+    if not any(span.needs_hvp for span in spans):
+        return []
+    params = [p for span in spans for p in span.params]
+    hvps: list[Tensor | None] = [None] * len(params)
+    autograd = [span for span in spans if span.needs_hvp and span.group["hvp"] == "autograd"]
+    if autograd:
+        ps = [p for span in autograd for p in span.params]
+        indices = [i for span in autograd for i in range(len(params))[span.indices]]
+        z = [state[p]["z_param"] for p in ps]
+        for i, h in zip(indices, hvp_autograd([grads[i] for i in indices], ps, z)):
+            hvps[i] = h
+    for span, group_sums in zip(spans, sums):
+        if span.needs_hvp and span.group["hvp"] == "finite_difference":
+            tiny = torch.finfo(group_sums.dtype).tiny
+            eps = span.group["fd_eps"] / torch.sqrt(group_sums[2]).clamp_min(tiny)
+            z = [state[p]["z_param"] for p in span.params]
+            hvps[span.indices] = hvp_finite_difference(
+                closure, span.params, z, eps, scale=scale, by_backward=span.sharded
+            )
+    local = local_shards(params)
+    hvps = [torch.zeros_like(p) if h is None else h for p, h in zip(local, hvps)]
+    return all_reduce_mean(hvps, world)

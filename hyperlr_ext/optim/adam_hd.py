@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
+from hyperlr_ext._common.checks import check_bool, check_number
+from hyperlr_ext._common.sharded import local_shards, sum_reducer
 from hyperlr_ext.functional.adam_hd import adam_hd
-from hyperlr_ext.optim._checks import check_bool, check_number
 from hyperlr_ext.optim._hd_base import HDOptimizer, _lr_scale, check_hd_arguments
-from hyperlr_ext.optim._sharded import local_shards, sharded_group
 
 __all__ = ["AdamHD"]
 
@@ -124,33 +124,35 @@ class AdamHD(HDOptimizer):
         lrs, hypergrads, effective_lrs = self._slots(group, indices)
         lr_scale = _lr_scale(group)
         beta1, beta2 = group["betas"]
-        with sharded_group(params, group["fused"]) as sharded:
-            adam_hd(
-                local_shards(params),
-                local_shards([p.grad for p in params]),
-                local_shards([s["exp_avg"] for s in states]),
-                local_shards([s["exp_avg_sq"] for s in states]),
-                local_shards([s["max_exp_avg_sq"] for s in states]) if group["amsgrad"] else [],
-                [s["step"] for s in states],
-                self._has_previous(group, indices, fresh),
-                lrs,
-                hypergrads,
-                effective_lrs,
-                local_shards(self._objective_list(objective_grads, params) or []) or None,
-                foreach=False if sharded else group["foreach"],
-                fused=False if sharded else group["fused"],
-                lr_scale=lr_scale,
-                prev_lr_scale=group["hd_prev_scale"],
-                hyper_lr=group["hyper_lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                amsgrad=group["amsgrad"],
-                multiplicative=group["multiplicative"],
-                lr_lag=group["lr_lag"],
-                maximize=group["maximize"],
-                **self._amp,
-            )
+        reducer = sum_reducer(params, group["fused"])  # FSDP2: sums over the mesh
+        sharded = reducer is not None
+        adam_hd(
+            local_shards(params),
+            local_shards([p.grad for p in params]),
+            local_shards([s["exp_avg"] for s in states]),
+            local_shards([s["exp_avg_sq"] for s in states]),
+            local_shards([s["max_exp_avg_sq"] for s in states]) if group["amsgrad"] else [],
+            [s["step"] for s in states],
+            self._has_previous(group, indices, fresh),
+            lrs,
+            hypergrads,
+            effective_lrs,
+            local_shards(self._objective_list(objective_grads, params) or []) or None,
+            foreach=False if sharded else group["foreach"],
+            fused=False if sharded else group["fused"],
+            lr_scale=lr_scale,
+            prev_lr_scale=group["hd_prev_scale"],
+            hyper_lr=group["hyper_lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            amsgrad=group["amsgrad"],
+            multiplicative=group["multiplicative"],
+            lr_lag=group["lr_lag"],
+            maximize=group["maximize"],
+            sum_reducer=reducer,
+            **self._amp,
+        )
         self._finish_group(group, indices, lr_scale)

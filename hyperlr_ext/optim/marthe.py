@@ -8,7 +8,7 @@ decay) or Adam's / AdamW's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,32 +16,34 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hyperlr_ext._dispatch import check_fused_params, check_fused_request, choose_implementation
+from hyperlr_ext._common.devices import hyper_device_dtype
+from hyperlr_ext._common.sharded import local_shards
+from hyperlr_ext._common.sharded import mesh_group as mesh_group_or_none
+from hyperlr_ext._dispatch import check_fused_request, choose_implementation
 from hyperlr_ext.functional._hd_rule import FoundInfGuard, nonfinite_check_
 from hyperlr_ext.functional._marthe_fused import (
-    fused_adam_tangent_step_,
     fused_list_dot,
-    fused_sgd_tangent_step_,
+    fused_tangent_adam_step_,
+    fused_tangent_sgd_step_,
 )
 from hyperlr_ext.functional.marthe import (
-    adam_tangent_step_,
     marthe_mu_,
-    sgd_tangent_step_,
+    tangent_adam_step_,
+    tangent_sgd_step_,
     tensor_list_dot,
 )
-from hyperlr_ext.optim._checks import check_bool, check_choice, check_number, check_optional_bool
-from hyperlr_ext.optim._hd_base import _lr_scale, hyper_device_dtype
+from hyperlr_ext.optim._hd_base import _lr_scale
+from hyperlr_ext.optim._hyper_lr_search import find_hyper_lr
+from hyperlr_ext.optim._marthe_args import algorithm_of, check_marthe_arguments, check_marthe_group
 from hyperlr_ext.optim._marthe_grads import (
     all_reduce_mean,
-    hvp_autograd,
-    hvp_finite_difference,
+    averaging_group,
+    hessian_products,
     loss_grads,
     loss_scale,
     record_found_inf,
     validation_grads,
 )
-from hyperlr_ext.optim._sharded import local_shards
-from hyperlr_ext.optim._sharded import mesh_group as mesh_group_or_none
 from hyperlr_ext.optim._state_check import check_state_dict, check_state_matches_params
 
 __all__ = ["MARTHE", "RTHO"]
@@ -55,11 +57,6 @@ _GROUP_TENSORS = (
     "learned_lr", "effective_lr", "hypergrad", "prev_hypergrad", "learned_mu", "mu_c",
     "adapted_hyper_lr",
 )  # fmt: skip
-
-
-def _algorithm_of(inner: str) -> str:
-    """The dispatch name of the fused tangent step for an inner optimizer."""
-    return "marthe_sgd" if inner == "sgd" else "marthe_adam"
 
 
 @dataclass
@@ -82,7 +79,7 @@ class _Span:
         else:
             self.implementation = choose_implementation(
                 self.params, foreach=None, fused=self.group["fused"],
-                algorithm=_algorithm_of(self.group["inner"]),
+                algorithm=algorithm_of(self.group["inner"]),
             )  # fmt: skip
 
 
@@ -147,37 +144,13 @@ class MARTHE(Optimizer):
         distributed: bool | None = None,
         skip_nonfinite: bool = False,
     ) -> None:
-        check_number("lr", lr, label="learning rate")
-        check_number("hyper_lr", hyper_lr)
-        check_number("hyper_hyper_lr", hyper_hyper_lr)
-        check_number("momentum", momentum)
-        check_number("dampening", dampening, high=1.0, high_inclusive=True)
-        check_number("weight_decay", weight_decay)
-        check_number("eps", eps)
-        check_number("fd_eps", fd_eps, low=0.0)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2) in [0, 1), got {betas!r}")
-        for index, beta in enumerate(betas):
-            check_number(f"betas[{index}]", beta, high=1.0, label="beta parameter at index "
-                         f"{index}")  # fmt: skip
-        check_bool("nesterov", nesterov)
-        check_bool("skip_nonfinite", skip_nonfinite)
-        check_optional_bool("fused", fused)
-        check_optional_bool("distributed", distributed)
-        check_choice("hvp", hvp, ("autograd", "finite_difference"))
-        check_choice("inner", inner, ("sgd", "adam", "adamw"))
-        if mu != "adaptive":
-            check_number("mu", mu, high=1.0, high_inclusive=True)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError(
-                "Nesterov momentum requires a momentum and zero dampening "
-                f"(got momentum={momentum}, dampening={dampening})"
-            )
-        if inner != "sgd" and (momentum != 0 or dampening != 0 or nesterov):
-            raise ValueError(
-                f"momentum, dampening and nesterov are SGD settings; inner={inner!r} takes betas"
-            )
-        check_fused_request(_algorithm_of(inner), None, fused)
+        check_marthe_arguments(
+            lr=lr, hyper_lr=hyper_lr, inner=inner, momentum=momentum, dampening=dampening,
+            nesterov=nesterov, betas=betas, eps=eps, weight_decay=weight_decay, mu=mu,
+            hyper_hyper_lr=hyper_hyper_lr, hvp=hvp, fd_eps=fd_eps, fused=fused,
+            distributed=distributed, skip_nonfinite=skip_nonfinite,
+        )  # fmt: skip
+        check_fused_request(algorithm_of(inner), None, fused)
         defaults = dict(
             lr=lr, hyper_lr=hyper_lr, inner=inner, momentum=momentum, dampening=dampening,
             nesterov=nesterov, betas=tuple(float(b) for b in betas), eps=eps,
@@ -190,27 +163,7 @@ class MARTHE(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        sharded = mesh_group_or_none(group["params"]) is not None
-        if any((mesh_group_or_none(g["params"]) is not None) != sharded
-               for g in self.param_groups[:-1] if g["params"]):  # fmt: skip
-            raise ValueError(
-                "MARTHE/RTHO: either every param group holds DTensor (FSDP2) parameters or none"
-            )
-        if sharded:
-            if group["fused"]:
-                raise ValueError(
-                    "fused=True does not support DTensor (FSDP2) parameters; MARTHE steps their "
-                    "local shards with the pure-PyTorch path (fused=None or False)"
-                )
-            if group["hvp"] == "autograd" and group["mu"] != 0:
-                raise ValueError(
-                    'MARTHE/RTHO under FSDP2 (DTensor parameters) need hvp="finite_difference": '
-                    "a Hessian product by double backward would have to pass through FSDP2's "
-                    "all-gather and reduce-scatter, which autograd cannot differentiate (under "
-                    "DDP both work)"
-                )
-        elif group["fused"]:
-            check_fused_params(_algorithm_of(group["inner"]), group["params"])
+        check_marthe_group(group, self.param_groups[:-1])
         self._init_group(group)
 
     @staticmethod
@@ -270,7 +223,7 @@ class MARTHE(Optimizer):
                 return closure().detach()
         mesh = mesh_group_or_none(params)  # FSDP2: the local shards step, FSDP2 reduces grads
         sharded = mesh is not None
-        world = None if sharded else self._world()
+        world = None if sharded else averaging_group(self.distributed)
         scale = loss_scale(scaler, self, params[0].device)
         spans, offset = [], 0
         for group, ps in groups:
@@ -299,7 +252,7 @@ class MARTHE(Optimizer):
             step_grads = checked[:n]
             val_grads = None if val_grads is None else checked[n:]
         sums = self._hyper_sums(spans, step_grads, val_grads, mesh)
-        hvps = self._hessian_products(spans, grads, closure, world, scale, sums)
+        hvps = hessian_products(spans, self.state, grads, closure, world, scale, sums)
         if checking:
             if hvps:
                 found_inf = found_inf + nonfinite_check_(hvps, inv_scale)
@@ -327,19 +280,6 @@ class MARTHE(Optimizer):
             self._init_group(group)
             self._init_state(group, [p for p in group["params"] if p.requires_grad])
         return True
-
-    def _world(self):
-        """The default process group when gradients must be averaged across ranks (DDP), else
-        None. MARTHE differentiates with torch.autograd.grad, which DDP's gradient hooks never
-        see, so it averages its gradients and Hessian products itself (one all-reduce each)."""
-        import torch.distributed as dist
-
-        active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if self.distributed is None:
-            return dist.group.WORLD if active else None
-        if self.distributed and not active:
-            raise RuntimeError("MARTHE(distributed=True) needs an initialised process group")
-        return dist.group.WORLD if self.distributed else None
 
     def _hyper_sums(self, spans, step_grads, val_grads, mesh) -> list[Tensor | None]:
         """Per started group, [Delta, <d_{t-1}, grad E>, |Z_w|^2] (the last only for a
@@ -379,34 +319,6 @@ class MARTHE(Optimizer):
             reduced = iter(flat.view(-1, 3).unbind(0))
             out = [None if o is None else next(reduced).to(o.dtype) for o in out]
         return out
-
-    def _hessian_products(self, spans, grads, closure, world, scale, sums) -> list[Tensor]:
-        """H Z_w of the undamped tangent for every parameter, in the order of ``grads`` (zeros for
-        groups that need none: Z_w is 0 on their first step, or mu is fixed at 0); an empty list
-        when no group needs one. One double backward for all autograd groups; finite
-        differences per group, e = fd_eps / |Z_w|."""
-        if not any(span.needs_hvp for span in spans):
-            return []
-        params = [p for span in spans for p in span.params]
-        hvps: list[Tensor | None] = [None] * len(params)
-        autograd = [span for span in spans if span.needs_hvp and span.group["hvp"] == "autograd"]
-        if autograd:
-            ps = [p for span in autograd for p in span.params]
-            indices = [i for span in autograd for i in range(len(params))[span.indices]]
-            z = [self.state[p]["z_param"] for p in ps]
-            for i, h in zip(indices, hvp_autograd([grads[i] for i in indices], ps, z)):
-                hvps[i] = h
-        for span, group_sums in zip(spans, sums):
-            if span.needs_hvp and span.group["hvp"] == "finite_difference":
-                tiny = torch.finfo(group_sums.dtype).tiny
-                eps = span.group["fd_eps"] / torch.sqrt(group_sums[2]).clamp_min(tiny)
-                z = [self.state[p]["z_param"] for p in span.params]
-                hvps[span.indices] = hvp_finite_difference(
-                    closure, span.params, z, eps, scale=scale, by_backward=span.sharded
-                )
-        local = local_shards(params)
-        hvps = [torch.zeros_like(p) if h is None else h for p, h in zip(local, hvps)]
-        return all_reduce_mean(hvps, world)
 
     def _init_state(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """Zero tangents and buffers for every tensor (all of a group start together; DTensors
@@ -508,7 +420,7 @@ class MARTHE(Optimizer):
             has_buffer = group["momentum"] != 0
             buffers = local_shards([s["momentum_buffer"] for s in states] if has_buffer else [])
             z_buffers = local_shards([s["z_buffer"] for s in states] if has_buffer else [])
-            step = fused_sgd_tangent_step_ if fused else sgd_tangent_step_
+            step = fused_tangent_sgd_step_ if fused else tangent_sgd_step_
             step(
                 params, grads, hvps, buffers, z_params, z_buffers, directions,
                 lr=lr, mu=mu, lr_scale=lr_scale, momentum=group["momentum"],
@@ -519,7 +431,7 @@ class MARTHE(Optimizer):
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
         beta1, beta2 = group["betas"]
-        step = fused_adam_tangent_step_ if fused else adam_tangent_step_
+        step = fused_tangent_adam_step_ if fused else tangent_adam_step_
         step(
             params, grads, hvps,
             *(local_shards([s[key] for s in states]) for key in ("exp_avg", "exp_avg_sq")),
@@ -532,74 +444,7 @@ class MARTHE(Optimizer):
         )  # fmt: skip
 
     # ------------------------------------------------------------------ selecting beta
-    @classmethod
-    def find_hyper_lr(
-        cls,
-        params: Iterable[Tensor],
-        closure: Callable[[], Tensor],
-        *,
-        steps: int = 100,
-        start: float = 1.0,
-        factor: float = 10.0,
-        smallest: float = 1e-12,
-        argument: str = "hyper_lr",
-        divergence_ratio: float = 2.0,
-        val_closure: Callable[[], Tensor] | None = None,
-        buffers: Iterable[Tensor] = (),
-        **kwargs: Any,
-    ) -> float:
-        """The paper's selection of the hyper-LR (end of its section 4): start high and divide by
-        ``factor`` until a short run of ``steps`` steps does not diverge; return that value.
-
-        ``params`` and ``buffers`` (pass ``model.buffers()`` when the closure updates some, as
-        BatchNorm's running statistics in training mode) are restored after every trial (the call
-        leaves them as it found them);
-        ``closure``/``val_closure`` are those of :meth:`step` (let the closure draw a new batch at
-        each call). ``argument`` is the value searched: ``"hyper_lr"`` (beta, fixed or initial)
-        or ``"hyper_hyper_lr"`` (beta', for MARTHE with adaptive beta and ``hyper_lr=0``).
-        ``kwargs`` go to the constructor. A run diverges when a loss is not finite, or when the
-        mean loss of its last tenth exceeds ``divergence_ratio`` times the first loss. Outside
-        ``step()``, so it reads losses on the host. Raises RuntimeError when every value down to
-        ``smallest`` diverges.
-        """
-        params = list(params)
-        check_choice("argument", argument, ("hyper_lr", "hyper_hyper_lr"))
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        check_number("start", start, low=0.0)
-        check_number("smallest", smallest, low=0.0)
-        check_number("factor", factor, low=1.0)
-        check_number("divergence_ratio", divergence_ratio, low=1.0)
-        if factor == 1.0 or not (0 < smallest <= start):
-            raise ValueError("find_hyper_lr needs factor > 1 and 0 < smallest <= start")
-        restored = params + list(buffers)
-        saved = [t.detach().clone() for t in restored]
-        value = start
-        try:
-            while value >= smallest:
-                opt = cls(params, **{argument: value}, **kwargs)
-                losses = []
-                for _ in range(steps):
-                    losses.append(opt.step(closure, val_closure=val_closure))
-                    if not torch.isfinite(losses[-1]):
-                        break
-                with torch.no_grad():
-                    for t, s in zip(restored, saved):
-                        t.copy_(s)
-                history = torch.stack(losses).double()
-                tail = history[-max(1, steps // 10) :]
-                finite = len(losses) == steps and bool(torch.isfinite(history).all())
-                if finite and float(tail.mean()) <= divergence_ratio * float(history[0]):
-                    return value
-                value /= factor
-        finally:
-            with torch.no_grad():
-                for t, s in zip(restored, saved):
-                    t.copy_(s)
-        raise RuntimeError(
-            f"find_hyper_lr: every {argument} from {start} down to {smallest} diverged within "
-            f"{steps} steps; lower start or smallest, or check the closure"
-        )
+    find_hyper_lr = classmethod(find_hyper_lr)
 
 
 class RTHO(MARTHE):

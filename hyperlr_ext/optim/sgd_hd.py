@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from hyperlr_ext._common.checks import check_bool, check_number
+from hyperlr_ext._common.sharded import local_shards, shard_like, sum_reducer
 from hyperlr_ext.functional.sgd_hd import sgd_hd
-from hyperlr_ext.optim._checks import check_bool, check_number
 from hyperlr_ext.optim._hd_base import HDOptimizer, _lr_scale, check_hd_arguments
-from hyperlr_ext.optim._sharded import local_shards, shard_like, sharded_group
 
 __all__ = ["SGDHD"]
 
@@ -114,31 +114,33 @@ class SGDHD(HDOptimizer):
         prev_directions = local_shards([s.get("prev_direction") for s in states])
         lrs, hypergrads, effective_lrs = self._slots(group, indices)
         lr_scale = _lr_scale(group)
-        with sharded_group(params, group["fused"]) as sharded:
-            sgd_hd(
-                local_shards(params),
-                local_shards(grads),
-                momentum_buffers,
-                prev_directions,
-                self._has_previous(group, indices, fresh),
-                lrs,
-                hypergrads,
-                effective_lrs,
-                local_shards(self._objective_list(objective_grads, params) or []) or None,
-                foreach=False if sharded else group["foreach"],
-                fused=False if sharded else group["fused"],
-                lr_scale=lr_scale,
-                prev_lr_scale=group["hd_prev_scale"],
-                hyper_lr=group["hyper_lr"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"],
-                multiplicative=group["multiplicative"],
-                lr_lag=group["lr_lag"],
-                maximize=group["maximize"],
-                **self._amp,
-            )
+        reducer = sum_reducer(params, group["fused"])  # FSDP2: sums over the mesh
+        sharded = reducer is not None
+        sgd_hd(
+            local_shards(params),
+            local_shards(grads),
+            momentum_buffers,
+            prev_directions,
+            self._has_previous(group, indices, fresh),
+            lrs,
+            hypergrads,
+            effective_lrs,
+            local_shards(self._objective_list(objective_grads, params) or []) or None,
+            foreach=False if sharded else group["foreach"],
+            fused=False if sharded else group["fused"],
+            lr_scale=lr_scale,
+            prev_lr_scale=group["hd_prev_scale"],
+            hyper_lr=group["hyper_lr"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"],
+            multiplicative=group["multiplicative"],
+            lr_lag=group["lr_lag"],
+            maximize=group["maximize"],
+            sum_reducer=reducer,
+            **self._amp,
+        )
         for p, state, buf, direction in zip(params, states, momentum_buffers, prev_directions):
             # New buffers (the first step) become DTensors like their params under FSDP2.
             if buf is not None:

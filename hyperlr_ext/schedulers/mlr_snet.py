@@ -19,9 +19,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from hyperlr_ext.optim._checks import check_bool, check_number
-from hyperlr_ext.optim._marthe_grads import validation_grads
-from hyperlr_ext.optim._sharded import distribute_like, local_shards, mesh_group
+from hyperlr_ext._common.checks import check_bool, check_number
+from hyperlr_ext._common.grads import validation_grads
+from hyperlr_ext._common.sharded import distribute_like, local_shards, mesh_group
 from hyperlr_ext.schedulers._step_tracker import StepTracker
 
 __all__ = ["MLRSNet", "MLRSNetModule", "PRETRAINED_DIR"]

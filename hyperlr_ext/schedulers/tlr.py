@@ -15,11 +15,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from hyperlr_ext._common.checks import check_number, check_optional_bool
+from hyperlr_ext._common.devices import hyper_device_dtype
+from hyperlr_ext._common.sharded import distribute_like, local_shards, mesh_group
 from hyperlr_ext._dispatch import check_fused_params, check_fused_request, choose_implementation
 from hyperlr_ext.functional.tlr import fused_tlr_window_, tlr_rule_, tlr_window_
-from hyperlr_ext.optim._checks import check_number, check_optional_bool
-from hyperlr_ext.optim._hd_base import hyper_device_dtype
-from hyperlr_ext.optim._sharded import distribute_like, local_shards, mesh_group
 from hyperlr_ext.schedulers._step_tracker import StepTracker
 
 __all__ = ["TLR"]

@@ -6,15 +6,14 @@ collective (a rank whose shard is empty contributes zeros)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
-from hyperlr_ext.functional._hd_rule import sums_reduced_by
+SumReducer = Callable[[list[Tensor]], list[Tensor]]
 
-__all__ = ["distribute_like", "local_shards", "shard_like", "sharded_group"]
+__all__ = ["distribute_like", "local_shards", "mesh_group", "shard_like", "sum_reducer"]
 
 
 def _dtensor_type():
@@ -85,14 +84,14 @@ def distribute_like(tensor: Tensor, param: Tensor) -> Tensor:
     return tensor.to(device=param.device, dtype=param.dtype, copy=True)
 
 
-@contextlib.contextmanager
-def sharded_group(params: list[Tensor], fused: bool | None) -> Iterator[bool]:
-    """Yields whether ``params`` are DTensor shards; while it does, the HD sums are summed over
-    their mesh by one all-reduce."""
+def sum_reducer(params: list[Tensor], fused: bool | None) -> SumReducer | None:
+    """For a param group of DTensor shards, the function that sums the per-rank partial HD sums
+    over their mesh in one all-reduce (a list of 0-dim tensors in, the same number out); None
+    for ordinary tensors, whose sums are complete. The functional HD steps take it as their
+    ``sum_reducer`` argument."""
     group = mesh_group(params)
     if group is None:
-        yield False
-        return
+        return None
     if fused:
         raise ValueError(
             "fused=True does not support DTensor (FSDP2) parameters; the optimizer steps their "
@@ -106,5 +105,4 @@ def sharded_group(params: list[Tensor], fused: bool | None) -> Iterator[bool]:
         dist.all_reduce(flat, group=group)
         return list(flat.unbind(0))
 
-    with sums_reduced_by(reduce):
-        yield True
+    return reduce
