@@ -18,6 +18,7 @@ from sync_guard import NoSync
 from torch.func import functional_call
 
 import hyperlr_ext as hx
+from hyperlr_ext.optim._marthe_grads import objective_grads
 
 SGD_CONFIGS = {
     "sgd": dict(momentum=0.0, weight_decay=0.01),
@@ -450,7 +451,7 @@ def test_find_hyper_lr_restores_buffers_too():
 def test_marthe_weight_decay_objective_builds_no_graph():
     w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     opt = hx.MARTHE([w], lr=0.1, hyper_lr=1e-3, weight_decay=0.1)
-    (objective,) = opt._objective(opt.param_groups[0], [w], [torch.ones(3)], None)
+    (objective,) = objective_grads(opt.param_groups[0], [w], [torch.ones(3)], None)
     assert not objective.requires_grad
     torch.testing.assert_close(objective, torch.full((3,), 1.1, dtype=torch.float64))
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from hyperlr_ext._common.checks import (
     check_bool,
@@ -31,7 +30,8 @@ from hyperlr_ext._common.checks import (
 from hyperlr_ext._common.devices import hyper_device_dtype
 from hyperlr_ext._dispatch import check_fused_params, check_fused_request
 from hyperlr_ext.functional._hd_rule import nonfinite_check_
-from hyperlr_ext.optim._state_check import check_state_dict, check_state_matches_params
+from hyperlr_ext.optim._lr_learner import LRLearner
+from hyperlr_ext.optim._state_check import check_state_matches_params
 
 __all__ = ["HDOptimizer"]
 
@@ -85,14 +85,14 @@ def _lr_scale(group: dict[str, Any]) -> float:
     return 1.0 if initial == 0 else lr / initial
 
 
-class HDOptimizer(Optimizer):
+class HDOptimizer(LRLearner):
     """Base class of the HD optimizers. Subclasses implement ``_step_group``."""
 
     _algorithm = "hd"
     # Group keys every state_dict of the subclass has, and the per-parameter state it keeps
     # (load_state_dict refuses others: _state_check.py).
     _IDENTITY_KEYS: tuple[str, ...] = ("hyper_lr", "lr_lag")
-    _STATE_KEYS: tuple[str, ...] = ()
+    _STRUCTURAL_KEYS = ("per_tensor",)
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -172,20 +172,15 @@ class HDOptimizer(Optimizer):
                 if step is not None and not isinstance(step, Tensor):
                     param_state["step"] = torch.tensor(float(step), dtype=dtype, device=p.device)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch.optim's load, then hyper-state put back on the params' devices in its own dtype.
+    def _ensure_group_state(self, group: dict[str, Any]) -> None:
+        self._ensure_hyper_state(group)
 
-        torch casts floating per-parameter state to the parameter's dtype and, for fused or
-        capturable groups, ``step`` to float32; our ``step`` counts stay in the LR's dtype.
-        """
-        check_state_dict(
-            type(self).__name__, state_dict, self.param_groups, identity=self._IDENTITY_KEYS,
-            structural=("per_tensor",), state_keys=self._STATE_KEYS,
-        )  # fmt: skip
+    def _after_load(self, state_dict: dict[str, Any]) -> None:
+        """torch casts floating per-parameter state to the parameter's dtype and, for fused or
+        capturable groups, ``step`` to float32; our ``step`` counts stay in the LR's dtype
+        (float64 for float64 params, else float32)."""
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
-        super().load_state_dict(state_dict)
-        # The step counts stay in the LR's dtype (float64 for float64 params, else float32).
         dtypes = [self._hyper_device_dtype(g)[1] for g in self.param_groups for _ in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for param_id, param, dtype in zip(saved_ids, params, dtypes):
@@ -193,8 +188,6 @@ class HDOptimizer(Optimizer):
             step = saved.get("step")
             if isinstance(step, Tensor):
                 self.state[param]["step"] = step.to(device=param.device, dtype=dtype, copy=True)
-        for group in self.param_groups:
-            self._ensure_hyper_state(group)
 
     # ------------------------------------------------------------------ the step
     def _validation_grads(

@@ -1,15 +1,15 @@
-"""Where MARTHE / RTHO get their derivatives: the gradient of the closure's loss (with a graph for
-the Hessian product when it is taken by double backward), the validation gradient, and H z by
-double backward or by finite differences; averaged over DDP ranks by MARTHE itself, or reduced by
-FSDP2's own backward; of the loss times a GradScaler's scale under AMP.
-
-The two ways to differentiate (``torch.autograd.grad``, or ``backward()`` through FSDP2) are in
-hyperlr_ext/_common/grads.py.
-"""
+"""The plumbing of a MARTHE / RTHO step: the param-group spans, the dot products of the
+hypergradient, and the derivatives: the gradient of the closure's loss (with a graph for the
+Hessian product when it is taken by double backward), the validation gradient, and H z by
+double backward or by finite differences; averaged over DDP ranks by MARTHE itself, or reduced
+by FSDP2's own backward; of the loss times a GradScaler's scale under AMP. The two ways to
+differentiate (``torch.autograd.grad``, or ``backward()`` through FSDP2) are in
+hyperlr_ext/_common/grads.py."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,15 +17,23 @@ from torch import Tensor
 
 from hyperlr_ext._common.grads import differentiate, validation_grads
 from hyperlr_ext._common.sharded import local_shards
+from hyperlr_ext._dispatch import choose_implementation
+from hyperlr_ext.functional._marthe_fused import fused_list_dot
+from hyperlr_ext.functional.marthe import tensor_list_dot
+from hyperlr_ext.optim._marthe_args import algorithm_of
 
 __all__ = [
+    "Span",
     "all_reduce_mean",
     "averaging_group",
+    "direction_key",
     "hessian_products",
     "hvp_autograd",
     "hvp_finite_difference",
+    "hyper_sums",
     "loss_grads",
     "loss_scale",
+    "objective_grads",
     "record_found_inf",
     "validation_grads",
 ]
@@ -216,3 +224,87 @@ def hessian_products(spans, state, grads, closure, world, scale, sums) -> list[T
     local = local_shards(params)
     hvps = [torch.zeros_like(p) if h is None else h for p, h in zip(local, hvps)]
     return all_reduce_mean(hvps, world)
+
+
+@dataclass
+class Span:
+    """One param group's part of a step: its params that require grad, their slice of the step's
+    flat gradient lists, whether its tangents exist yet, whether it needs a Hessian product,
+    whether it holds DTensor shards (FSDP2), and which implementation steps it."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    indices: slice
+    started: bool
+    needs_hvp: bool
+    sharded: bool
+    implementation: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.sharded or not self.params:  # DTensor groups: the reference, on local shards
+            self.implementation = "reference"
+        else:
+            self.implementation = choose_implementation(
+                self.params, foreach=None, fused=self.group["fused"],
+                algorithm=algorithm_of(self.group["inner"]),
+            )  # fmt: skip
+
+
+def direction_key(group: dict[str, Any]) -> str | None:
+    """Where d_{t-1} is kept for MARTHE's adaptive mu: with plain SGD momentum the buffer is
+    the direction (no copy); otherwise a "direction" state tensor; None without adaptive mu."""
+    if group["mu"] != "adaptive":
+        return None
+    if group["inner"] == "sgd" and group["momentum"] != 0 and not group["nesterov"]:
+        return "momentum_buffer"
+    return "direction"
+
+
+def objective_grads(group, params, grads, val_grads) -> list[Tensor]:
+    """grad E(w_t): the validation gradient, else the training objective's (L2 included)."""
+    if val_grads is not None:
+        return val_grads
+    l2 = group["weight_decay"] if group["inner"] != "adamw" else 0.0
+    # p detached: the sums need no graph through the decay term.
+    return [g.add(p.detach(), alpha=l2) if l2 != 0 else g for g, p in zip(grads, params)]
+
+
+def hyper_sums(spans, state, step_grads, val_grads, mesh) -> list[Tensor | None]:
+    """For MARTHE's param-group spans (``state``: the optimizer's per-parameter state): per
+    started group, [Delta, <d_{t-1}, grad E>, |Z_w|^2] (the last only for a
+    finite-difference product, else 0), in the group's hyper dtype. Under FSDP2 these are
+    the local shards' partial sums, and one all-reduce over the mesh adds every group's."""
+    out: list[Tensor | None] = []
+    for span in spans:
+        if not span.started:
+            out.append(None)
+            continue
+        group, states = span.group, [state[p] for p in span.params]
+        dtype = group["learned_lr"].dtype
+        fused = span.implementation == "fused"
+
+        def dot(a: list[Tensor], b: list[Tensor], dtype=dtype, fused=fused) -> Tensor:
+            a, b = local_shards(a), local_shards(b)
+            return fused_list_dot(a, b, dtype) if fused else tensor_list_dot(a, b, dtype)
+
+        group_val = None if val_grads is None else val_grads[span.indices]
+        objective = objective_grads(
+            group, local_shards(span.params), step_grads[span.indices], group_val
+        )
+        z = [s["z_param"] for s in states]
+        zero = torch.zeros((), dtype=dtype, device=group["learned_lr"].device)
+        key = direction_key(group)
+        has_direction = key is not None and all(key in s for s in states)
+        fd = span.needs_hvp and group["hvp"] == "finite_difference"
+        out.append(torch.stack([
+            dot(z, objective),
+            dot([s[key] for s in states], objective) if has_direction else zero,
+            dot(z, z) if fd else zero,
+        ]))  # fmt: skip
+    present = [o for o in out if o is not None]
+    if mesh is not None and present:
+        flat = torch.cat([o.to(torch.float64) for o in present])
+        torch.distributed.all_reduce(flat, group=mesh)
+        reduced = iter(flat.view(-1, 3).unbind(0))
+        out = [None if o is None else next(reduced).to(o.dtype) for o in out]
+    return out

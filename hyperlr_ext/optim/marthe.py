@@ -9,20 +9,17 @@ decay) or Adam's / AdamW's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from hyperlr_ext._common.devices import hyper_device_dtype
 from hyperlr_ext._common.sharded import local_shards
 from hyperlr_ext._common.sharded import mesh_group as mesh_group_or_none
-from hyperlr_ext._dispatch import check_fused_request, choose_implementation
+from hyperlr_ext._dispatch import check_fused_request
 from hyperlr_ext.functional._hd_rule import FoundInfGuard, nonfinite_check_
 from hyperlr_ext.functional._marthe_fused import (
-    fused_list_dot,
     fused_tangent_adam_step_,
     fused_tangent_sgd_step_,
 )
@@ -30,21 +27,24 @@ from hyperlr_ext.functional.marthe import (
     marthe_mu_,
     tangent_adam_step_,
     tangent_sgd_step_,
-    tensor_list_dot,
 )
 from hyperlr_ext.optim._hd_base import _lr_scale
 from hyperlr_ext.optim._hyper_lr_search import find_hyper_lr
+from hyperlr_ext.optim._lr_learner import LRLearner
 from hyperlr_ext.optim._marthe_args import algorithm_of, check_marthe_arguments, check_marthe_group
 from hyperlr_ext.optim._marthe_grads import (
+    Span,
     all_reduce_mean,
     averaging_group,
+    direction_key,
     hessian_products,
+    hyper_sums,
     loss_grads,
     loss_scale,
     record_found_inf,
     validation_grads,
 )
-from hyperlr_ext.optim._state_check import check_state_dict, check_state_matches_params
+from hyperlr_ext.optim._state_check import check_state_matches_params
 
 __all__ = ["MARTHE", "RTHO"]
 
@@ -59,31 +59,7 @@ _GROUP_TENSORS = (
 )  # fmt: skip
 
 
-@dataclass
-class _Span:
-    """One param group's part of a step: its params that require grad, their slice of the step's
-    flat gradient lists, whether its tangents exist yet, whether it needs a Hessian product,
-    whether it holds DTensor shards (FSDP2), and which implementation steps it."""
-
-    group: dict[str, Any]
-    params: list[Tensor]
-    indices: slice
-    started: bool
-    needs_hvp: bool
-    sharded: bool
-    implementation: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        if self.sharded or not self.params:  # DTensor groups: the reference, on local shards
-            self.implementation = "reference"
-        else:
-            self.implementation = choose_implementation(
-                self.params, foreach=None, fused=self.group["fused"],
-                algorithm=algorithm_of(self.group["inner"]),
-            )  # fmt: skip
-
-
-class MARTHE(Optimizer):
+class MARTHE(LRLearner):
     """SGD, Adam or AdamW whose LR follows the tangent hypergradient (Donini et al., MARTHE).
 
     Args:
@@ -122,6 +98,10 @@ class MARTHE(Optimizer):
     and checked, and the scaler records the check: call ``scaler.update()`` after the step
     (``scaler.step`` cannot be used: it refuses closures).
     """
+
+    _IDENTITY_KEYS = ("hyper_lr", "inner", "mu", "hvp")
+    _STRUCTURAL_KEYS = ("inner",)
+    _STATE_KEYS = ("z_param", "direction", "step", *_BUFFERS["sgd"], *_BUFFERS["adam"])
 
     def __init__(
         self,
@@ -185,17 +165,8 @@ class MARTHE(Optimizer):
         group.setdefault("hd_prev_scale", 1.0)
         group.setdefault("skip_nonfinite", False)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch.optim's load; the group hyper-state then goes back to the params' devices. A
-        state_dict of another optimizer, or of another inner optimizer, is refused first."""
-        check_state_dict(
-            type(self).__name__, state_dict, self.param_groups,
-            identity=("hyper_lr", "inner", "mu", "hvp"), structural=("inner",),
-            state_keys=("z_param", "direction", "step", *_BUFFERS["sgd"], *_BUFFERS["adam"]),
-        )  # fmt: skip
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            self._init_group(group)
+    def _ensure_group_state(self, group: dict[str, Any]) -> None:
+        self._init_group(group)
 
     # ------------------------------------------------------------------ the step
     def step(  # type: ignore[override]
@@ -228,7 +199,7 @@ class MARTHE(Optimizer):
         spans, offset = [], 0
         for group, ps in groups:
             started = bool(ps) and all("z_param" in self.state.get(p, {}) for p in ps)
-            spans.append(_Span(group, ps, slice(offset, offset + len(ps)), started,
+            spans.append(Span(group, ps, slice(offset, offset + len(ps)), started,
                                started and group["mu"] != 0, sharded))  # fmt: skip
             offset += len(ps)
         autograd_hvp = any(sp.needs_hvp and sp.group["hvp"] == "autograd" for sp in spans)
@@ -251,7 +222,7 @@ class MARTHE(Optimizer):
             found_inf = nonfinite_check_(checked, inv_scale)
             step_grads = checked[:n]
             val_grads = None if val_grads is None else checked[n:]
-        sums = self._hyper_sums(spans, step_grads, val_grads, mesh)
+        sums = hyper_sums(spans, self.state, step_grads, val_grads, mesh)
         hvps = hessian_products(spans, self.state, grads, closure, world, scale, sums)
         if checking:
             if hvps:
@@ -281,45 +252,6 @@ class MARTHE(Optimizer):
             self._init_state(group, [p for p in group["params"] if p.requires_grad])
         return True
 
-    def _hyper_sums(self, spans, step_grads, val_grads, mesh) -> list[Tensor | None]:
-        """Per started group, [Delta, <d_{t-1}, grad E>, |Z_w|^2] (the last only for a
-        finite-difference product, else 0), in the group's hyper dtype. Under FSDP2 these are
-        the local shards' partial sums, and one all-reduce over the mesh adds every group's."""
-        out: list[Tensor | None] = []
-        for span in spans:
-            if not span.started:
-                out.append(None)
-                continue
-            group, states = span.group, [self.state[p] for p in span.params]
-            dtype = group["learned_lr"].dtype
-            fused = span.implementation == "fused"
-
-            def dot(a: list[Tensor], b: list[Tensor], dtype=dtype, fused=fused) -> Tensor:
-                a, b = local_shards(a), local_shards(b)
-                return fused_list_dot(a, b, dtype) if fused else tensor_list_dot(a, b, dtype)
-
-            group_val = None if val_grads is None else val_grads[span.indices]
-            objective = self._objective(
-                group, local_shards(span.params), step_grads[span.indices], group_val
-            )
-            z = [s["z_param"] for s in states]
-            zero = torch.zeros((), dtype=dtype, device=group["learned_lr"].device)
-            key = self._direction_key(group)
-            has_direction = key is not None and all(key in s for s in states)
-            fd = span.needs_hvp and group["hvp"] == "finite_difference"
-            out.append(torch.stack([
-                dot(z, objective),
-                dot([s[key] for s in states], objective) if has_direction else zero,
-                dot(z, z) if fd else zero,
-            ]))  # fmt: skip
-        present = [o for o in out if o is not None]
-        if mesh is not None and present:
-            flat = torch.cat([o.to(torch.float64) for o in present])
-            torch.distributed.all_reduce(flat, group=mesh)
-            reduced = iter(flat.view(-1, 3).unbind(0))
-            out = [None if o is None else next(reduced).to(o.dtype) for o in out]
-        return out
-
     def _init_state(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """Zero tangents and buffers for every tensor (all of a group start together; DTensors
         for DTensor parameters)."""
@@ -329,31 +261,13 @@ class MARTHE(Optimizer):
             state = self.state[p]
             state.clear()
             state["z_param"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if self._direction_key(group) == "direction":
+            if direction_key(group) == "direction":
                 state["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if inner == "adam" or group["momentum"] != 0:
                 for key in _BUFFERS[inner]:
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if inner == "adam":
                 state["step"] = torch.zeros((), dtype=dtype, device=p.device)
-
-    @staticmethod
-    def _direction_key(group: dict[str, Any]) -> str | None:
-        """Where d_{t-1} is kept for MARTHE's adaptive mu: with plain SGD momentum the buffer is
-        the direction (no copy); otherwise a "direction" state tensor; None without adaptive mu."""
-        if group["mu"] != "adaptive":
-            return None
-        if group["inner"] == "sgd" and group["momentum"] != 0 and not group["nesterov"]:
-            return "momentum_buffer"
-        return "direction"
-
-    def _objective(self, group, params, grads, val_grads) -> list[Tensor]:
-        """grad E(w_t): the validation gradient, else the training objective's (L2 included)."""
-        if val_grads is not None:
-            return val_grads
-        l2 = group["weight_decay"] if group["inner"] != "adamw" else 0.0
-        # p detached: the sums need no graph through the decay term.
-        return [g.add(p.detach(), alpha=l2) if l2 != 0 else g for g, p in zip(grads, params)]
 
     def _hyper_update(self, group: dict[str, Any], sums: Tensor) -> None:
         """The hyper-update of docs/design.md, "Tangent-system methods", from the group's sums:
@@ -408,7 +322,7 @@ class MARTHE(Optimizer):
         # d_t only for MARTHE's adaptive mu (g' = -s <d_{t-1}, grad E>) where no buffer holds it;
         # a group switched to adaptive mu mid-run starts from d = 0.
         directions = []
-        if self._direction_key(group) == "direction":
+        if direction_key(group) == "direction":
             for s, p in zip(states, params):
                 if "direction" not in s:
                     s["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)

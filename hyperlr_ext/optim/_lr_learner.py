@@ -1,0 +1,44 @@
+"""The base of the optimizers that learn their LR (``HDOptimizer``, ``MARTHE``/``RTHO``): their
+per-group hyper-state (learned LR, hypergradient, ...) lives in the param group as device
+tensors in the group's hyper dtype (hyperlr_ext/_common/devices.py), and ``load_state_dict``
+refuses the state of another optimizer or configuration before it touches anything, then puts
+the hyper-state back where the params are."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.optim import Optimizer
+
+from hyperlr_ext.optim._state_check import check_state_dict
+
+__all__ = ["LRLearner"]
+
+
+class LRLearner(Optimizer):
+    """Subclasses name what a state_dict must agree on and implement ``_ensure_group_state``."""
+
+    # Group settings a loaded state_dict must share (identity) or that fix its shapes
+    # (structural), and the per-parameter state keys it may hold (_state_check.py).
+    _IDENTITY_KEYS: tuple[str, ...] = ()
+    _STRUCTURAL_KEYS: tuple[str, ...] = ()
+    _STATE_KEYS: tuple[str, ...] = ()
+
+    def _ensure_group_state(self, group: dict[str, Any]) -> None:  # pragma: no cover
+        """Create the group's missing hyper-state and keep it on the params' device."""
+        raise NotImplementedError
+
+    def _after_load(self, state_dict: dict[str, Any]) -> None:
+        """Per-parameter fix-ups after torch.optim's load (none by default)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's load, after checking that the state_dict is one of this optimizer's
+        with the same settings; then the group hyper-state goes back to the params' devices."""
+        check_state_dict(
+            type(self).__name__, state_dict, self.param_groups, identity=self._IDENTITY_KEYS,
+            structural=self._STRUCTURAL_KEYS, state_keys=self._STATE_KEYS,
+        )  # fmt: skip
+        super().load_state_dict(state_dict)
+        self._after_load(state_dict)
+        for group in self.param_groups:
+            self._ensure_group_state(group)
