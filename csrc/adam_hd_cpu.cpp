@@ -190,20 +190,13 @@ template <typename scalar_t>
 ChunkData<scalar_t> chunk_data(const AdamHdTensors& t, const cpu::ChunkRef& chunk,
                                const AdamHdArgs& a) {
   const size_t i = chunk.tensor;
-  const int64_t offset = chunk.offset;
-  const auto mutable_ptr = [&](const std::vector<at::Tensor>& list) -> scalar_t* {
-    return list.empty() ? nullptr : list[i].mutable_data_ptr<scalar_t>() + offset;
-  };
-  const auto const_ptr = [&](const std::vector<at::Tensor>& list) -> const scalar_t* {
-    return list.empty() ? nullptr : list[i].const_data_ptr<scalar_t>() + offset;
-  };
   ChunkData<scalar_t> c;
-  c.param = mutable_ptr(t.params);
-  c.grad = const_ptr(t.grads);
-  c.objective = const_ptr(t.objective_grads);
-  c.exp_avg = mutable_ptr(t.exp_avgs);
-  c.exp_avg_sq = mutable_ptr(t.exp_avg_sqs);
-  c.max_exp_avg_sq = mutable_ptr(t.max_exp_avg_sqs);
+  c.param = cpu::chunk_ptr<scalar_t>(t.params, chunk);
+  c.grad = cpu::chunk_const_ptr<scalar_t>(t.grads, chunk);
+  c.objective = cpu::chunk_const_ptr<scalar_t>(t.objective_grads, chunk);
+  c.exp_avg = cpu::chunk_ptr<scalar_t>(t.exp_avgs, chunk);
+  c.exp_avg_sq = cpu::chunk_ptr<scalar_t>(t.exp_avg_sqs, chunk);
+  c.max_exp_avg_sq = cpu::chunk_ptr<scalar_t>(t.max_exp_avg_sqs, chunk);
   c.has_previous = !a.has_previous.empty() && a.has_previous[i] != 0;
   return c;
 }

@@ -46,6 +46,16 @@ inline ChunkList make_chunks(at::TensorList tensors) {
   return out;
 }
 
+// Where `chunk` starts in list[chunk.tensor], or null for an absent (empty) list.
+template <typename scalar_t>
+scalar_t* chunk_ptr(const std::vector<at::Tensor>& list, const ChunkRef& chunk) {
+  return list.empty() ? nullptr : list[chunk.tensor].mutable_data_ptr<scalar_t>() + chunk.offset;
+}
+template <typename scalar_t>
+const scalar_t* chunk_const_ptr(const std::vector<at::Tensor>& list, const ChunkRef& chunk) {
+  return list.empty() ? nullptr : list[chunk.tensor].const_data_ptr<scalar_t>() + chunk.offset;
+}
+
 // lanes[0] after the fixed tree over all lanes (hd_math.h, tree_level).
 template <typename acc_t>
 acc_t tree_reduce(std::array<acc_t, kLanes>& lanes) {

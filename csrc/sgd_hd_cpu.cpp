@@ -139,20 +139,13 @@ template <typename scalar_t>
 ChunkData<scalar_t> chunk_data(const SgdHdTensors& t, const cpu::ChunkRef& chunk,
                                const SgdHdArgs& a) {
   const size_t i = chunk.tensor;
-  const int64_t offset = chunk.offset;
-  const auto mutable_ptr = [&](const std::vector<at::Tensor>& list) -> scalar_t* {
-    return list.empty() ? nullptr : list[i].mutable_data_ptr<scalar_t>() + offset;
-  };
-  const auto const_ptr = [&](const std::vector<at::Tensor>& list) -> const scalar_t* {
-    return list.empty() ? nullptr : list[i].const_data_ptr<scalar_t>() + offset;
-  };
   ChunkData<scalar_t> c;
-  c.param = mutable_ptr(t.params);
-  c.grad = const_ptr(t.grads);
-  c.objective = const_ptr(t.objective_grads);
-  c.buffer = mutable_ptr(t.momentum_buffers);
-  c.prev_direction = mutable_ptr(t.prev_directions);
-  c.direction = const_ptr(t.directions);
+  c.param = cpu::chunk_ptr<scalar_t>(t.params, chunk);
+  c.grad = cpu::chunk_const_ptr<scalar_t>(t.grads, chunk);
+  c.objective = cpu::chunk_const_ptr<scalar_t>(t.objective_grads, chunk);
+  c.buffer = cpu::chunk_ptr<scalar_t>(t.momentum_buffers, chunk);
+  c.prev_direction = cpu::chunk_ptr<scalar_t>(t.prev_directions, chunk);
+  c.direction = cpu::chunk_const_ptr<scalar_t>(t.directions, chunk);
   c.has_buffer = !a.has_buffer.empty() && a.has_buffer[i] != 0;
   c.has_previous = !a.has_previous.empty() && a.has_previous[i] != 0;
   return c;
