@@ -250,23 +250,17 @@ void run_cpu(AdamHdMode mode, const AdamHdArgs& a) {
   }
 
   const bool objective = !t.objective_grads.empty();
-  std::vector<math::HdSums<acc_t>> chunk_sums(num_chunks);
-  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const cpu::ChunkRef& chunk = list.chunks[k];
-      const ChunkData<scalar_t> c = chunk_data<scalar_t>(t, chunk, a);
-      LaneSums<acc_t> lanes;
-      if (lagged) {
-        moments_chunk<true>(objective, rule.multiplicative, a.amsgrad, c, chunk.size,
-                            settings_of(chunk), lanes);
-      } else {
-        moments_chunk<false>(objective, rule.multiplicative, a.amsgrad, c, chunk.size,
-                             settings_of(chunk), lanes);
-      }
-      chunk_sums[k] = cpu::tree_sums(lanes);
+  const auto chunk_pass = [&](const cpu::ChunkRef& chunk, LaneSums<acc_t>& lanes) {
+    const ChunkData<scalar_t> c = chunk_data<scalar_t>(t, chunk, a);
+    if (lagged) {
+      moments_chunk<true>(objective, rule.multiplicative, a.amsgrad, c, chunk.size,
+                          settings_of(chunk), lanes);
+    } else {
+      moments_chunk<false>(objective, rule.multiplicative, a.amsgrad, c, chunk.size,
+                           settings_of(chunk), lanes);
     }
-  });
-  cpu::finish_slots(list, chunk_sums, a.lrs, a.hypergrads, a.effective_lrs, rule);
+  };
+  cpu::reduce_chunks(list, chunk_pass, a.lrs, a.hypergrads, a.effective_lrs, rule);
   copy_back(a, t);
 }
 

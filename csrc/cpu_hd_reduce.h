@@ -7,6 +7,7 @@
 #include "fused_args.h"
 #include "sgd_hd_math.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <array>
@@ -83,6 +84,25 @@ void finish_slots(const ChunkList& list, const std::vector<math::HdSums<acc_t>>&
                                    reduce_range(dir_sqs, first, count)};
     math::hd_rule(lr[slot], hypergrad[slot], effective_lr[slot], sums, rule);
   }
+}
+
+// The reducing pass of a fused HD op: `chunk_pass(chunk, lanes)` runs one chunk's element loop
+// into that chunk's lane sums (chunks in parallel on torch's threads); then each chunk's lane
+// tree, every slot's sums in chunk order and the HD rule (finish_slots).
+template <typename acc_t, typename ChunkPass>
+void reduce_chunks(const ChunkList& list, const ChunkPass& chunk_pass, const at::Tensor& lrs,
+                   const at::Tensor& hypergrads, const at::Tensor& effective_lrs,
+                   const math::HdRuleSettings<acc_t>& rule) {
+  const int64_t num_chunks = static_cast<int64_t>(list.chunks.size());
+  std::vector<math::HdSums<acc_t>> chunk_sums(num_chunks);
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      LaneSums<acc_t> lanes;
+      chunk_pass(list.chunks[k], lanes);
+      chunk_sums[k] = tree_sums(lanes);
+    }
+  });
+  finish_slots(list, chunk_sums, lrs, hypergrads, effective_lrs, rule);
 }
 
 // Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template argument.

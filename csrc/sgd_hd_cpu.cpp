@@ -192,25 +192,19 @@ void run_cpu(SgdHdMode mode, const SgdHdArgs& a) {
     }
   }
   const bool objective = !t.objective_grads.empty();
-  std::vector<math::HdSums<acc_t>> chunk_sums(num_chunks);
-  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const cpu::ChunkRef& chunk = list.chunks[k];
-      const ChunkData<scalar_t> c = chunk_data<scalar_t>(t, chunk, a);
-      LaneSums<acc_t> lanes;
-      PassSettings<acc_t> chunk_ps = ps;
-      chunk_ps.lr = applied[single_slot ? 0 : chunk.tensor];
-      if (lagged) {
-        direction_chunk<true>(state, objective, rule.multiplicative, c, chunk.size, chunk_ps,
-                              lanes);
-      } else {
-        direction_chunk<false>(state, objective, rule.multiplicative, c, chunk.size, chunk_ps,
-                               lanes);
-      }
-      chunk_sums[k] = cpu::tree_sums(lanes);
+  const auto chunk_pass = [&](const cpu::ChunkRef& chunk, LaneSums<acc_t>& lanes) {
+    const ChunkData<scalar_t> c = chunk_data<scalar_t>(t, chunk, a);
+    PassSettings<acc_t> chunk_ps = ps;
+    chunk_ps.lr = applied[single_slot ? 0 : chunk.tensor];
+    if (lagged) {
+      direction_chunk<true>(state, objective, rule.multiplicative, c, chunk.size, chunk_ps,
+                            lanes);
+    } else {
+      direction_chunk<false>(state, objective, rule.multiplicative, c, chunk.size, chunk_ps,
+                             lanes);
     }
-  });
-  cpu::finish_slots(list, chunk_sums, a.lrs, a.hypergrads, a.effective_lrs, rule);
+  };
+  cpu::reduce_chunks(list, chunk_pass, a.lrs, a.hypergrads, a.effective_lrs, rule);
   copy_back(a, t);
 }
 
