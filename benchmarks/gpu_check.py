@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.overhead import copy_bandwidth, variants
+from benchmarks.overhead import variants
+from benchmarks.timing import copy_bandwidth
 
 ROOT = Path(__file__).resolve().parent.parent
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck")

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 import hyperlr_ext as hx
-from benchmarks.overhead import OtherLoad, environment
+from benchmarks.timing import OtherLoad, environment, round_robin
 
 # Issue 5's targets: MARTHE's full training step within 3x a plain SGD step, and faster than the
 # flatten approach.
@@ -305,15 +305,14 @@ def time_model(
         losses[method] = float(loss)
         return out
 
-    start, rounds = time.perf_counter(), 0
+    start = time.perf_counter()
     for method in methods:
         run(method, cfg.warmup)
-    while rounds < cfg.repeats and (
-        rounds < cfg.min_repeats or time.perf_counter() - start < cfg.max_seconds_per_model
-    ):
-        for method in methods:  # each block follows the previous method's: drift hits them all
-            times[method].append(run(method, steps))
-        rounds += 1
+    rounds = round_robin(
+        lambda method: times[method].append(run(method, steps)), methods,
+        min_rounds=cfg.min_repeats, max_rounds=cfg.repeats,
+        min_time_s=cfg.max_seconds_per_model,
+    )  # fmt: skip
     rows = []
     for method in methods:
         ts = [t for block in times[method] for t in block]

@@ -15,13 +15,9 @@ param pass: w, m, v read, w written); ``lr_lag=1`` is one pass with torch's own 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import os
-import platform
 import resource
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +25,8 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from benchmarks.timing import OtherLoad, Timer, copy_bandwidth, environment, round_robin
 
 SIZES = (1_000_000, 10_000_000, 50_000_000)
 COUNTS = (10, 100, 1000)
@@ -105,99 +103,6 @@ def variants() -> list[Variant]:
     return out
 
 
-def environment(device: str) -> dict[str, Any]:
-    """Device name, CPU model, thread count, torch and hyperlr_ext versions, date."""
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next(
-                (
-                    line.split(":", 1)[1].strip()
-                    for line in cpuinfo
-                    if line.startswith("model name")
-                ),
-                cpu,
-            )
-    except OSError:
-        pass
-    try:
-        import hyperlr_ext as hx
-
-        hx_version = str(getattr(hx, "__version__", "unknown"))
-        extension = bool(getattr(getattr(hx, "_ops", None), "EXTENSION_AVAILABLE", False))
-    except ImportError as error:
-        hx_version, extension = f"not importable: {error}", False
-    return {
-        "device": device,
-        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu,
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "hyperlr_ext_version": hx_version,
-        "hyperlr_ext_compiled_extension": extension,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_1min_at_start": os.getloadavg()[0],
-    }
-
-
-class OtherLoad:
-    """CPU used by *other* processes while a benchmark runs: machine busy time minus our own.
-
-    The load average cannot tell, since it counts this process too. ``cores()`` is the average
-    number of cores other work kept busy since construction (0 on an idle machine; Linux only).
-    """
-
-    def __init__(self) -> None:
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        try:
-            with open("/proc/stat") as stat:
-                user, nice, system, _, _, irq, softirq = map(int, stat.readline().split()[1:8])
-            busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError):
-            busy = float("nan")
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        return time.perf_counter(), busy, own.ru_utime + own.ru_stime
-
-    def cores(self) -> float:
-        """Average number of cores busy with other processes so far."""
-        (wall0, busy0, own0), (wall1, busy1, own1) = self.start, self._sample()
-        return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
-
-
-class Timer:
-    """Wall time of one call: perf_counter on CPU, CUDA events and a synchronize on CUDA."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], Any]) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        start_s = time.perf_counter()
-        fn()
-        return time.perf_counter() - start_s
-
-
-def copy_bandwidth(numel: int, device: torch.device, repeats: int = 5) -> float:
-    """Reference bandwidth in GB/s of ``dst.copy_(src)`` (4 bytes read + 4 written per element)."""
-    src, dst = torch.rand(numel, device=device), torch.empty(numel, device=device)
-    timer = Timer(device)
-    dst.copy_(src)
-    return (
-        8 * numel / statistics.median(timer(lambda: dst.copy_(src)) for _ in range(repeats)) / 1e9
-    )
-
-
 def _minor_faults() -> int:
     """Minor page faults of this process so far (fresh memory touched: temporaries per step)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -215,13 +120,16 @@ def _time_round_robin(
     Also counts the page faults of each step: an optimizer that allocates full-size temporaries
     every step pays for them here (the CPU allocator returns large blocks to the OS).
     """
-    start, rounds = time.perf_counter(), 0
-    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < min_time_s):
-        for row, optimizer, times in timed:  # every variant sees the same machine state
-            faults = _minor_faults()
-            times.append(timer(optimizer.step))
-            row["page_faults"] = row.get("page_faults", 0) + _minor_faults() - faults
-        rounds += 1
+
+    def step(index: int) -> None:
+        row, optimizer, times = timed[index]
+        faults = _minor_faults()
+        times.append(timer(optimizer.step))
+        row["page_faults"] = row.get("page_faults", 0) + _minor_faults() - faults
+
+    # Every variant sees the same machine state.
+    round_robin(step, range(len(timed)), min_rounds=min_rounds, max_rounds=max_rounds,
+                min_time_s=min_time_s)  # fmt: skip
 
 
 def time_config(
