@@ -55,7 +55,7 @@ wheel-test: wheel
 	cd /tmp && $(WHEEL_VENV)/bin/python $(CURDIR)/tests/wheel/smoke.py $(WHEEL_SMOKE_ARGS)
 
 # The CUDA kernels on the CPU under ThreadSanitizer (threads as OS threads) and AddressSanitizer +
-# UBSan (fibers, and OS threads on the small layout): tests/cuda_emu/driver.cpp runs every kernel;
+# UBSan (OS threads and fibers), on small inputs: tests/cuda_emu/driver.cpp runs every kernel;
 # any report fails. The TSan build must also report the known race of the selftest kernel
 # racy_block_sum. Not part of `make test` (about 6 minutes on 2 cores); CI runs it.
 EMU_BUILD := build/emu
@@ -65,7 +65,8 @@ emu-sanitizers: venv
 	@for sanitizer in thread address,undefined; do \
 	  dir=$(EMU_BUILD)-$$(echo $$sanitizer | tr , -); \
 	  HYPERLR_CUDA=0 $(VENV)/bin/cmake -S . -B $$dir -G Ninja -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(VENV)/bin/ninja \
-	    -DPython_EXECUTABLE=$(CURDIR)/$(PY) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	    -DPython_EXECUTABLE=$(CURDIR)/$(PY) -DCMAKE_BUILD_TYPE=None \
+	    "-DCMAKE_CXX_FLAGS=-O1 -g1" \
 	    -DHYPERLR_EMU_SANITIZE=$$sanitizer >/dev/null || exit 1; \
 	  $(VENV)/bin/cmake --build $$dir --target cuda_emu_driver -j $(NPROC) || exit 1; \
 	done
@@ -76,7 +77,7 @@ emu-sanitizers: venv
 	  cat $(EMU_BUILD)-thread/racy.log; echo "emu-sanitizers: racy_block_sum failed without a race report"; exit 1; \
 	else echo "emu-sanitizers: ThreadSanitizer reports the race of racy_block_sum, as it must"; fi
 	$(ASAN_ENV) CUDA_EMU_MODE=thread $(EMU_BUILD)-address-undefined/cuda_emu_driver --small
-	$(ASAN_ENV) CUDA_EMU_MODE=fiber CUDA_EMU_SEED=1 $(EMU_BUILD)-address-undefined/cuda_emu_driver
+	$(ASAN_ENV) CUDA_EMU_MODE=fiber CUDA_EMU_SEED=1 $(EMU_BUILD)-address-undefined/cuda_emu_driver --small
 
 # On a machine with a CUDA GPU whose python3 already has torch, nvcc, cmake, ninja, pybind11 and
 # scikit-build-core (no .venv, no network): build in place for sm_90, then run the GPU tests,
@@ -89,8 +90,10 @@ gpu-check:
 	  $(GPU_PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 	$(GPU_PYTHON) -m benchmarks.gpu_check
 
-# ruff comes with the test extra; CI runs this after the tests.
-lint: install
+# ruff comes with the test extra (installed here only when missing: CI runs this after the
+# tests, whose install it would otherwise repeat).
+lint: venv
+	@test -x $(VENV)/bin/ruff || $(PIP) install ruff
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

@@ -50,7 +50,7 @@ else()
                  "${HYPERLR_EMU_DIR}/driver.cpp")
   hyperlr_emu_settings(cuda_emu_driver)
   target_compile_options(cuda_emu_driver PRIVATE -fsanitize=${HYPERLR_EMU_SANITIZE}
-                         -fno-sanitize-recover=all -fno-omit-frame-pointer -g)
+                         -fno-sanitize-recover=all -fno-omit-frame-pointer -g1)
   target_link_options(cuda_emu_driver PRIVATE -fsanitize=${HYPERLR_EMU_SANITIZE})
   if(HYPERLR_EMU_SANITIZE MATCHES "thread")
     # __threadfence is a fence, which TSan does not model; the blocks run one after another, so
