@@ -15,7 +15,7 @@ import torch
 from torch.library import opcheck
 
 from hyperlr_ext import _ops
-from hyperlr_ext.functional.adam_hd import _fused_adam_hd, _single_tensor_adam_hd
+from hyperlr_ext.functional.adam_hd import _foreach_adam_hd, _fused_adam_hd, _single_tensor_adam_hd
 
 pytestmark = pytest.mark.skipif(
     not _ops.EXTENSION_AVAILABLE, reason=f"compiled extension unavailable: {_ops.EXTENSION_ERROR}"
@@ -181,7 +181,11 @@ def test_errors_name_the_argument():
         op(*head, [], steps, [1], *slots, *scalars, False, False, False)
 
 
-@pytest.mark.parametrize("impl", [_single_tensor_adam_hd, _fused_adam_hd], ids=["loop", "fused"])
+@pytest.mark.parametrize(
+    "impl",
+    [_single_tensor_adam_hd, _foreach_adam_hd, _fused_adam_hd],
+    ids=["loop", "foreach", "fused"],
+)
 @pytest.mark.parametrize("lr_lag", [0, 1])
 def test_grad_scale_is_grad_scaler_unscale(impl, lr_lag):
     """With grad_scale S the step equals the step on g * (1 / S) (S = 3: not a power of two)."""
@@ -195,7 +199,11 @@ def test_grad_scale_is_grad_scaler_unscale(impl, lr_lag):
     assert all(torch.equal(a, b) for a, b in zip(_flat(scaled), _flat(unscaled)))
 
 
-@pytest.mark.parametrize("impl", [_single_tensor_adam_hd, _fused_adam_hd], ids=["loop", "fused"])
+@pytest.mark.parametrize(
+    "impl",
+    [_single_tensor_adam_hd, _foreach_adam_hd, _fused_adam_hd],
+    ids=["loop", "foreach", "fused"],
+)
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("lr_lag", [0, 1])
 def test_found_inf_changes_nothing(impl, setting, lr_lag):

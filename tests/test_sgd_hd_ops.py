@@ -14,7 +14,7 @@ import torch
 from torch.library import opcheck
 
 from hyperlr_ext import _ops
-from hyperlr_ext.functional.sgd_hd import _fused_sgd_hd, _single_tensor_sgd_hd
+from hyperlr_ext.functional.sgd_hd import _foreach_sgd_hd, _fused_sgd_hd, _single_tensor_sgd_hd
 
 pytestmark = pytest.mark.skipif(
     not _ops.EXTENSION_AVAILABLE, reason=f"compiled extension unavailable: {_ops.EXTENSION_ERROR}"
@@ -183,7 +183,11 @@ def test_errors_name_the_argument():
         )
 
 
-@pytest.mark.parametrize("impl", [_single_tensor_sgd_hd, _fused_sgd_hd], ids=["loop", "fused"])
+@pytest.mark.parametrize(
+    "impl",
+    [_single_tensor_sgd_hd, _foreach_sgd_hd, _fused_sgd_hd],
+    ids=["loop", "foreach", "fused"],
+)
 @pytest.mark.parametrize("lr_lag", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_grad_scale_is_grad_scaler_unscale(impl, lr_lag, dtype):
@@ -198,7 +202,11 @@ def test_grad_scale_is_grad_scaler_unscale(impl, lr_lag, dtype):
     assert all(torch.equal(a, b) for a, b in zip(_flat(scaled), _flat(unscaled)))
 
 
-@pytest.mark.parametrize("impl", [_single_tensor_sgd_hd, _fused_sgd_hd], ids=["loop", "fused"])
+@pytest.mark.parametrize(
+    "impl",
+    [_single_tensor_sgd_hd, _foreach_sgd_hd, _fused_sgd_hd],
+    ids=["loop", "foreach", "fused"],
+)
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("lr_lag", [0, 1])
 def test_found_inf_changes_nothing(impl, setting, lr_lag):

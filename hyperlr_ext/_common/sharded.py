@@ -86,9 +86,9 @@ def distribute_like(tensor: Tensor, param: Tensor) -> Tensor:
 
 def sum_reducer(params: list[Tensor], fused: bool | None) -> SumReducer | None:
     """For a param group of DTensor shards, the function that sums the per-rank partial HD sums
-    over their mesh in one all-reduce (a list of 0-dim tensors in, the same number out); None
-    for ordinary tensors, whose sums are complete. The functional HD steps take it as their
-    ``sum_reducer`` argument."""
+    over their mesh in one all-reduce (a list of tensors in, their sums in the same shapes
+    out); None for ordinary tensors, whose sums are complete. The functional HD steps take it
+    as their ``sum_reducer`` argument."""
     group = mesh_group(params)
     if group is None:
         return None
@@ -101,8 +101,8 @@ def sum_reducer(params: list[Tensor], fused: bool | None) -> SumReducer | None:
     import torch.distributed as dist
 
     def reduce(values: list[Tensor]) -> list[Tensor]:
-        flat = torch.stack([v.reshape(()) for v in values])
+        flat = torch.cat([v.reshape(-1) for v in values])
         dist.all_reduce(flat, group=group)
-        return list(flat.unbind(0))
+        return [part.view_as(v) for part, v in zip(flat.split([v.numel() for v in values]), values)]
 
     return reduce

@@ -92,16 +92,15 @@ def hd_rule_(
     ``hypergrads`` receives dE/d eta = -h_t.
     """
     for i, (lr, hypergrad, dot) in enumerate(zip(lrs, hypergrads, dots)):
-        h = dot * prev_lr_scale
+        torch.mul(dot, -prev_lr_scale, out=hypergrad)  # -h
         if multiplicative:
             # |g||s d| as a product of square roots: the product of squares can overflow fp32.
-            norms = grad_sq[i].sqrt() * dir_sq[i].sqrt() * abs(prev_lr_scale)
-            cosine = h / norms.clamp_min(torch.finfo(norms.dtype).tiny)
-            new_lr = lr * (1.0 + hyper_lr * cosine)
+            norms = grad_sq[i].sqrt().mul_(dir_sq[i].sqrt()).mul_(abs(prev_lr_scale))
+            cosine = hypergrad / norms.clamp_min_(torch.finfo(norms.dtype).tiny)
+            lr.mul_(cosine.mul_(-hyper_lr).add_(1.0))
         else:
-            new_lr = lr + hyper_lr * h
-        lr.copy_(new_lr.clamp_min(0.0))
-        hypergrad.copy_(-h)
+            lr.sub_(hypergrad, alpha=hyper_lr)
+        lr.clamp_min_(0.0)
 
 
 def apply_steps_(

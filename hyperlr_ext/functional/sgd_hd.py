@@ -18,6 +18,8 @@ from torch import Tensor
 
 from hyperlr_ext._common.sharded import SumReducer
 from hyperlr_ext._dispatch import choose_implementation
+from hyperlr_ext.functional._foreach_hd import apply_steps_ as foreach_apply_steps_
+from hyperlr_ext.functional._foreach_hd import skip_fold, unscale_, update_slots_
 from hyperlr_ext.functional._hd_rule import (
     FoundInfGuard,
     apply_steps_,
@@ -68,15 +70,18 @@ def _directions_for_loop(decayed, momentum_buffers, prev_directions, momentum, d
     return directions
 
 
-def _directions_foreach(decayed, momentum_buffers, prev_directions, momentum, dampening, nesterov):
-    """The same directions with ``torch._foreach_*`` calls over the lists."""
+def _directions_foreach(
+    decayed, momentum_buffers, prev_directions, momentum, dampening, nesterov, skip=None
+):
+    """The same directions with ``torch._foreach_*`` calls over the lists; with ``skip``
+    (:class:`SkipFold`) a skipped step leaves the buffers as they were and creates zeros."""
     directions = decayed
     if momentum != 0:
         new = [i for i, b in enumerate(momentum_buffers) if b is None]
         old = [i for i, b in enumerate(momentum_buffers) if b is not None]
         if old:
             bufs = [momentum_buffers[i] for i in old]
-            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_mul_(bufs, momentum if skip is None else skip.value(momentum, 1.0))
             torch._foreach_add_(bufs, [decayed[i] for i in old], alpha=1 - dampening)
         for i in new:
             momentum_buffers[i] = torch.clone(decayed[i]).detach()
@@ -88,16 +93,20 @@ def _directions_foreach(decayed, momentum_buffers, prev_directions, momentum, da
     if momentum == 0 or nesterov:
         present = [i for i, d in enumerate(prev_directions) if d is not None]
         if present:
-            torch._foreach_copy_(
-                [prev_directions[i] for i in present], [directions[i] for i in present]
-            )
+            targets = [prev_directions[i] for i in present]
+            values = [directions[i] for i in present]
+            if skip is None:
+                torch._foreach_copy_(targets, values)
+            else:
+                skip.select_(targets, values)
         for i, d in enumerate(prev_directions):
             if d is None:
-                prev_directions[i] = directions[i].detach().clone()
+                kept = directions[i] if skip is None else torch.where(skip.skip, 0.0, directions[i])
+                prev_directions[i] = kept.detach().clone()
     return directions
 
 
-def _sgd_hd_impl(
+def _single_tensor_sgd_hd(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
@@ -108,7 +117,6 @@ def _sgd_hd_impl(
     effective_lrs: list[Tensor],
     objective_grads: list[Tensor] | None,
     *,
-    foreach: bool,
     lr_scale: float,
     prev_lr_scale: float,
     hyper_lr: float,
@@ -123,6 +131,7 @@ def _sgd_hd_impl(
     found_inf: Tensor | None = None,
     sum_reducer: SumReducer | None = None,
 ) -> None:
+    """For-loop SGD-HD, the readable reference: one tensor at a time."""
     if not params:
         return
     guard = FoundInfGuard(
@@ -131,7 +140,7 @@ def _sgd_hd_impl(
     )
     grads = unscaled_grads(grads, grad_scale)
     # 1. The training gradient with L2 decay (the objective when there is no validation loss).
-    decayed = decayed_grads(grads, params, weight_decay, maximize, foreach)
+    decayed = decayed_grads(grads, params, weight_decay, maximize, foreach=False)
     objective = _objective_grads(decayed, objective_grads, maximize)
 
     # 2. The LR: reduce over every tensor of a slot first, then update it.
@@ -139,36 +148,71 @@ def _sgd_hd_impl(
         momentum_buffers, prev_directions, has_previous, momentum, nesterov
     )
     update_learned_lrs_(
-        objective,
-        previous,
-        lrs,
-        hypergrads,
-        effective_lrs,
-        hyper_lr=hyper_lr,
-        multiplicative=multiplicative,
-        prev_lr_scale=prev_lr_scale,
-        lr_scale=lr_scale,
-        lr_lag=lr_lag,
-        sum_reducer=sum_reducer,
-    )
+        objective, previous, lrs, hypergrads, effective_lrs, hyper_lr=hyper_lr,
+        multiplicative=multiplicative, prev_lr_scale=prev_lr_scale, lr_scale=lr_scale,
+        lr_lag=lr_lag, sum_reducer=sum_reducer,
+    )  # fmt: skip
 
     # 3. torch.optim.SGD's step with the learned LR.
-    find_directions = _directions_foreach if foreach else _directions_for_loop
-    directions = find_directions(
+    directions = _directions_for_loop(
         decayed, momentum_buffers, prev_directions, momentum, dampening, nesterov
     )
-    apply_steps_(params, directions, effective_lrs, foreach=foreach)
+    apply_steps_(params, directions, effective_lrs, foreach=False)
     guard.restore()
 
 
-def _single_tensor_sgd_hd(*args, **kwargs) -> None:
-    """For-loop SGD-HD (the readable reference); same signature as :func:`_foreach_sgd_hd`."""
-    _sgd_hd_impl(*args, foreach=False, **kwargs)
-
-
-def _foreach_sgd_hd(*args, **kwargs) -> None:
-    """SGD-HD with the buffer updates and the step as ``torch._foreach_*`` calls."""
-    _sgd_hd_impl(*args, foreach=True, **kwargs)
+def _foreach_sgd_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    prev_directions: list[Tensor | None],
+    has_previous: list[bool],
+    lrs: list[Tensor],
+    hypergrads: list[Tensor],
+    effective_lrs: list[Tensor],
+    objective_grads: list[Tensor] | None,
+    *,
+    lr_scale: float,
+    prev_lr_scale: float,
+    hyper_lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    multiplicative: bool,
+    lr_lag: int,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    sum_reducer: SumReducer | None = None,
+) -> None:
+    """SGD-HD with list ops: a number of ATen ops per step that does not grow with the number of
+    tensors (:mod:`._foreach_hd`); an inf/NaN step is folded into the step, nothing is copied."""
+    if not params:
+        return
+    skip = skip_fold(found_inf, params, lrs[0].dtype)
+    guard = FoundInfGuard(
+        found_inf if skip is None else None,
+        [params, momentum_buffers, prev_directions, lrs, hypergrads, effective_lrs],
+    )
+    grads = unscale_(grads, grad_scale)
+    decayed = decayed_grads(grads, params, weight_decay, maximize, foreach=True)
+    if skip is not None:
+        decayed = skip.grads(decayed)
+    objective = _objective_grads(decayed, objective_grads, maximize)
+    previous = _previous_directions(
+        momentum_buffers, prev_directions, has_previous, momentum, nesterov
+    )
+    step_lrs = update_slots_(
+        objective, previous, lrs, hypergrads, effective_lrs, hyper_lr=hyper_lr,
+        multiplicative=multiplicative, prev_lr_scale=prev_lr_scale, lr_scale=lr_scale,
+        lr_lag=lr_lag, sum_reducer=sum_reducer, skip=skip,
+    )  # fmt: skip
+    directions = _directions_foreach(
+        decayed, momentum_buffers, prev_directions, momentum, dampening, nesterov, skip
+    )
+    foreach_apply_steps_(params, directions, step_lrs)
+    guard.restore()
 
 
 def sgd_hd(
