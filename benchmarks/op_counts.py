@@ -4,7 +4,8 @@ On a GPU each dispatched op that touches memory is at least one kernel launch, s
 count grows with the number of parameter tensors pays launch latency per tensor (thousands of
 launches for a transformer). Counted here on the CPU with a ``TorchDispatchMode``, which sees
 every op below autograd. View ops (``aten.view``, ``aten.unbind``, ...) are counted apart: they
-launch nothing.
+launch nothing. The two ``profiler`` record-function ops that torch.optim's ``step`` wrapper
+issues are counted, for torch's optimizers and ours alike.
 
 Each variant steps ``n`` tensors of 8 float32 elements with fixed gradients; the count is taken on
 the third step (buffers exist, bias corrections and HD rules are in their steady form).
@@ -65,18 +66,9 @@ def _hd(cls_name: str, **kwargs) -> Callable[[list[torch.Tensor]], torch.optim.O
     return make
 
 
-def _marthe(**kwargs) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
-    def make(params):
-        import hyperlr_ext as hx
-
-        return hx.MARTHE(params, **kwargs)
-
-    return make
-
-
 def variants() -> list[Variant]:
     """torch's foreach/fused SGD and Adam, and every foreach path of SGD-HD, Adam-HD and the
-    MARTHE tangent step."""
+    MARTHE tangent step (:class:`TangentStep`)."""
     sgd = dict(lr=1e-3, momentum=0.9)
     adam = dict(lr=1e-3)
     hd = dict(hyper_lr=1e-6, foreach=True)
@@ -111,7 +103,49 @@ def variants() -> list[Variant]:
     ):
         out.append(Variant(f"AdamHD foreach{label}", "torch Adam foreach",
                            _hd("AdamHD", **{**adam, **hd, **extra})))  # fmt: skip
+    sgd_tangent = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)
+    adam_tangent = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    out += [
+        Variant("MARTHE tangent step SGD foreach", "torch SGD foreach",
+                lambda p: TangentStep(p, "sgd", **sgd_tangent)),
+        Variant("MARTHE tangent step Adam foreach", "torch Adam foreach",
+                lambda p: TangentStep(p, "adam", decoupled_weight_decay=False, **adam_tangent)),
+        Variant("MARTHE tangent step AdamW foreach", "torch Adam foreach",
+                lambda p: TangentStep(p, "adam", decoupled_weight_decay=True, **adam_tangent)),
+    ]  # fmt: skip
     return out
+
+
+class TangentStep:
+    """The MARTHE/RTHO tangent step alone (its inner step, the tangent update of every buffer and
+    the hypergradient Delta = <Z_w, grad E>), on the foreach path: what the optimizer adds to
+    the model's own forward, backward and Hessian-vector product."""
+
+    def __init__(self, params: list[torch.Tensor], inner: str, **settings) -> None:
+        self.params, self.inner, self.settings = params, inner, settings
+        like = [torch.zeros_like(p) for p in params]
+        self.lists = {k: [t.clone() for t in like] for k in ("z", "b", "zb", "m", "v", "zm", "zv")}
+        self.hvps = [torch.ones_like(p) for p in params]
+        self.lr, self.mu = torch.tensor(0.01), torch.tensor(1.0)
+        self.count = torch.tensor(1.0)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        from hyperlr_ext.functional._foreach_hd import flat_dot
+        from hyperlr_ext.functional.marthe import tangent_adam_step_, tangent_sgd_step_
+
+        grads = [p.grad for p in self.params]
+        c = self.lists
+        flat_dot(c["z"], grads, torch.float32)
+        if self.inner == "sgd":
+            tangent_sgd_step_(self.params, grads, self.hvps, c["b"], c["z"], c["zb"], [],
+                              lr=self.lr, mu=self.mu, lr_scale=1.0, first_step=False,
+                              foreach=True, **self.settings)  # fmt: skip
+        else:
+            self.count.add_(1)
+            tangent_adam_step_(self.params, grads, self.hvps, c["m"], c["v"], c["z"], c["zm"],
+                               c["zv"], [], lr=self.lr, mu=self.mu, step=self.count,
+                               lr_scale=1.0, foreach=True, **self.settings)  # fmt: skip
 
 
 def count_step(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], num_tensors: int,

@@ -26,7 +26,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from benchmarks.timing import OtherLoad, Timer, copy_bandwidth, environment, round_robin
+from benchmarks.timing import (
+    OtherLoad,
+    Timer,
+    copy_bandwidth,
+    environment,
+    round_robin,
+    steady_loop,
+)
 
 SIZES = (1_000_000, 10_000_000, 50_000_000)
 COUNTS = (10, 100, 1000)
@@ -145,11 +152,7 @@ def time_config(
 
     One family (SGD, then Adam) at a time, to hold only that family's optimizer states in memory.
     """
-    gen = torch.Generator(device=device).manual_seed(0)
-    sizes = [total // count + (i < total % count) for i in range(count)]
-    params = [torch.zeros(n, device=device, requires_grad=True) for n in sizes]
-    for p in params:
-        p.grad = torch.randn(p.shape, device=device, generator=gen)
+    params = _params(total, count, device)
     timer = Timer(device)
     rows: list[dict[str, Any]] = []
     for family in BASELINE:
@@ -175,12 +178,48 @@ def time_config(
             row["gb_per_s"] = total * 4 * row["bytes_per_elem"] / (row["ms"] / 1e3) / 1e9
         del timed
         gc.collect()
+    _add_ratios(rows)
+    return rows
+
+
+def _params(total: int, count: int, device: torch.device) -> list[torch.Tensor]:
+    """``count`` zero fp32 tensors holding ``total`` parameters, with fixed N(0, 1) gradients."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    sizes = [total // count + (i < total % count) for i in range(count)]
+    params = [torch.zeros(n, device=device, requires_grad=True) for n in sizes]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=gen)
+    return params
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each timed row's ``ratio_vs_torch``: its time over torch's with the same implementation."""
     for row in rows:
         base = next(
             r for r in rows if r["variant"] == BASELINE[row["family"]] and r["impl"] == row["impl"]
         )
         if "ms" in row and "ms" in base:
             row["ratio_vs_torch"] = row["ms"] / base["ms"]
+
+
+def steady_rows(total: int, count: int, device: torch.device, steps: int = 21) -> list[dict]:
+    """Every variant timed alone in a steady loop (the median of ``steps`` consecutive steps of
+    one optimizer, after warm-up) on ``count`` tensors holding ``total`` parameters: how a
+    training loop runs it, besides the round-robin table."""
+    params = _params(total, count, device)
+    timer, rows = Timer(device), []
+    for v in variants():
+        row = {"total_params": total, "n_tensors": count, "variant": v.name, "impl": v.impl,
+               "family": v.family}  # fmt: skip
+        try:
+            optimizer = v.make(params)
+            row["ms"] = 1e3 * steady_loop(optimizer.step, timer, steps=steps)
+        except (RuntimeError, ValueError, NotImplementedError, TypeError) as error:
+            row["unsupported"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        rows.append(row)
+        optimizer = None
+        gc.collect()
+    _add_ratios(rows)
     return rows
 
 
@@ -190,8 +229,11 @@ def run_overhead(
     counts: tuple[int, ...] = COUNTS,
     min_time_s: float = 3.0,
     skip: tuple[tuple[int, int], ...] = (),
+    steady: tuple[int, int] | None = (10_000_000, 100),
 ) -> dict[str, Any]:
-    """Time every (size, count) configuration not in ``skip``; return the JSON-ready results."""
+    """Time every (size, count) configuration not in ``skip`` round-robin, the ``steady``
+    configuration (total, count) in a steady loop, and count the ATen ops of every foreach
+    path (benchmarks/op_counts.py); return the JSON-ready results."""
     dev = torch.device(device)
     other_load = OtherLoad()
     configs = [(s, c) for s in sizes for c in counts if (s, c) not in skip]
@@ -215,7 +257,12 @@ def run_overhead(
     }
     for total, count in tqdm(configs, desc="overhead", unit="config", dynamic_ncols=True):
         result["rows"] += time_config(total, count, dev, min_time_s)
+    if steady is not None:
+        result["steady"] = steady_rows(*steady, dev)
     result["environment"]["other_processes_cores"] = other_load.cores()
+    from benchmarks import op_counts
+
+    result["op_counts"] = op_counts.run()
     return result
 
 

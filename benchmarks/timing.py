@@ -134,3 +134,14 @@ def round_robin(
             run(key)
         rounds += 1
     return rounds
+
+
+def steady_loop(
+    step: Callable[[], Any], timer: Timer, *, steps: int = 21, warmup: int = 3
+) -> float:
+    """Median seconds of ``step()`` called ``steps`` times in a row after ``warmup`` calls: one
+    optimizer stepped repeatedly, as a training loop runs it (its state stays in whatever cache
+    it fits, no other optimizer evicts it)."""
+    for _ in range(warmup):
+        step()
+    return statistics.median(timer(step) for _ in range(steps))

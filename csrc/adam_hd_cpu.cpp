@@ -36,10 +36,10 @@ template <typename acc_t>
 struct PassSettings {
   math::AdamSettings<acc_t> adam;
   acc_t inv_grad_scale;
-  math::BiasCorrection<acc_t> correction;           // step t
-  math::BiasCorrection<acc_t> previous_correction;  // step t - 1 (for d_{t-1})
-  acc_t lr;                                          // the LR this pass steps with
-  acc_t previous_lr;                                 // the LR step t - 1 applied (AdamW's d_{t-1})
+  math::AdamRatio<acc_t> ratio;           // step t
+  math::AdamRatio<acc_t> previous_ratio;  // step t - 1 (for d_{t-1})
+  acc_t lr;                               // the LR this pass steps with
+  acc_t previous_shrink_inverse;          // AdamW's 1 / (1 - lambda c_{t-1}), else 1
 };
 
 // One run of width <= kLanes elements. Its pointers are function parameters: GCC trusts
@@ -69,8 +69,8 @@ HYPERLR_INLINE void moments_run(scalar_t* __restrict__ param, const scalar_t* __
     const acc_t v_max = kAmsgrad ? static_cast<acc_t>(max_exp_avg_sq[lane]) : v;
     acc_t previous = acc_t(0);
     if constexpr (kPrevious) {
-      previous =
-          math::adam_previous_direction(m, v_max, w, ps.previous_lr, ps.previous_correction, s);
+      previous = math::adam_previous_direction(m, v_max, w, ps.previous_shrink_inverse,
+                                               ps.previous_ratio, s);
     }
     cpu::add_to_lane<kNorms>(dot, grad_sq, dir_sq, lane, objective, previous, kPrevious);
     const math::AdamMoments<acc_t> next = math::adam_moments(g, m, v, v_max, s);
@@ -83,7 +83,7 @@ HYPERLR_INLINE void moments_run(scalar_t* __restrict__ param, const scalar_t* __
       // The stored moments, as the exact mode's second pass reads them back.
       const acc_t stored_m = static_cast<acc_t>(static_cast<scalar_t>(next.exp_avg));
       const acc_t stored_v = static_cast<acc_t>(static_cast<scalar_t>(next.max_exp_avg_sq));
-      const acc_t ratio = math::adam_ratio(stored_m, stored_v, ps.correction, s);
+      const acc_t ratio = math::adam_ratio(stored_m, stored_v, ps.ratio);
       param[lane] =
           static_cast<scalar_t>(math::param_step(w, math::adam_direction(ratio, w, s), ps.lr));
     }
@@ -160,8 +160,7 @@ HYPERLR_INLINE void param_step_body(const ChunkData<scalar_t>& c, int64_t size,
   for (int64_t i = 0; i < size; ++i) {
     const acc_t w = static_cast<acc_t>(param[i]);
     const acc_t ratio = math::adam_ratio(static_cast<acc_t>(exp_avg[i]),
-                                         static_cast<acc_t>(second_moment[i]), ps.correction,
-                                         ps.adam);
+                                         static_cast<acc_t>(second_moment[i]), ps.ratio);
     param[i] = static_cast<scalar_t>(
         math::param_step(w, math::adam_direction(ratio, w, ps.adam), ps.lr));
   }
@@ -232,10 +231,10 @@ void run_cpu(AdamHdMode mode, const AdamHdArgs& a) {
     const acc_t step = steps[chunk.tensor];
     return PassSettings<acc_t>{adam,
                                inv_grad_scale,
-                               math::bias_correction(step, adam),
-                               math::bias_correction(math::add_rn(step, acc_t(-1)), adam),
+                               math::adam_ratio_constants(step, adam),
+                               math::adam_ratio_constants(math::add_rn(step, acc_t(-1)), adam),
                                step_lrs[slot],
-                               previous_lrs[slot]};
+                               math::previous_shrink_inverse(previous_lrs[slot], adam)};
   };
 
   if (mode == AdamHdMode::kParamStep) {

@@ -86,13 +86,28 @@ HYPERLR_INLINE acc_t adam_grad(acc_t grad, acc_t param, const AdamSettings<acc_t
   return add_rn(mul_rn(s.sign, grad), mul_rn(s.l2_decay, param));
 }
 
-// m_hat / (sqrt(v_hat) + eps) in torch's order: (m / (sqrt(v) / sqrt(bc2) + eps)) / bc1; v is the
-// second moment the step uses (the running maximum with amsgrad).
+// Adam's ratio m_hat / (sqrt(v_hat) + eps) with the bias corrections c1 = 1 - beta1^t and
+// c2 = 1 - beta2^t folded into two per-step constants:
+//   m / c1 / (sqrt(v) / sqrt(c2) + eps) = (m * scale) / (sqrt(v) + eps_hat),
+//   scale = sqrt(c2) / c1,  eps_hat = eps * sqrt(c2).
+// One division and one square root per element (torch's order takes three divisions); the two
+// forms agree to a few ulps. v is the second moment the step uses (the running maximum with
+// amsgrad).
 template <typename acc_t>
-HYPERLR_INLINE acc_t adam_ratio(acc_t exp_avg, acc_t second_moment, const BiasCorrection<acc_t>& bc,
-                                const AdamSettings<acc_t>& s) {
-  const acc_t denom = add_rn(div_rn(sqrt_rn(second_moment), bc.second_sqrt), s.eps);
-  return div_rn(div_rn(exp_avg, denom), bc.first);
+struct AdamRatio {
+  acc_t scale;
+  acc_t eps;
+};
+
+template <typename acc_t>
+HYPERLR_INLINE AdamRatio<acc_t> adam_ratio_constants(acc_t step, const AdamSettings<acc_t>& s) {
+  const BiasCorrection<acc_t> bc = bias_correction(step, s);
+  return {div_rn(bc.second_sqrt, bc.first), mul_rn(s.eps, bc.second_sqrt)};
+}
+
+template <typename acc_t>
+HYPERLR_INLINE acc_t adam_ratio(acc_t exp_avg, acc_t second_moment, const AdamRatio<acc_t>& r) {
+  return div_rn(mul_rn(exp_avg, r.scale), add_rn(sqrt_rn(second_moment), r.eps));
 }
 
 // d = ratio (+ lambda w for AdamW): the direction the step multiplies by the LR.
@@ -101,17 +116,20 @@ HYPERLR_INLINE acc_t adam_direction(acc_t ratio, acc_t param, const AdamSettings
   return add_rn(ratio, mul_rn(s.adamw_decay, param));
 }
 
-// d_{t-1} from the moments before this step, with t-1's bias corrections. AdamW's w_{t-1} is
+// 1 / (1 - lambda c) for AdamW's d_{t-1} (c the LR the previous step applied); 1 otherwise.
+template <typename acc_t>
+HYPERLR_INLINE acc_t previous_shrink_inverse(acc_t previous_lr, const AdamSettings<acc_t>& s) {
+  return div_rn(acc_t(1), add_rn(acc_t(1), -mul_rn(s.adamw_decay, previous_lr)));
+}
+
+// d_{t-1} from the moments before this step, with t-1's ratio constants. AdamW's w_{t-1} is
 // gone; from w_t = w_{t-1} - c (a + lambda w_{t-1}): d_{t-1} = (a + lambda w_t) / (1 - lambda c),
-// c the LR the previous step applied.
+// the division by the per-step ``shrink_inverse`` multiplication.
 template <typename acc_t>
 HYPERLR_INLINE acc_t adam_previous_direction(acc_t exp_avg, acc_t second_moment, acc_t param,
-                                             acc_t previous_lr,
-                                             const BiasCorrection<acc_t>& bc,
+                                             acc_t shrink_inverse, const AdamRatio<acc_t>& r,
                                              const AdamSettings<acc_t>& s) {
-  const acc_t ratio = adam_ratio(exp_avg, second_moment, bc, s);
-  const acc_t numerator = add_rn(ratio, mul_rn(s.adamw_decay, param));
-  return div_rn(numerator, add_rn(acc_t(1), -mul_rn(s.adamw_decay, previous_lr)));  // 1 unless AdamW
+  return mul_rn(adam_direction(adam_ratio(exp_avg, second_moment, r), param, s), shrink_inverse);
 }
 
 // torch's lerp(m, g, w): m + w (g - m) for |w| < 0.5, else g - (g - m)(1 - w), written as

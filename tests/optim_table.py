@@ -134,3 +134,14 @@ def train(model, opt, steps: int, seed: int = 0, **step_kwargs) -> None:
         opt.zero_grad()
         model(x).pow(2).mean().backward()
         opt.step(**step_kwargs)
+
+
+def materialise_in_place(model: torch.nn.Module, device: str = "cpu") -> None:
+    """``model.to_empty(device)`` keeping the Parameter objects (an optimizer built on the meta
+    parameters holds them): to_empty swaps the tensors in only with this torch.__future__ flag."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)

@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from optim_table import materialise_in_place
 from sync_guard import NoSync
 from torch.func import functional_call
 
@@ -135,22 +136,28 @@ def _run(opt, model, batches, val_batch=None):
         opt.step(closure, val_closure=val)
 
 
+def _impl(fused):
+    """The implementation keywords: fused=False/None, or "foreach" for foreach=True."""
+    return dict(foreach=True) if fused == "foreach" else dict(fused=fused)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("validation", [False, True])
 @pytest.mark.parametrize(
-    "hvp, fused", [("autograd", False), ("autograd", None), ("finite_difference", None)]
+    "hvp, fused",
+    [("autograd", False), ("autograd", "foreach"), ("autograd", None), ("finite_difference", None)],
 )
 def test_tangent_hypergradient_is_exact(name, validation, hvp, fused):
     """mu = 1, beta = 0: after T = 20 steps, Delta_T = dE(w_T)/d eta (autograd, unrolled), by
-    the reference tangent step (fused=False) and by the default one (the fused kernel where
-    the extension is built)."""
+    the reference tangent step (fused=False), its list-op form (foreach=True) and the default
+    one (the fused kernel where the extension is built)."""
     cfg = CONFIGS[name]
     model = _model()
     batches = _batches(21)
     val_batch = _batches(1, seed=9)[0] if validation else None
     lr = _lr(name)
     expected = _unrolled_hypergrad(model, batches, lr, cfg, val_batch)
-    opt = hx.RTHO(model.parameters(), lr=lr, hyper_lr=0.0, hvp=hvp, fused=fused, **cfg)
+    opt = hx.RTHO(model.parameters(), lr=lr, hyper_lr=0.0, hvp=hvp, **_impl(fused), **cfg)
     _run(opt, model, batches, val_batch)  # the 21st step computes Delta_20 (beta = 0: no change)
     got = opt.param_groups[0]["hypergrad"]
     rtol = 1e-8 if hvp == "autograd" else 1e-5
@@ -235,7 +242,7 @@ def _torch_and_hd(name, cfg, hd_params, torch_params, lr, hyper_lr):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("fused", [False, None])
+@pytest.mark.parametrize("fused", [False, "foreach", None])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_mu_zero_is_hd_and_beta_zero_is_torch(name, fused):
     cfg, lr = CONFIGS[name], _lr(name)
@@ -247,9 +254,10 @@ def test_mu_zero_is_hd_and_beta_zero_is_torch(name, fused):
     )
     opts = {
         "marthe": hx.MARTHE(models["marthe"].parameters(), lr=lr, hyper_lr=hyper_lr, mu=0.0,
-                            fused=fused, **cfg),
+                            **_impl(fused), **cfg),
         "hd": hd,
-        "rtho": hx.RTHO(models["rtho"].parameters(), lr=lr, hyper_lr=0.0, fused=fused, **cfg),
+        "rtho": hx.RTHO(models["rtho"].parameters(), lr=lr, hyper_lr=0.0, **_impl(fused),
+                        **cfg),
         "torch": reference,
     }  # fmt: skip
     for batch in batches:
@@ -389,12 +397,12 @@ def test_state_dict_resume_is_bit_identical_for_every_inner(name):
         assert torch.equal(opt.param_groups[0][key], opt2.param_groups[0][key])
 
 
-@pytest.mark.parametrize("fused", [False, None])
+@pytest.mark.parametrize("fused", [False, "foreach", None])
 @pytest.mark.parametrize("inner", ["adam", "adamw"])
 def test_adam_step_never_syncs(inner, fused):
     model = _model()
     opt = hx.MARTHE(model.parameters(), lr=0.01, hyper_lr=1e-4, hyper_hyper_lr=1e-3,
-                    inner=inner, weight_decay=0.01, fused=fused)  # fmt: skip
+                    inner=inner, weight_decay=0.01, **_impl(fused))  # fmt: skip
     with NoSync():
         _run(opt, model, _batches(4))
 
@@ -483,3 +491,40 @@ def test_params_the_loss_does_not_reach_keep_still():
     _run(opt, model, _batches(3))
     assert torch.equal(unused.detach(), torch.ones(3, dtype=torch.float64))
     assert torch.isfinite(opt.param_groups[0]["learned_lr"])
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_deepcopy_copies_all_public_attrs(inner):
+    """torch.optim's contract: a deepcopy has every public attribute, before and after steps."""
+    model = _model()
+    opt = hx.MARTHE(model.parameters(), lr=0.01, inner=inner, skip_nonfinite=True)
+    for _ in range(2):
+        clone = copy.deepcopy(opt)
+        public = {k for k in vars(opt) if not k.startswith("_")}
+        assert {k for k in vars(clone) if not k.startswith("_")} == public
+        assert clone.distributed == opt.distributed
+        _run(opt, model, _batches(2))
+    assert isinstance(opt.nonfinite_step, torch.Tensor)
+    assert torch.equal(copy.deepcopy(opt).nonfinite_step, opt.nonfinite_step)
+
+
+def test_fused_accepts_meta_params_until_step():
+    """fused=True takes meta parameters (deferred initialisation); step() refuses them with
+    torch's message; materialised in place, the optimizer steps like one built on them."""
+    if not hx._ops.EXTENSION_AVAILABLE:
+        pytest.skip("needs the compiled extension")
+    with torch.device("meta"):
+        model = _model()
+    opt = hx.MARTHE(model.parameters(), lr=0.01, fused=True)
+    with pytest.raises(RuntimeError, match=r"^`fused=True` requires all the params to be"):
+        _run(opt, model, _batches(1))
+    materialise_in_place(model)
+    reference = _model()
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), reference.parameters()):
+            p.copy_(q)
+    ref_opt = hx.MARTHE(reference.parameters(), lr=0.01, fused=True)
+    _run(opt, model, _batches(3))
+    _run(ref_opt, reference, _batches(3))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    assert torch.equal(opt.param_groups[0]["learned_lr"], ref_opt.param_groups[0]["learned_lr"])

@@ -9,6 +9,7 @@ tested in test_marthe.py, by both paths."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -99,8 +100,10 @@ ORDER = {
 STEPS = {
     ("sgd", False): tangent_sgd_step_,
     ("sgd", True): fused_tangent_sgd_step_,
+    ("sgd", "foreach"): functools.partial(tangent_sgd_step_, foreach=True),
     ("adam", False): tangent_adam_step_,
     ("adam", True): fused_tangent_adam_step_,
+    ("adam", "foreach"): functools.partial(tangent_adam_step_, foreach=True),
 }
 
 
@@ -157,7 +160,24 @@ def test_fused_matches_reference(inner, name, first_step, hvp, keep_direction, d
     assert all(moved)  # every non-empty parameter took a step
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("inner, name, first_step", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("hvp", [True, False], ids=["hvp", "no_hvp"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_foreach_is_the_reference_bit_for_bit(inner, name, first_step, hvp, dtype):
+    """The list-op tangent step does the reference's operations in the same order: the same bits
+    (bf16/fp16 tensors, which the reference upcasts one at a time, take the reference itself)."""
+    setting = (SGD if inner == "sgd" else ADAM)[name]
+    state, scalars = _state(inner, setting, dtype, hvp=hvp, first_step=first_step)
+    expected = copy.deepcopy(state)
+    _call(inner, False, expected, scalars)
+    _call(inner, "foreach", state, scalars)
+    for key in ORDER[inner]:
+        for got, want in zip(state[key], expected[key]):
+            assert torch.equal(got, want), key
+            assert got.stride() == want.stride()
+
+
+@pytest.mark.parametrize("fused", [False, True, "foreach"], ids=["reference", "fused", "foreach"])
 @pytest.mark.parametrize("inner, name, first_step", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_found_inf_skips_and_a_zero_flag_does_not(inner, name, first_step, fused, dtype):

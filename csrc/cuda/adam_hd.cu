@@ -51,13 +51,13 @@ struct MomentsFunctor {
     const bool has_previous = (chunk.tag & kHasPrevious) != 0;
     const int64_t slot = slot_of(r, chunk.tag);
     const acc_t step = p.steps[tensor_of(chunk.tag)];
-    const math::BiasCorrection<acc_t> correction = math::bias_correction(step, s);
-    const math::BiasCorrection<acc_t> previous_correction =
-        math::bias_correction(math::add_rn(step, acc_t(-1)), s);
+    const math::AdamRatio<acc_t> ratio_constants = math::adam_ratio_constants(step, s);
+    const math::AdamRatio<acc_t> previous_ratio =
+        math::adam_ratio_constants(math::add_rn(step, acc_t(-1)), s);
     const acc_t inv_grad_scale = static_cast<acc_t>(math::inverse_grad_scale(p.grad_scale));
     // Read before this block counts itself done, so before the last block writes the new values:
     // the LR the previous step applied (AdamW's d_{t-1}) and s_t eta_{t-1} (lagged step).
-    const acc_t previous_lr = r.effective_lrs[slot];
+    const acc_t shrink_inverse = math::previous_shrink_inverse(r.effective_lrs[slot], s);
     const acc_t lr = kStep ? math::mul_rn(r.lrs[slot], r.rule.lr_scale) : acc_t(0);
     const bool reads_param = kStep || s.l2_decay != acc_t(0) || s.adamw_decay != acc_t(0);
     math::HdSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0)};
@@ -74,7 +74,7 @@ struct MomentsFunctor {
       const acc_t v = static_cast<acc_t>(exp_avg_sq[i]);
       const acc_t v_max = s.amsgrad ? static_cast<acc_t>(max_exp_avg_sq[i]) : v;
       const acc_t previous =
-          math::adam_previous_direction(m, v_max, w, previous_lr, previous_correction, s);
+          math::adam_previous_direction(m, v_max, w, shrink_inverse, previous_ratio, s);
       math::hd_sums_step(sums, objective, has_previous ? previous : acc_t(0), has_previous);
       const math::AdamMoments<acc_t> next = math::adam_moments(g, m, v, v_max, s);
       exp_avg[i] = static_cast<scalar_t>(next.exp_avg);
@@ -85,7 +85,7 @@ struct MomentsFunctor {
       if (kStep) {
         const acc_t stored_m = static_cast<acc_t>(static_cast<scalar_t>(next.exp_avg));
         const acc_t stored_v = static_cast<acc_t>(static_cast<scalar_t>(next.max_exp_avg_sq));
-        const acc_t ratio = math::adam_ratio(stored_m, stored_v, correction, s);
+        const acc_t ratio = math::adam_ratio(stored_m, stored_v, ratio_constants);
         param[i] = static_cast<scalar_t>(math::param_step(w, math::adam_direction(ratio, w, s), lr));
       }
     }
@@ -104,13 +104,12 @@ struct ParamStepFunctor {
     const scalar_t* exp_avg = chunk.template data<const scalar_t>(1);
     const scalar_t* second_moment = chunk.template data<const scalar_t>(2);
     const acc_t lr = p.reduction.effective_lrs[slot_of(p.reduction, chunk.tag)];
-    const math::BiasCorrection<acc_t> correction =
-        math::bias_correction(p.steps[tensor_of(chunk.tag)], p.adam);
+    const math::AdamRatio<acc_t> ratio_constants =
+        math::adam_ratio_constants(p.steps[tensor_of(chunk.tag)], p.adam);
     for (int64_t i = threadIdx.x; i < chunk.size; i += kBlockThreads) {
       const acc_t w = static_cast<acc_t>(param[i]);
-      const acc_t ratio =
-          math::adam_ratio(static_cast<acc_t>(exp_avg[i]), static_cast<acc_t>(second_moment[i]),
-                           correction, p.adam);
+      const acc_t ratio = math::adam_ratio(static_cast<acc_t>(exp_avg[i]),
+                                           static_cast<acc_t>(second_moment[i]), ratio_constants);
       param[i] =
           static_cast<scalar_t>(math::param_step(w, math::adam_direction(ratio, w, p.adam), lr));
     }

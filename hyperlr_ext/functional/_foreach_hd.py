@@ -21,12 +21,27 @@ from hyperlr_ext._common.sharded import SumReducer
 from hyperlr_ext.functional._fused_common import copy_back_slots, slot_tensors
 from hyperlr_ext.functional._hd_rule import hd_rule_
 
-__all__ = ["SkipFold", "apply_steps_", "skip_fold", "slot_sums", "unscale_", "update_slots_"]
+__all__ = [
+    "SkipFold",
+    "apply_steps_",
+    "flat_dot",
+    "skip_fold",
+    "slot_sums",
+    "unscale_",
+    "update_slots_",
+]
 
 
 def _flat(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     flat = torch.cat([t.reshape(-1) for t in tensors])
     return flat if flat.dtype == dtype else flat.to(dtype)
+
+
+def flat_dot(a: list[Tensor], b: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """sum_i <a_i, b_i> accumulated in ``dtype`` with one concatenation per list and one dot."""
+    if not a:
+        return torch.zeros((), dtype=dtype)
+    return torch.dot(_flat(a, dtype), _flat(b, dtype))
 
 
 def _signed_sums(products: list[Tensor], dtype: torch.dtype) -> list[Tensor]:

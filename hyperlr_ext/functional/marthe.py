@@ -94,6 +94,7 @@ def tangent_sgd_step_(
     weight_decay: float,
     first_step: bool,
     found_inf: Tensor | None = None,
+    foreach: bool = False,
 ) -> None:
     """One torch.optim.SGD step and its tangent update, in place, for every tensor.
 
@@ -105,9 +106,13 @@ def tangent_sgd_step_(
     step), or is an empty list when d_t is not kept. ``found_inf`` (AMP; a float32 tensor of one
     element): when nonzero the call changes nothing (decided on the device, no host sync).
     Math in float32 (float64 for float64 tensors), results stored in the tensors' dtype.
+    ``foreach``: the same operations as list ops (a number of ATen ops that does not depend on
+    the number of tensors) where every tensor has the LR's dtype; else one tensor at a time.
     """
     guard = FoundInfGuard(found_inf, [params, momentum_buffers, z_params, z_buffers, directions])
-    _sgd_tangent_step(
+    lists = [params, grads, hvps, momentum_buffers, z_params, z_buffers, directions]
+    run = _sgd_tangent_foreach if foreach and _one_dtype(lists, lr.dtype) else _sgd_tangent_step
+    run(
         params, grads, hvps, momentum_buffers, z_params, z_buffers, directions, lr=lr, mu=mu,
         lr_scale=lr_scale, momentum=momentum, dampening=dampening, nesterov=nesterov,
         weight_decay=weight_decay, first_step=first_step,
@@ -172,6 +177,7 @@ def tangent_adam_step_(
     weight_decay: float,
     decoupled_weight_decay: bool,
     found_inf: Tensor | None = None,
+    foreach: bool = False,
 ) -> None:
     """One torch.optim.Adam (or AdamW, ``decoupled_weight_decay``) step and its tangent update.
 
@@ -179,11 +185,14 @@ def tangent_adam_step_(
     already incremented, on the device), from which the bias corrections are formed. The moments
     start at zero as in torch, so the first step needs no special case. ``directions`` receives
     d_t = ratio (+ lambda w for AdamW), so that the step is w' = w - s eta d_t (or is empty).
-    ``found_inf`` as in :func:`tangent_sgd_step_` (the caller keeps ``step`` unchanged too).
+    ``found_inf`` and ``foreach`` as in :func:`tangent_sgd_step_` (the caller keeps ``step``
+    unchanged on a skipped step).
     """
     lists = [params, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs, directions]
     guard = FoundInfGuard(found_inf, lists)
-    _adam_tangent_step(
+    uniform = foreach and _one_dtype([*lists, grads, hvps], lr.dtype)
+    run = _adam_tangent_foreach if uniform else _adam_tangent_step
+    run(
         params, grads, hvps, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs,
         directions, lr=lr, mu=mu, step=step, lr_scale=lr_scale, beta1=beta1, beta2=beta2,
         eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
@@ -191,17 +200,26 @@ def tangent_adam_step_(
     guard.restore()
 
 
+def _adam_scalars(lr, step, lr_scale, beta1, beta2, weight_decay, decoupled):
+    """s eta, the L2 and AdamW decay (one of them 0), 1 - beta1^t and sqrt(1 - beta2^t)."""
+    step = _upcast(step, lr.dtype)
+    return (
+        lr * lr_scale,
+        0.0 if decoupled else weight_decay,
+        weight_decay if decoupled else 0.0,
+        1 - torch.pow(beta1, step),
+        (1 - torch.pow(beta2, step)).sqrt(),
+    )
+
+
 def _adam_tangent_step(
     params, grads, hvps, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs, directions,
     *, lr, mu, step, lr_scale, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
 ) -> None:  # fmt: skip
     acc = lr.dtype
-    step_lr = lr * lr_scale
-    l2 = 0.0 if decoupled_weight_decay else weight_decay
-    adamw = weight_decay if decoupled_weight_decay else 0.0
-    step = _upcast(step, acc)
-    bias1 = 1 - torch.pow(beta1, step)
-    bias2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
+    step_lr, l2, adamw, bias1, bias2_sqrt = _adam_scalars(
+        lr, step, lr_scale, beta1, beta2, weight_decay, decoupled_weight_decay
+    )
     tiny = torch.finfo(acc).tiny
     for i, w_stored in enumerate(params):
         w = _upcast(w_stored, acc)
@@ -227,3 +245,105 @@ def _adam_tangent_step(
         if directions:
             _store(directions[i], direction)
         _store(w_stored, w + direction * -step_lr)
+
+
+def _one_dtype(lists: list[list[Tensor]], dtype: torch.dtype) -> bool:
+    return all(t.dtype == dtype for ts in lists for t in ts)
+
+
+def _sgd_tangent_foreach(
+    params, grads, hvps, momentum_buffers, z_params, z_buffers, directions, *, lr, mu, lr_scale,
+    momentum, dampening, nesterov, weight_decay, first_step,
+) -> None:  # fmt: skip
+    """:func:`_sgd_tangent_step` as list ops, the same operations in the same order."""
+    step_lr = lr * lr_scale
+    z_w = torch._foreach_mul(z_params, mu)
+    h_z = _damped_hvps(hvps, mu, z_w, weight_decay)
+    decayed = torch._foreach_add(grads, torch._foreach_mul(params, weight_decay))
+    if momentum != 0:
+        if first_step:
+            torch._foreach_copy_(momentum_buffers, decayed)
+            torch._foreach_copy_(z_buffers, h_z)
+        else:
+            torch._foreach_mul_(momentum_buffers, momentum)
+            torch._foreach_add_(momentum_buffers, torch._foreach_mul(decayed, 1 - dampening))
+            torch._foreach_mul_(z_buffers, mu)
+            torch._foreach_mul_(z_buffers, momentum)
+            torch._foreach_add_(z_buffers, torch._foreach_mul(h_z, 1 - dampening))
+        if nesterov:
+            direction = torch._foreach_add(decayed, torch._foreach_mul(momentum_buffers, momentum))
+            z_direction = torch._foreach_add(h_z, torch._foreach_mul(z_buffers, momentum))
+        else:
+            direction, z_direction = momentum_buffers, z_buffers
+    else:
+        direction, z_direction = decayed, h_z
+    _finish_tangent_step(params, z_params, directions, z_w, direction, z_direction, step_lr,
+                         lr_scale)  # fmt: skip
+
+
+def _damped_hvps(hvps, mu, z_w, l2):
+    """H~ z = mu (H Z_w) + lambda z_w (an absent product counts as 0, as 0 + x)."""
+    decay = torch._foreach_mul(z_w, l2)
+    if not hvps:
+        torch._foreach_add_(decay, 0.0)
+        return decay
+    h_z = torch._foreach_mul(hvps, mu)
+    torch._foreach_add_(h_z, decay)
+    return h_z
+
+
+def _finish_tangent_step(params, z_params, directions, z_w, direction, z_direction, step_lr,
+                         lr_scale) -> None:  # fmt: skip
+    """Z_w' = z_w - s eta Z_d - s d, the kept d_t, then w' = w - s eta d."""
+    z_new = torch._foreach_sub(z_w, torch._foreach_mul(z_direction, step_lr))
+    torch._foreach_sub_(z_new, torch._foreach_mul(direction, lr_scale))
+    torch._foreach_copy_(z_params, z_new)
+    if directions:
+        torch._foreach_copy_(directions, direction)
+    torch._foreach_add_(params, torch._foreach_mul(direction, -step_lr))
+
+
+def _adam_tangent_foreach(
+    params, grads, hvps, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs, directions,
+    *, lr, mu, step, lr_scale, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+) -> None:  # fmt: skip
+    """:func:`_adam_tangent_step` as list ops, the same operations in the same order."""
+    acc = lr.dtype
+    step_lr, l2, adamw, bias1, bias2_sqrt = _adam_scalars(
+        lr, step, lr_scale, beta1, beta2, weight_decay, decoupled_weight_decay
+    )
+    g = torch._foreach_add(grads, torch._foreach_mul(params, l2))
+    z_w = torch._foreach_mul(z_params, mu)
+    h_z = _damped_hvps(hvps, mu, z_w, l2)
+    torch._foreach_lerp_(exp_avgs, g, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    g_term = torch._foreach_mul(g, 1 - beta2)
+    torch._foreach_mul_(g_term, g)
+    torch._foreach_add_(exp_avg_sqs, g_term)
+    torch._foreach_mul_(z_exp_avgs, mu)
+    torch._foreach_mul_(z_exp_avgs, beta1)
+    torch._foreach_add_(z_exp_avgs, torch._foreach_mul(h_z, 1 - beta1))
+    torch._foreach_mul_(z_exp_avg_sqs, mu)
+    torch._foreach_mul_(z_exp_avg_sqs, beta2)
+    g_term = torch._foreach_mul(g, 2 * (1 - beta2))
+    torch._foreach_mul_(g_term, h_z)
+    torch._foreach_add_(z_exp_avg_sqs, g_term)
+    del g, g_term
+    root = torch._foreach_sqrt(exp_avg_sqs)
+    denom = torch._foreach_div(root, bias2_sqrt)
+    torch._foreach_add_(denom, eps)
+    ratio = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_div_(ratio, bias1)
+    torch._foreach_clamp_min_(root, torch.finfo(acc).tiny)
+    torch._foreach_mul_(root, 2)
+    torch._foreach_mul_(root, bias2_sqrt)
+    z_root = torch._foreach_div(z_exp_avg_sqs, root)
+    del root
+    z_ratio = torch._foreach_div(z_exp_avgs, bias1)
+    torch._foreach_sub_(z_ratio, torch._foreach_mul(ratio, z_root))
+    torch._foreach_div_(z_ratio, denom)
+    del z_root, denom
+    direction = torch._foreach_add(ratio, torch._foreach_mul(params, adamw))
+    z_direction = torch._foreach_add(z_ratio, torch._foreach_mul(z_w, adamw))
+    _finish_tangent_step(params, z_params, directions, z_w, direction, z_direction, step_lr,
+                         lr_scale)  # fmt: skip

@@ -27,7 +27,7 @@ from hyperlr_ext._common.checks import (
     check_optional_bool,
     check_tensor_lr,
 )
-from hyperlr_ext._common.devices import hyper_device_dtype
+from hyperlr_ext._common.devices import hyper_device_dtype, placed_like_params
 from hyperlr_ext._dispatch import check_fused_params, check_fused_request
 from hyperlr_ext.functional._hd_rule import nonfinite_check_
 from hyperlr_ext.optim._lr_learner import LRLearner
@@ -85,6 +85,11 @@ def _lr_scale(group: dict[str, Any]) -> float:
     return 1.0 if initial == 0 else lr / initial
 
 
+def _initial_lr(group: dict[str, Any]) -> float:
+    """eta_0: the group's initial LR (its LR when that is 0)."""
+    return float(group["initial_lr"]) if group["initial_lr"] != 0 else float(group["lr"])
+
+
 class HDOptimizer(LRLearner):
     """Base class of the HD optimizers. Subclasses implement ``_step_group``."""
 
@@ -116,7 +121,8 @@ class HDOptimizer(LRLearner):
         check_number("hyper_lr", group["hyper_lr"])
         check_choice("lr_lag", group["lr_lag"], (0, 1))
         devices = {p.device for p in group["params"]}
-        if group["fused"]:
+        if group["fused"] and not any(p.is_meta for p in group["params"]):
+            # Params on the meta device (deferred initialisation) are checked at step().
             check_fused_params(self._algorithm, group["params"])
         if len(devices) > 1:
             raise ValueError(
@@ -131,8 +137,7 @@ class HDOptimizer(LRLearner):
     def _init_hyper_state(self, group: dict[str, Any]) -> None:
         device, dtype = self._hyper_device_dtype(group)
         shape = (len(group["params"]),) if group["per_tensor"] else ()
-        lr = float(group["initial_lr"]) if group["initial_lr"] != 0 else float(group["lr"])
-        group["learned_lr"] = torch.full(shape, lr, dtype=dtype, device=device)
+        group["learned_lr"] = torch.full(shape, _initial_lr(group), dtype=dtype, device=device)
         group["hypergrad"] = torch.zeros(shape, dtype=dtype, device=device)
         group["effective_lr"] = torch.full(shape, float(group["lr"]), dtype=dtype, device=device)
         group["hd_prev_scale"] = 1.0
@@ -146,6 +151,7 @@ class HDOptimizer(LRLearner):
             return
         device, dtype = self._hyper_device_dtype(group)
         expected = (len(group["params"]),) if group["per_tensor"] else ()
+        initial = {"learned_lr": _initial_lr(group), "hypergrad": 0.0, "effective_lr": group["lr"]}
         for key in _GROUP_TENSORS:
             value = group[key]
             if tuple(value.shape) != expected:
@@ -153,8 +159,7 @@ class HDOptimizer(LRLearner):
                     f"param_group[{key!r}] has shape {tuple(value.shape)} but per_tensor="
                     f"{group['per_tensor']} with {len(group['params'])} params needs {expected}"
                 )
-            if value.device != device or value.dtype != dtype:
-                group[key] = value.to(device=device, dtype=dtype)
+            group[key] = placed_like_params(value, device, dtype, initial[key])
         group.setdefault("hd_prev_scale", 1.0)
         group.setdefault("hd_stale", [])
 
@@ -162,6 +167,7 @@ class HDOptimizer(LRLearner):
         """Fill in settings missing from older state_dicts; a Python-number ``step`` (as saved
         by torch < 1.12) becomes a device tensor in the LR's dtype."""
         super().__setstate__(state)
+        self._step_supports_amp_scaling = bool(self.defaults.get("fused"))
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -224,6 +230,8 @@ class HDOptimizer(LRLearner):
         for group in self.param_groups:
             _lr_scale(group)
             check_state_matches_params(type(self).__name__, group["params"], self.state)
+            if group["fused"]:
+                check_fused_params(self._algorithm, group["params"])
             for p in group["params"]:
                 grad = p.grad
                 if grad is None or not (

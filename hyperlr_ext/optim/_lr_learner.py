@@ -23,6 +23,24 @@ class LRLearner(Optimizer):
     _IDENTITY_KEYS: tuple[str, ...] = ()
     _STRUCTURAL_KEYS: tuple[str, ...] = ()
     _STATE_KEYS: tuple[str, ...] = ()
+    # Public attributes besides torch.optim's, kept by pickling and deepcopy (torch.optim's
+    # __getstate__ keeps only defaults, state and param_groups), None where a pickle lacks them.
+    _PUBLIC_ATTRS: tuple[str, ...] = ("nonfinite_step",)
+
+    def __init__(self, params, defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        # The inf/NaN flag of the last step (a device tensor), None before the first.
+        self.nonfinite_step: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({name: getattr(self, name, None) for name in self._PUBLIC_ATTRS})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name in self._PUBLIC_ATTRS:
+            state.setdefault(name, None)
+        super().__setstate__(state)
 
     def _ensure_group_state(self, group: dict[str, Any]) -> None:  # pragma: no cover
         """Create the group's missing hyper-state and keep it on the params' device."""

@@ -19,7 +19,7 @@ def algorithm_of(inner: str) -> str:
 
 def check_marthe_arguments(
     *, lr, hyper_lr, inner, momentum, dampening, nesterov, betas, eps, weight_decay, mu,
-    hyper_hyper_lr, hvp, fd_eps, fused, distributed, skip_nonfinite,
+    hyper_hyper_lr, hvp, fd_eps, foreach, fused, distributed, skip_nonfinite,
 ) -> None:  # fmt: skip
     """The constructor's arguments, each in its range."""
     check_number("lr", lr, label="learning rate")
@@ -37,6 +37,7 @@ def check_marthe_arguments(
                      f"{index}")  # fmt: skip
     check_bool("nesterov", nesterov)
     check_bool("skip_nonfinite", skip_nonfinite)
+    check_optional_bool("foreach", foreach)
     check_optional_bool("fused", fused)
     check_optional_bool("distributed", distributed)
     check_choice("hvp", hvp, ("autograd", "finite_difference"))
@@ -76,5 +77,6 @@ def check_marthe_group(group: dict[str, Any], earlier_groups: list[dict[str, Any
                 "all-gather and reduce-scatter, which autograd cannot differentiate (under "
                 "DDP both work)"
             )
-    elif group["fused"]:
+    elif group["fused"] and not any(p.is_meta for p in group["params"]):
+        # Params on the meta device (deferred initialisation) are checked at step().
         check_fused_params(algorithm_of(group["inner"]), group["params"])

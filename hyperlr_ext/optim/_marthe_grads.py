@@ -18,6 +18,7 @@ from torch import Tensor
 from hyperlr_ext._common.grads import differentiate, validation_grads
 from hyperlr_ext._common.sharded import local_shards
 from hyperlr_ext._dispatch import choose_implementation
+from hyperlr_ext.functional._foreach_hd import flat_dot
 from hyperlr_ext.functional._marthe_fused import fused_list_dot
 from hyperlr_ext.functional.marthe import tensor_list_dot
 from hyperlr_ext.optim._marthe_args import algorithm_of
@@ -245,7 +246,7 @@ class Span:
             self.implementation = "reference"
         else:
             self.implementation = choose_implementation(
-                self.params, foreach=None, fused=self.group["fused"],
+                self.params, foreach=self.group.get("foreach"), fused=self.group["fused"],
                 algorithm=algorithm_of(self.group["inner"]),
             )  # fmt: skip
 
@@ -281,11 +282,12 @@ def hyper_sums(spans, state, step_grads, val_grads, mesh) -> list[Tensor | None]
             continue
         group, states = span.group, [state[p] for p in span.params]
         dtype = group["learned_lr"].dtype
-        fused = span.implementation == "fused"
+        list_dot = {"fused": fused_list_dot, "foreach": flat_dot}.get(
+            span.implementation, tensor_list_dot
+        )
 
-        def dot(a: list[Tensor], b: list[Tensor], dtype=dtype, fused=fused) -> Tensor:
-            a, b = local_shards(a), local_shards(b)
-            return fused_list_dot(a, b, dtype) if fused else tensor_list_dot(a, b, dtype)
+        def dot(a: list[Tensor], b: list[Tensor], dtype=dtype, list_dot=list_dot) -> Tensor:
+            return list_dot(local_shards(a), local_shards(b), dtype)
 
         group_val = None if val_grads is None else val_grads[span.indices]
         objective = objective_grads(

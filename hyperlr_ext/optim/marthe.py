@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hyperlr_ext._common.devices import hyper_device_dtype
+from hyperlr_ext._common.devices import hyper_device_dtype, placed_like_params
 from hyperlr_ext._common.sharded import local_shards
 from hyperlr_ext._common.sharded import mesh_group as mesh_group_or_none
 from hyperlr_ext._dispatch import check_fused_request
@@ -76,8 +76,11 @@ class MARTHE(LRLearner):
         hvp: ``"autograd"`` (double backward) or ``"finite_difference"`` (two extra gradient
             evaluations at w +- e Z, for models without double-backward support).
         fd_eps: the step of the finite difference, relative to |Z|.
+        foreach: the pure-PyTorch tangent step as list ops (``torch._foreach_*``: a number of
+            kernel launches that does not grow with the number of tensors; the default on
+            CUDA) or one tensor at a time (False); None: as hyperlr_ext/_dispatch.py decides.
         fused: the compiled one-pass tangent step (None: where it is the default, see
-            hyperlr_ext/_dispatch.py; True: required; False: the pure-PyTorch reference).
+            hyperlr_ext/_dispatch.py; True: required; False: a pure-PyTorch path).
         distributed: average gradients and Hessian products over the ranks of the default
             process group, as DDP needs (None: when one is initialised with more than one
             rank). DTensor parameters (FSDP2's ``fully_shard``) are handled apart: their
@@ -100,6 +103,7 @@ class MARTHE(LRLearner):
     """
 
     _IDENTITY_KEYS = ("hyper_lr", "inner", "mu", "hvp")
+    _PUBLIC_ATTRS = ("nonfinite_step", "distributed")
     _STRUCTURAL_KEYS = ("inner",)
     _STATE_KEYS = ("z_param", "direction", "step", *_BUFFERS["sgd"], *_BUFFERS["adam"])
 
@@ -120,6 +124,7 @@ class MARTHE(LRLearner):
         hyper_hyper_lr: float = 0.0,
         hvp: str = "autograd",
         fd_eps: float = 1e-4,
+        foreach: bool | None = None,
         fused: bool | None = None,
         distributed: bool | None = None,
         skip_nonfinite: bool = False,
@@ -127,15 +132,15 @@ class MARTHE(LRLearner):
         check_marthe_arguments(
             lr=lr, hyper_lr=hyper_lr, inner=inner, momentum=momentum, dampening=dampening,
             nesterov=nesterov, betas=betas, eps=eps, weight_decay=weight_decay, mu=mu,
-            hyper_hyper_lr=hyper_hyper_lr, hvp=hvp, fd_eps=fd_eps, fused=fused,
+            hyper_hyper_lr=hyper_hyper_lr, hvp=hvp, fd_eps=fd_eps, foreach=foreach, fused=fused,
             distributed=distributed, skip_nonfinite=skip_nonfinite,
         )  # fmt: skip
-        check_fused_request(algorithm_of(inner), None, fused)
+        check_fused_request(algorithm_of(inner), foreach, fused)
         defaults = dict(
             lr=lr, hyper_lr=hyper_lr, inner=inner, momentum=momentum, dampening=dampening,
             nesterov=nesterov, betas=tuple(float(b) for b in betas), eps=eps,
             weight_decay=weight_decay, mu=mu, hyper_hyper_lr=hyper_hyper_lr, hvp=hvp,
-            fd_eps=fd_eps, fused=fused, skip_nonfinite=skip_nonfinite,
+            fd_eps=fd_eps, foreach=foreach, fused=fused, skip_nonfinite=skip_nonfinite,
         )  # fmt: skip
         super().__init__(params, defaults)
         self.distributed = distributed
@@ -160,8 +165,8 @@ class MARTHE(LRLearner):
             value = group.get(key)
             if value is None:
                 group[key] = torch.full((), float(initial[key]), dtype=dtype, device=device)
-            elif value.device != device or value.dtype != dtype:
-                group[key] = value.to(device=device, dtype=dtype)
+            else:
+                group[key] = placed_like_params(value, device, dtype, initial[key])
         group.setdefault("hd_prev_scale", 1.0)
         group.setdefault("skip_nonfinite", False)
 
@@ -189,6 +194,8 @@ class MARTHE(LRLearner):
         groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
         params = [p for _, ps in groups for p in ps]
         check_state_matches_params(type(self).__name__, params, self.state)
+        for group, _ in groups:  # hyper-state where the params are (they may have moved)
+            self._init_group(group)
         if not params:
             with torch.enable_grad():
                 return closure().detach()
@@ -301,10 +308,9 @@ class MARTHE(LRLearner):
         with torch.no_grad():
             if not span.started:
                 self._init_state(group, params)
-            # The group's hyper-state and Adam's step counts, put back on a skipped step (the
-            # kernels leave the per-parameter tensors alone themselves).
-            steps = [s["step"] for s in states if "step" in s]
-            guard = FoundInfGuard(found_inf, [[group[key] for key in _GROUP_TENSORS], steps])
+            # The group's hyper-state, put back on a skipped step (the tangent step leaves the
+            # per-parameter tensors alone itself, and Adam's step counts add 0).
+            guard = FoundInfGuard(found_inf, [[group[key] for key in _GROUP_TENSORS]])
             if span.started:
                 self._hyper_update(group, sums)
             self._inner_step(group, params, step_grads, hvps, states, lr_scale, span.started,
@@ -330,6 +336,7 @@ class MARTHE(LRLearner):
         directions = local_shards(directions)
         params = local_shards(params)
         fused = implementation == "fused"
+        foreach = {} if fused else {"foreach": implementation == "foreach"}
         if group["inner"] == "sgd":
             has_buffer = group["momentum"] != 0
             buffers = local_shards([s["momentum_buffer"] for s in states] if has_buffer else [])
@@ -340,10 +347,15 @@ class MARTHE(LRLearner):
                 lr=lr, mu=mu, lr_scale=lr_scale, momentum=group["momentum"],
                 dampening=group["dampening"], nesterov=group["nesterov"],
                 weight_decay=group["weight_decay"], first_step=not started, found_inf=found_inf,
+                **foreach,
             )  # fmt: skip
             return
         steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1.0)
+        if found_inf is None:
+            torch._foreach_add_(steps, 1.0)
+        else:  # + 1, or + 0 on a skipped step (the Tensor overload would read the flag)
+            keep = found_inf.reshape(()).eq(0).to(steps[0].dtype)
+            torch._foreach_add_(steps, [keep] * len(steps))
         beta1, beta2 = group["betas"]
         step = fused_tangent_adam_step_ if fused else tangent_adam_step_
         step(
@@ -354,7 +366,7 @@ class MARTHE(LRLearner):
             directions,
             lr=lr, mu=mu, step=steps[0], lr_scale=lr_scale, beta1=beta1, beta2=beta2,
             eps=group["eps"], weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["inner"] == "adamw", found_inf=found_inf,
+            decoupled_weight_decay=group["inner"] == "adamw", found_inf=found_inf, **foreach,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ selecting beta
