@@ -8,7 +8,9 @@ launch nothing. The two ``profiler`` record-function ops that torch.optim's ``st
 issues are counted, for torch's optimizers and ours alike.
 
 Each variant steps ``n`` tensors of 8 float32 elements with fixed gradients; the count is taken on
-the third step (buffers exist, bias corrections and HD rules are in their steady form).
+the third step (buffers exist, bias corrections and HD rules are in their steady form). The
+foreach paths are counted in the branch they take on a GPU (on the CPU they reduce and step per
+tensor, without temporaries: ``hyperlr_ext.functional._foreach_hd.LIST_OP_DEVICES``).
 
     python -m benchmarks.op_counts --counts 10,100,1000
 """
@@ -16,6 +18,7 @@ the third step (buffers exist, bias corrections and HD rules are in their steady
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -149,8 +152,16 @@ class TangentStep:
 
 
 def count_step(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], num_tensors: int,
-               warmup: int = 2) -> OpCounter:  # fmt: skip
-    """The ops of the step after ``warmup`` steps, for ``num_tensors`` tensors of 8 elements."""
+               warmup: int = 2, gpu_path: bool = True) -> OpCounter:  # fmt: skip
+    """The ops of the step after ``warmup`` steps, for ``num_tensors`` tensors of 8 elements;
+    ``gpu_path``: of the branch the foreach paths take on a GPU, run on CPU tensors."""
+    from hyperlr_ext.functional._foreach_hd import list_ops_on
+
+    with list_ops_on("cpu") if gpu_path else contextlib.nullcontext():
+        return _count_step(make, num_tensors, warmup)
+
+
+def _count_step(make, num_tensors: int, warmup: int) -> OpCounter:
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(8, generator=gen).requires_grad_() for _ in range(num_tensors)]
     for p in params:

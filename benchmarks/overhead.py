@@ -202,23 +202,31 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
             row["ratio_vs_torch"] = row["ms"] / base["ms"]
 
 
-def steady_rows(total: int, count: int, device: torch.device, steps: int = 21) -> list[dict]:
-    """Every variant timed alone in a steady loop (the median of ``steps`` consecutive steps of
-    one optimizer, after warm-up) on ``count`` tensors holding ``total`` parameters: how a
-    training loop runs it, besides the round-robin table."""
+def steady_rows(
+    total: int, count: int, device: torch.device, steps: int = 21, repeats: int = 3
+) -> list[dict]:
+    """Every variant timed in a steady loop (one optimizer stepped ``steps`` times in a row after
+    warm-up, the median step: how a training loop runs it) on ``count`` tensors holding
+    ``total`` parameters. The loops of the variants take turns ``repeats`` times and each row
+    reports the median of its loops, so that drift of the machine reaches every variant."""
     params = _params(total, count, device)
-    timer, rows = Timer(device), []
+    timer, rows, optimizers = Timer(device), [], []
     for v in variants():
         row = {"total_params": total, "n_tensors": count, "variant": v.name, "impl": v.impl,
-               "family": v.family}  # fmt: skip
+               "family": v.family, "loops_ms": []}  # fmt: skip
+        rows.append(row)
         try:
-            optimizer = v.make(params)
-            row["ms"] = 1e3 * steady_loop(optimizer.step, timer, steps=steps)
+            optimizers.append((row, v.make(params)))
+            optimizers[-1][1].step()
         except (RuntimeError, ValueError, NotImplementedError, TypeError) as error:
             row["unsupported"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-        rows.append(row)
-        optimizer = None
-        gc.collect()
+    for _ in range(repeats):
+        for row, optimizer in optimizers:
+            row["loops_ms"].append(1e3 * steady_loop(optimizer.step, timer, steps=steps))
+    for row, _ in optimizers:
+        row["ms"] = statistics.median(row["loops_ms"])
+    del optimizers
+    gc.collect()
     _add_ratios(rows)
     return rows
 

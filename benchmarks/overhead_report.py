@@ -81,9 +81,11 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"## Targets: fused, {_fmt_size(total)} params in {count} tensors, vs torch fused",
             "",
-            "Round-robin: the median step of the table below. Steady loop: each optimizer alone, "
-            "the median of 21 consecutive steps after 3 warm-up steps, as a training loop runs "
-            "it (torch's own step is then not slowed by another optimizer evicting its state).",
+            "Round-robin: the median step of the table below. Steady loop: one optimizer "
+            "stepped 21 times in a row after 3 warm-up steps, as a training loop runs it "
+            "(torch's own step is then not slowed by another optimizer evicting its state), "
+            "the median step; the variants' loops take turns three times and the median loop "
+            "counts.",
             "",
             "| optimizer | timing | target | measured | status |",
             "|---|---|---|---|---|",

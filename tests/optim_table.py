@@ -4,6 +4,7 @@ adding a row."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,3 +146,22 @@ def materialise_in_place(model: torch.nn.Module, device: str = "cpu") -> None:
         model.to_empty(device=device)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+def list_ops_on_cpu():
+    """The foreach paths take the branch they take on a GPU (constant-launch list ops) on CPU
+    tensors too (hyperlr_ext/functional/_foreach_hd.py, LIST_OP_DEVICES)."""
+    from hyperlr_ext.functional._foreach_hd import list_ops_on
+
+    return list_ops_on("cpu")
+
+
+def gpu_branch(func):
+    """``func`` run under :func:`list_ops_on_cpu` (same signature)."""
+
+    @functools.wraps(func)
+    def run(*args, **kwargs):
+        with list_ops_on_cpu():
+            return func(*args, **kwargs)
+
+    return run

@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from optim_table import gpu_branch
 from torch.library import opcheck
 
 from hyperlr_ext import _ops
@@ -183,8 +184,8 @@ def test_errors_name_the_argument():
 
 @pytest.mark.parametrize(
     "impl",
-    [_single_tensor_adam_hd, _foreach_adam_hd, _fused_adam_hd],
-    ids=["loop", "foreach", "fused"],
+    [_single_tensor_adam_hd, _foreach_adam_hd, gpu_branch(_foreach_adam_hd), _fused_adam_hd],
+    ids=["loop", "foreach", "foreach-gpu-branch", "fused"],
 )
 @pytest.mark.parametrize("lr_lag", [0, 1])
 def test_grad_scale_is_grad_scaler_unscale(impl, lr_lag):
@@ -201,8 +202,8 @@ def test_grad_scale_is_grad_scaler_unscale(impl, lr_lag):
 
 @pytest.mark.parametrize(
     "impl",
-    [_single_tensor_adam_hd, _foreach_adam_hd, _fused_adam_hd],
-    ids=["loop", "foreach", "fused"],
+    [_single_tensor_adam_hd, _foreach_adam_hd, gpu_branch(_foreach_adam_hd), _fused_adam_hd],
+    ids=["loop", "foreach", "foreach-gpu-branch", "fused"],
 )
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("lr_lag", [0, 1])

@@ -116,7 +116,8 @@ MARTHE_CONFIGS = {
 def _marthe(model, name, fused, **kw):
     cfg = dict(MARTHE_CONFIGS[name])
     lr = 0.01 if cfg.get("inner", "sgd") != "sgd" else 0.05
-    return hx.MARTHE(model.parameters(), lr=lr, hyper_lr=1e-3, fused=fused, **cfg, **kw)
+    impl = dict(foreach=True) if fused == "foreach" else dict(fused=fused)
+    return hx.MARTHE(model.parameters(), lr=lr, hyper_lr=1e-3, **impl, **cfg, **kw)
 
 
 def _marthe_model():
@@ -179,7 +180,7 @@ def _same(a, b):
     return a == b
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("fused", [False, "foreach", True], ids=["reference", "foreach", "fused"])
 @pytest.mark.parametrize("name", list(MARTHE_CONFIGS))
 def test_marthe_grad_scaler_is_exact(name, fused):
     """Scaling the losses by a power of two and unscaling the gradients and Hessian products is
@@ -206,7 +207,7 @@ def _with_inf_batch(batches, at):
 
 
 @pytest.mark.parametrize("mode", ["scaler", "skip_nonfinite"])
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("fused", [False, "foreach", True], ids=["reference", "foreach", "fused"])
 @pytest.mark.parametrize("name", list(MARTHE_CONFIGS))
 def test_marthe_inf_step_changes_nothing(name, fused, mode):
     """An inf gradient at step 3: weights, tangents, buffers, step counts and LR state keep their
@@ -227,7 +228,7 @@ def test_marthe_inf_step_changes_nothing(name, fused, mode):
     assert _same(_marthe_snapshot(model, opt), _marthe_snapshot(clean_model, clean_opt))
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("fused", [False, "foreach", True], ids=["reference", "foreach", "fused"])
 @pytest.mark.parametrize("name", ["sgd-momentum", "adam"])
 def test_marthe_inf_first_step(name, fused):
     """A first step with an inf gradient moves nothing; the state it creates is the zero state,
@@ -290,7 +291,7 @@ def test_marthe_scaler_errors():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("fused", [False, "foreach", True], ids=["reference", "foreach", "fused"])
 def test_marthe_low_precision_params(dtype, fused):
     """bf16/fp16 parameters: the hyper-state is float32 and a bf16 autocast closure with a scaler
     trains (the kernels' low-precision arithmetic is checked in test_tangent_ops.py)."""
@@ -298,7 +299,8 @@ def test_marthe_low_precision_params(dtype, fused):
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
     model = model.to(dtype)
     x, y = torch.randn(8, 6, dtype=dtype), torch.randn(8, 1, dtype=dtype)
-    opt = hx.MARTHE(model.parameters(), lr=0.05, hyper_lr=1e-3, momentum=0.9, fused=fused)
+    impl = dict(foreach=True) if fused == "foreach" else dict(fused=fused)
+    opt = hx.MARTHE(model.parameters(), lr=0.05, hyper_lr=1e-3, momentum=0.9, **impl)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     losses = []
     for _ in range(20):

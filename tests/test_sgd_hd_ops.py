@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from optim_table import gpu_branch
 from torch.library import opcheck
 
 from hyperlr_ext import _ops
@@ -185,8 +186,8 @@ def test_errors_name_the_argument():
 
 @pytest.mark.parametrize(
     "impl",
-    [_single_tensor_sgd_hd, _foreach_sgd_hd, _fused_sgd_hd],
-    ids=["loop", "foreach", "fused"],
+    [_single_tensor_sgd_hd, _foreach_sgd_hd, gpu_branch(_foreach_sgd_hd), _fused_sgd_hd],
+    ids=["loop", "foreach", "foreach-gpu-branch", "fused"],
 )
 @pytest.mark.parametrize("lr_lag", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -204,8 +205,8 @@ def test_grad_scale_is_grad_scaler_unscale(impl, lr_lag, dtype):
 
 @pytest.mark.parametrize(
     "impl",
-    [_single_tensor_sgd_hd, _foreach_sgd_hd, _fused_sgd_hd],
-    ids=["loop", "foreach", "fused"],
+    [_single_tensor_sgd_hd, _foreach_sgd_hd, gpu_branch(_foreach_sgd_hd), _fused_sgd_hd],
+    ids=["loop", "foreach", "foreach-gpu-branch", "fused"],
 )
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("lr_lag", [0, 1])

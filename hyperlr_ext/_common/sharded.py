@@ -51,6 +51,16 @@ def local_shards(tensors: list[Any]) -> list[Any]:
     return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
+def _unchanged(tensors: list[Any]) -> list[Any]:
+    return tensors
+
+
+def local_view(sharded: bool):
+    """:func:`local_shards` for a group of DTensor parameters, else the identity (which spares
+    an isinstance per tensor and step)."""
+    return local_shards if sharded else _unchanged
+
+
 def shard_like(local: Tensor, param: Tensor) -> Tensor:
     """``local``, this rank's shard of a tensor laid out as ``param``, as a DTensor with
     ``param``'s mesh and placements when ``param`` is one (sharing ``local``'s storage: in-place

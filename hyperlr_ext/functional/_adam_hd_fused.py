@@ -56,10 +56,18 @@ def _fused_adam_hd(
         )
     if not params:
         return
-    torch._foreach_add_(state_steps, 1)
-    if found_inf is not None:  # a skipped step does not count (as in torch's fused Adam)
-        torch._foreach_sub_(state_steps, [found_inf.reshape(())] * len(state_steps))
-    steps = torch.stack(state_steps)
+    # A skipped step does not count (as in torch's fused Adam). One op on the counts when they
+    # are views of one tensor (as AdamHD creates them), else one per count and a stack.
+    ((steps, separate),) = slot_tensors(state_steps)
+    if separate:
+        torch._foreach_add_(state_steps, 1)
+        if found_inf is not None:
+            torch._foreach_sub_(state_steps, [found_inf.reshape(())] * len(state_steps))
+        steps = torch.stack(state_steps)
+    else:
+        steps.add_(1)
+        if found_inf is not None:
+            steps.sub_(found_inf.reshape(()))
     flags = [1 if f else 0 for f in has_previous]
     objective = list(objective_grads) if objective_grads is not None else []
     max_sqs = list(max_exp_avg_sqs) if amsgrad else []

@@ -1,5 +1,7 @@
-"""The list-op building blocks of the foreach HD paths: a step issues a number of ATen ops that
-does not depend on the number of tensors (each op is one or a few kernel launches on a GPU).
+"""The list-op building blocks of the foreach HD paths: on a GPU a step issues a number of ATen
+ops that does not depend on the number of tensors (each op is one or a few kernel launches).
+On the CPU (:data:`LIST_OP_DEVICES`) the sums and the step run per tensor instead, without
+temporaries the size of the parameters.
 
 - :func:`slot_sums`: <g_hat, d_{t-1}> (and the squared norms) per LR slot. One slot: the tensors
   are concatenated once and reduced by one ``dot``; one slot per tensor: the per-tensor sums of
@@ -14,17 +16,51 @@ does not depend on the number of tensors (each op is one or a few kernel launche
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
 from hyperlr_ext._common.sharded import SumReducer
+from hyperlr_ext.functional import _hd_rule
 from hyperlr_ext.functional._fused_common import copy_back_slots, slot_tensors
 from hyperlr_ext.functional._hd_rule import hd_rule_
 
+# Devices on which a kernel launch costs more than a pass over a tensor (GPUs): there the foreach
+# paths reduce and step with list ops whose number does not grow with the number of tensors, at
+# the price of temporaries the size of the gradients (a concatenation, or the products). On the
+# CPU, whose list ops are loops anyway, the sums are per-tensor dots and the step an in-place
+# multiply-add per tensor: no temporaries. benchmarks/op_counts.py adds "cpu" to count the GPU
+# path on CPU tensors.
+LIST_OP_DEVICES: set[str] = {"cuda", "xpu", "mps", torch._C._get_privateuse1_backend_name()}
+
+
+def launch_bound(device: torch.device) -> bool:
+    """Whether the foreach paths use their constant-launch list ops on ``device``."""
+    return device.type in LIST_OP_DEVICES
+
+
+@contextlib.contextmanager
+def list_ops_on(device_type: str) -> Iterator[None]:
+    """Within the block the foreach paths take their GPU branch on ``device_type`` too (for
+    counting a GPU's ops, and testing that branch, on CPU tensors)."""
+    added = device_type not in LIST_OP_DEVICES
+    LIST_OP_DEVICES.add(device_type)
+    try:
+        yield
+    finally:
+        if added:
+            LIST_OP_DEVICES.discard(device_type)
+
+
 __all__ = [
+    "LIST_OP_DEVICES",
     "SkipFold",
     "apply_steps_",
     "flat_dot",
+    "launch_bound",
+    "list_ops_on",
     "skip_fold",
     "slot_sums",
     "unscale_",
@@ -38,9 +74,12 @@ def _flat(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
 
 
 def flat_dot(a: list[Tensor], b: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """sum_i <a_i, b_i> accumulated in ``dtype`` with one concatenation per list and one dot."""
+    """sum_i <a_i, b_i> accumulated in ``dtype``: one concatenation per list and one dot where
+    launches are dear (:func:`launch_bound`), else a dot per tensor."""
     if not a:
         return torch.zeros((), dtype=dtype)
+    if not launch_bound(a[0].device):
+        return torch.stack(_hd_rule.tensor_dots(a, b, dtype)).sum()
     return torch.dot(_flat(a, dtype), _flat(b, dtype))
 
 
@@ -75,10 +114,12 @@ def slot_sums(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Per LR slot (1-D tensors of ``num_slots``): <g_hat, d_{t-1}>, and with ``norms`` |g_hat|^2
     and |d_{t-1}|^2; a ``None`` in ``previous`` adds nothing. Accumulated in ``acc_dtype``."""
+    device = objective[0].device
+    if not launch_bound(device):
+        return _per_tensor_slot_sums(objective, previous, num_slots, acc_dtype, norms)
     present = [i for i, d in enumerate(previous) if d is not None]
     prev = [previous[i] for i in present]
     obj = [objective[i] for i in present]
-    device = objective[0].device
     if num_slots == 1:
         if not present:
             zero = torch.zeros(1, dtype=acc_dtype, device=device)
@@ -103,6 +144,18 @@ def slot_sums(
         return dots, None, None
     grad_sq = torch.stack(_sq_norms(objective, acc_dtype))
     return dots, grad_sq, _per_slot(_sq_norms(prev, acc_dtype), present, num_slots, zero)
+
+
+def _per_tensor_slot_sums(objective, previous, num_slots, acc_dtype, norms):
+    """:func:`slot_sums` with a dot per tensor (the for-loop reference's sums), as 1-D tensors."""
+    device = objective[0].device
+    dots = _hd_rule.per_slot_sums(_hd_rule.tensor_dots(objective, previous, acc_dtype), num_slots)
+    if not norms:
+        return torch.stack(dots), None, None
+    grad_sq = _hd_rule.tensor_sq_norms(objective, acc_dtype, device)
+    dir_sq = _hd_rule.tensor_sq_norms(previous, acc_dtype, device)
+    return (torch.stack(dots), torch.stack(_hd_rule.per_slot_sums(grad_sq, num_slots)),
+            torch.stack(_hd_rule.per_slot_sums(dir_sq, num_slots)))  # fmt: skip
 
 
 class SkipFold:
@@ -200,10 +253,14 @@ def update_slots_(
 
 
 def apply_steps_(params: list[Tensor], directions: list[Tensor], steps: list[Tensor]) -> None:
-    """``param -= step * direction`` for every tensor with two list ops; ``steps`` has one LR or
-    one per tensor. Parameters in another dtype than the LR (bf16/fp16) are updated from the
-    LR's precision and rounded once, one tensor at a time."""
+    """``param -= step * direction`` for every tensor with two list ops (one per tensor off
+    :func:`launch_bound` devices); ``steps`` has one LR or one per tensor. Parameters in another
+    dtype than the LR (bf16/fp16) are updated from the LR's precision and rounded once, one
+    tensor at a time."""
     if not params:
+        return
+    if not launch_bound(params[0].device):
+        _hd_rule.apply_steps_(params, directions, steps)
         return
     per_tensor = steps if len(steps) == len(params) else steps * len(params)
     if any(p.dtype != s.dtype for p, s in zip(params, per_tensor)):

@@ -103,32 +103,17 @@ def hd_rule_(
         lr.clamp_min_(0.0)
 
 
-def apply_steps_(
-    params: list[Tensor], directions: list[Tensor], steps: list[Tensor], foreach: bool
-) -> None:
-    """``param -= step * direction`` for every tensor; ``steps`` has one LR or one per tensor.
+def apply_steps_(params: list[Tensor], directions: list[Tensor], steps: list[Tensor]) -> None:
+    """``param -= step * direction`` for every tensor, one at a time (no temporary the size of
+    the parameter); ``steps`` has one LR or one per tensor.
 
     The product is formed in the LR's precision (fp32 or fp64), so a bf16/fp16 parameter is
     updated from fp32 math and rounded once.
     """
-    if not params:
-        return
     per_tensor = steps if len(steps) == len(params) else steps * len(params)
-    # On CUDA one launch per list op pays for the temporary; on the CPU the _foreach_ ops are
-    # per-tensor loops anyway, and addcmul_ below needs no temporary (same values: p + d(-s)).
-    on_cuda = params[0].device.type == "cuda"
-    if foreach and on_cuda and all(p.dtype == s.dtype for p, s in zip(params, per_tensor)):
-        scaled = (
-            torch._foreach_mul(directions, steps[0])
-            if len(steps) == 1
-            else torch._foreach_mul(directions, per_tensor)
-        )
-        torch._foreach_sub_(params, scaled)
-        return
     for param, direction, step in zip(params, directions, per_tensor):
         if param.dtype == step.dtype:
-            # One pass, no temporary the size of the parameter.
-            param.addcmul_(direction, -step)
+            param.addcmul_(direction, -step)  # p + d (-s): one pass
         else:
             param.copy_(param.to(step.dtype) - direction.to(step.dtype) * step)
 

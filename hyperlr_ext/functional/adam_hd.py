@@ -163,7 +163,7 @@ def _single_tensor_adam_hd(
     if decoupled_weight_decay and weight_decay != 0:
         for direction, param in zip(directions, params):
             direction.add_(param, alpha=weight_decay)
-    apply_steps_(params, directions, effective_lrs, foreach=False)
+    apply_steps_(params, directions, effective_lrs)
     guard.restore()
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hyperlr_ext.functional._foreach_hd import SkipFold
 from hyperlr_ext.functional._hd_rule import FoundInfGuard
 
 __all__ = [
@@ -109,10 +110,17 @@ def tangent_sgd_step_(
     ``foreach``: the same operations as list ops (a number of ATen ops that does not depend on
     the number of tensors) where every tensor has the LR's dtype; else one tensor at a time.
     """
-    guard = FoundInfGuard(found_inf, [params, momentum_buffers, z_params, z_buffers, directions])
     lists = [params, grads, hvps, momentum_buffers, z_params, z_buffers, directions]
-    run = _sgd_tangent_foreach if foreach and _one_dtype(lists, lr.dtype) else _sgd_tangent_step
-    run(
+    if foreach and _one_dtype(lists, lr.dtype):
+        _sgd_tangent_foreach(
+            params, grads, hvps, momentum_buffers, z_params, z_buffers, directions, lr=lr,
+            mu=mu, lr_scale=lr_scale, momentum=momentum, dampening=dampening,
+            nesterov=nesterov, weight_decay=weight_decay, first_step=first_step,
+            fold=_Fold(found_inf, lr.dtype),
+        )  # fmt: skip
+        return
+    guard = FoundInfGuard(found_inf, [params, momentum_buffers, z_params, z_buffers, directions])
+    _sgd_tangent_step(
         params, grads, hvps, momentum_buffers, z_params, z_buffers, directions, lr=lr, mu=mu,
         lr_scale=lr_scale, momentum=momentum, dampening=dampening, nesterov=nesterov,
         weight_decay=weight_decay, first_step=first_step,
@@ -189,10 +197,16 @@ def tangent_adam_step_(
     unchanged on a skipped step).
     """
     lists = [params, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs, directions]
+    if foreach and _one_dtype([*lists, grads, hvps], lr.dtype):
+        _adam_tangent_foreach(
+            params, grads, hvps, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs,
+            directions, lr=lr, mu=mu, step=step, lr_scale=lr_scale, beta1=beta1, beta2=beta2,
+            eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+            fold=_Fold(found_inf, lr.dtype),
+        )  # fmt: skip
+        return
     guard = FoundInfGuard(found_inf, lists)
-    uniform = foreach and _one_dtype([*lists, grads, hvps], lr.dtype)
-    run = _adam_tangent_foreach if uniform else _adam_tangent_step
-    run(
+    _adam_tangent_step(
         params, grads, hvps, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs,
         directions, lr=lr, mu=mu, step=step, lr_scale=lr_scale, beta1=beta1, beta2=beta2,
         eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
@@ -251,24 +265,63 @@ def _one_dtype(lists: list[list[Tensor]], dtype: torch.dtype) -> bool:
     return all(t.dtype == dtype for ts in lists for t in ts)
 
 
+class _Fold:
+    """The foreach tangent step's view of AMP's ``found_inf`` (:class:`SkipFold` when given):
+    on a skipped step every factor is 1, every weight and LR 0 and the gradient-like inputs
+    -0.0, so that the step writes back what was there and nothing is copied beforehand."""
+
+    def __init__(self, found_inf: Tensor | None, dtype: torch.dtype) -> None:
+        self.skip = None if found_inf is None else SkipFold(found_inf, dtype)
+
+    def factor(self, value):
+        """A decay factor (a float, or mu's tensor): itself, or 1 on a skipped step."""
+        if self.skip is None:
+            return value
+        if isinstance(value, Tensor):
+            return torch.where(self.skip.skip, 1.0, value)
+        return self.skip.value(value, 1.0)
+
+    def weight(self, value: float):
+        """An LR-like scale: itself, or 0 on a skipped step."""
+        return value if self.skip is None else self.skip.value(value, 0.0)
+
+    def lr(self, step_lr: Tensor) -> Tensor:
+        """The step's LR, or 0 on a skipped step (selected: the LR of a skipped step may have
+        been computed from inf/NaN sums)."""
+        return step_lr if self.skip is None else torch.where(self.skip.skip, 0.0, step_lr)
+
+    def inputs(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Gradients and Hessian products: -0.0 on a skipped step (they may hold inf/NaN)."""
+        return tensors if self.skip is None else self.skip.grads(tensors)
+
+    def copy_(self, targets: list[Tensor], values: list[Tensor]) -> None:
+        if self.skip is None:
+            torch._foreach_copy_(targets, values)
+        else:
+            self.skip.select_(targets, values)
+
+
 def _sgd_tangent_foreach(
     params, grads, hvps, momentum_buffers, z_params, z_buffers, directions, *, lr, mu, lr_scale,
-    momentum, dampening, nesterov, weight_decay, first_step,
+    momentum, dampening, nesterov, weight_decay, first_step, fold,
 ) -> None:  # fmt: skip
-    """:func:`_sgd_tangent_step` as list ops, the same operations in the same order."""
-    step_lr = lr * lr_scale
+    """:func:`_sgd_tangent_step` as list ops, the same operations in the same order; ``fold``
+    (:class:`_Fold`) makes a skipped step write back what was there."""
+    step_lr = fold.lr(lr * lr_scale)
+    mu = fold.factor(mu)
     z_w = torch._foreach_mul(z_params, mu)
-    h_z = _damped_hvps(hvps, mu, z_w, weight_decay)
-    decayed = torch._foreach_add(grads, torch._foreach_mul(params, weight_decay))
+    h_z = fold.inputs(_damped_hvps(hvps, mu, z_w, weight_decay))
+    decayed = fold.inputs(torch._foreach_add(grads, torch._foreach_mul(params, weight_decay)))
     if momentum != 0:
         if first_step:
-            torch._foreach_copy_(momentum_buffers, decayed)
-            torch._foreach_copy_(z_buffers, h_z)
+            fold.copy_(momentum_buffers, decayed)
+            fold.copy_(z_buffers, h_z)
         else:
-            torch._foreach_mul_(momentum_buffers, momentum)
+            decay = fold.factor(momentum)
+            torch._foreach_mul_(momentum_buffers, decay)
             torch._foreach_add_(momentum_buffers, torch._foreach_mul(decayed, 1 - dampening))
             torch._foreach_mul_(z_buffers, mu)
-            torch._foreach_mul_(z_buffers, momentum)
+            torch._foreach_mul_(z_buffers, decay)
             torch._foreach_add_(z_buffers, torch._foreach_mul(h_z, 1 - dampening))
         if nesterov:
             direction = torch._foreach_add(decayed, torch._foreach_mul(momentum_buffers, momentum))
@@ -278,7 +331,7 @@ def _sgd_tangent_foreach(
     else:
         direction, z_direction = decayed, h_z
     _finish_tangent_step(params, z_params, directions, z_w, direction, z_direction, step_lr,
-                         lr_scale)  # fmt: skip
+                         fold.weight(lr_scale), fold)  # fmt: skip
 
 
 def _damped_hvps(hvps, mu, z_w, l2):
@@ -293,38 +346,47 @@ def _damped_hvps(hvps, mu, z_w, l2):
 
 
 def _finish_tangent_step(params, z_params, directions, z_w, direction, z_direction, step_lr,
-                         lr_scale) -> None:  # fmt: skip
+                         lr_scale, fold) -> None:  # fmt: skip
     """Z_w' = z_w - s eta Z_d - s d, the kept d_t, then w' = w - s eta d."""
     z_new = torch._foreach_sub(z_w, torch._foreach_mul(z_direction, step_lr))
     torch._foreach_sub_(z_new, torch._foreach_mul(direction, lr_scale))
     torch._foreach_copy_(z_params, z_new)
     if directions:
-        torch._foreach_copy_(directions, direction)
+        fold.copy_(directions, direction)
     torch._foreach_add_(params, torch._foreach_mul(direction, -step_lr))
 
 
 def _adam_tangent_foreach(
     params, grads, hvps, exp_avgs, exp_avg_sqs, z_params, z_exp_avgs, z_exp_avg_sqs, directions,
-    *, lr, mu, step, lr_scale, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+    *, lr, mu, step, lr_scale, beta1, beta2, eps, weight_decay, decoupled_weight_decay, fold,
 ) -> None:  # fmt: skip
-    """:func:`_adam_tangent_step` as list ops, the same operations in the same order."""
+    """:func:`_adam_tangent_step` as list ops, the same operations in the same order; ``fold``
+    (:class:`_Fold`) makes a skipped step write back what was there."""
     acc = lr.dtype
+    if fold.skip is not None:
+        # A skipped step's count was not advanced; its (discarded) direction uses t + 1 so that
+        # the bias corrections are not 0 at t = 0.
+        step = step + (1 - fold.skip.keep)
     step_lr, l2, adamw, bias1, bias2_sqrt = _adam_scalars(
         lr, step, lr_scale, beta1, beta2, weight_decay, decoupled_weight_decay
     )
-    g = torch._foreach_add(grads, torch._foreach_mul(params, l2))
+    step_lr = fold.lr(step_lr)
+    mu = fold.factor(mu)
+    g = fold.inputs(torch._foreach_add(grads, torch._foreach_mul(params, l2)))
     z_w = torch._foreach_mul(z_params, mu)
-    h_z = _damped_hvps(hvps, mu, z_w, l2)
-    torch._foreach_lerp_(exp_avgs, g, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
+    h_z = fold.inputs(_damped_hvps(hvps, mu, z_w, l2))
+    n = len(params)
+    lerp_weight = 1 - beta1 if fold.skip is None else [fold.weight(1 - beta1)] * n
+    torch._foreach_lerp_(exp_avgs, g, lerp_weight)
+    torch._foreach_mul_(exp_avg_sqs, fold.factor(beta2))
     g_term = torch._foreach_mul(g, 1 - beta2)
     torch._foreach_mul_(g_term, g)
     torch._foreach_add_(exp_avg_sqs, g_term)
     torch._foreach_mul_(z_exp_avgs, mu)
-    torch._foreach_mul_(z_exp_avgs, beta1)
+    torch._foreach_mul_(z_exp_avgs, fold.factor(beta1))
     torch._foreach_add_(z_exp_avgs, torch._foreach_mul(h_z, 1 - beta1))
     torch._foreach_mul_(z_exp_avg_sqs, mu)
-    torch._foreach_mul_(z_exp_avg_sqs, beta2)
+    torch._foreach_mul_(z_exp_avg_sqs, fold.factor(beta2))
     g_term = torch._foreach_mul(g, 2 * (1 - beta2))
     torch._foreach_mul_(g_term, h_z)
     torch._foreach_add_(z_exp_avg_sqs, g_term)
@@ -346,4 +408,4 @@ def _adam_tangent_foreach(
     direction = torch._foreach_add(ratio, torch._foreach_mul(params, adamw))
     z_direction = torch._foreach_add(z_ratio, torch._foreach_mul(z_w, adamw))
     _finish_tangent_step(params, z_params, directions, z_w, direction, z_direction, step_lr,
-                         lr_scale)  # fmt: skip
+                         fold.weight(lr_scale), fold)  # fmt: skip

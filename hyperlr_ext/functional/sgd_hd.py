@@ -157,7 +157,7 @@ def _single_tensor_sgd_hd(
     directions = _directions_for_loop(
         decayed, momentum_buffers, prev_directions, momentum, dampening, nesterov
     )
-    apply_steps_(params, directions, effective_lrs, foreach=False)
+    apply_steps_(params, directions, effective_lrs)
     guard.restore()
 
 

@@ -121,9 +121,12 @@ class HDOptimizer(LRLearner):
         check_number("hyper_lr", group["hyper_lr"])
         check_choice("lr_lag", group["lr_lag"], (0, 1))
         devices = {p.device for p in group["params"]}
-        if group["fused"] and not any(p.is_meta for p in group["params"]):
-            # Params on the meta device (deferred initialisation) are checked at step().
-            check_fused_params(self._algorithm, group["params"])
+        if group["fused"]:
+            if any(p.is_meta for p in group["params"]):
+                # Deferred initialisation: checked at step(), once the params are real.
+                self._fused_check_deferred = True
+            else:
+                check_fused_params(self._algorithm, group["params"])
         if len(devices) > 1:
             raise ValueError(
                 f"all parameters of a param group must be on one device (its learned LR lives "
@@ -230,7 +233,7 @@ class HDOptimizer(LRLearner):
         for group in self.param_groups:
             _lr_scale(group)
             check_state_matches_params(type(self).__name__, group["params"], self.state)
-            if group["fused"]:
+            if group["fused"] and getattr(self, "_fused_check_deferred", False):
                 check_fused_params(self._algorithm, group["params"])
             for p in group["params"]:
                 grad = p.grad
@@ -271,6 +274,7 @@ class HDOptimizer(LRLearner):
             with torch.enable_grad():
                 loss = closure()
         self._check_grads()
+        self._fused_check_deferred = False  # every fused group's params passed the check
         objective_grads = self._validation_grads(val_closure)
         # Set by torch.amp.GradScaler.step around this call when _step_supports_amp_scaling.
         found_inf = getattr(self, "found_inf", None)
@@ -330,6 +334,24 @@ class HDOptimizer(LRLearner):
 
     def _step_group(self, group: dict[str, Any], objective_grads) -> None:  # pragma: no cover
         raise NotImplementedError
+
+    def _hd_kwargs(self, group: dict[str, Any], lr_scale: float, reducer) -> dict[str, Any]:
+        """The keywords every functional HD step takes from the group (DTensor groups, which
+        have a ``reducer``, step on the pure-PyTorch for-loop)."""
+        sharded = reducer is not None
+        return dict(
+            foreach=False if sharded else group["foreach"],
+            fused=False if sharded else group["fused"],
+            lr_scale=lr_scale,
+            prev_lr_scale=group["hd_prev_scale"],
+            hyper_lr=group["hyper_lr"],
+            weight_decay=group["weight_decay"],
+            multiplicative=group["multiplicative"],
+            lr_lag=group["lr_lag"],
+            maximize=group["maximize"],
+            sum_reducer=reducer,
+            **self._amp,
+        )
 
     def _objective_list(self, objective_grads, params: list[Tensor]) -> list[Tensor] | None:
         if objective_grads is None:

@@ -58,6 +58,16 @@ def check_state_dict(
             )
 
 
+def _same_device(a: Any, b: Any) -> bool:
+    """a.device == b.device without building two device objects in the usual cases (this runs
+    for every parameter at every step)."""
+    if a.get_device() != b.get_device():
+        return False
+    if (a.is_cpu and b.is_cpu) or (a.is_cuda and b.is_cuda):
+        return True
+    return a.device == b.device
+
+
 def check_state_matches_params(name: str, params: Iterable[Any], state: dict[Any, Any]) -> None:
     """A parameter whose dtype or device changed after its state was made (``model.double()``,
     ``model.to(...)`` after building the optimizer) gets a TypeError before anything moves.
@@ -70,7 +80,7 @@ def check_state_matches_params(name: str, params: Iterable[Any], state: dict[Any
         for key, value in param_state.items():
             if key == "step" or not hasattr(value, "dtype") or value.dim() == 0:
                 continue
-            if value.dtype != p.dtype or value.device != p.device:
+            if value.dtype is not p.dtype or not _same_device(value, p):
                 raise TypeError(
                     f"{name}: parameter {index} is now {p.dtype} on {p.device}, but its optimizer "
                     f"state ({key!r}) is {value.dtype} on {value.device}: the parameter changed "

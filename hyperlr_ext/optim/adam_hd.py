@@ -5,13 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from hyperlr_ext._common.checks import check_bool, check_number
-from hyperlr_ext._common.sharded import local_shards, sum_reducer
+from hyperlr_ext._common.sharded import local_view, sum_reducer
 from hyperlr_ext.functional.adam_hd import adam_hd
 from hyperlr_ext.optim._hd_base import HDOptimizer, _lr_scale, check_hd_arguments
 
 __all__ = ["AdamHD"]
+
+
+def _pack_steps(states: list[dict[str, Any]]) -> None:
+    """Puts the step counts of ``states`` into one tensor (each state's "step" a view of it, same
+    values) where they share a device and dtype, as freshly created states have them."""
+    steps = [s["step"] for s in states if isinstance(s.get("step"), Tensor)]
+    if len(steps) != len(states) or not steps:
+        return
+    if len({(t.device, t.dtype) for t in steps}) != 1 or any(t.dim() != 0 for t in steps):
+        return
+    for state, view in zip(states, torch.stack(steps).unbind(0)):
+        state["step"] = view
 
 
 class AdamHD(HDOptimizer):
@@ -102,57 +115,61 @@ class AdamHD(HDOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _init_state(self, group: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
-        state = self.state[param]
-        if len(state) == 0:
+    def _init_states(self, group: dict[str, Any], params: list[Tensor], states, fresh) -> None:
+        """Adam's state for the params seen for the first time (and amsgrad's maximum where
+        missing). The step counts are device tensors in the LR's dtype (bias corrections are
+        formed on the device, no sync, exact in float64), created as views of one tensor so
+        that the fused step adds 1 to all of them with one op (:func:`_pack_steps`)."""
+        new = [(p, s) for p, s, f in zip(params, states, fresh) if f]
+        if new:
             _, dtype = self._hyper_device_dtype(group)
-            # The step count is a device tensor in the LR's dtype: bias corrections are formed
-            # on the device (no sync) and are exact in float64.
-            state["step"] = torch.zeros((), dtype=dtype, device=param.device)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return state
+            steps = torch.zeros(len(new), dtype=dtype, device=new[0][0].device)
+            for (p, state), step in zip(new, steps.unbind(0)):
+                state["step"] = step
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            for p, state in zip(params, states):
+                if "max_exp_avg_sq" not in state:
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+
+    def _after_load(self, state_dict: dict[str, Any]) -> None:
+        super()._after_load(state_dict)
+        for group in self.param_groups:
+            _pack_steps([self.state[p] for p in group["params"] if p in self.state])
 
     def _step_group(self, group: dict[str, Any], objective_grads) -> None:
         indices, params = self._gather(group)
         if not params:
             return
-        fresh = [len(self.state[p]) == 0 for p in params]
-        states = [self._init_state(group, p) for p in params]
+        states = [self.state[p] for p in params]
+        fresh = [len(s) == 0 for s in states]
+        self._init_states(group, params, states, fresh)
         lrs, hypergrads, effective_lrs = self._slots(group, indices)
         lr_scale = _lr_scale(group)
         beta1, beta2 = group["betas"]
         reducer = sum_reducer(params, group["fused"])  # FSDP2: sums over the mesh
         sharded = reducer is not None
+        local = local_view(sharded)  # under FSDP2 the step sees the shards
         adam_hd(
-            local_shards(params),
-            local_shards([p.grad for p in params]),
-            local_shards([s["exp_avg"] for s in states]),
-            local_shards([s["exp_avg_sq"] for s in states]),
-            local_shards([s["max_exp_avg_sq"] for s in states]) if group["amsgrad"] else [],
+            local(params),
+            local([p.grad for p in params]),
+            local([s["exp_avg"] for s in states]),
+            local([s["exp_avg_sq"] for s in states]),
+            local([s["max_exp_avg_sq"] for s in states]) if group["amsgrad"] else [],
             [s["step"] for s in states],
             self._has_previous(group, indices, fresh),
             lrs,
             hypergrads,
             effective_lrs,
-            local_shards(self._objective_list(objective_grads, params) or []) or None,
-            foreach=False if sharded else group["foreach"],
-            fused=False if sharded else group["fused"],
-            lr_scale=lr_scale,
-            prev_lr_scale=group["hd_prev_scale"],
-            hyper_lr=group["hyper_lr"],
+            local(self._objective_list(objective_grads, params) or []) or None,
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
-            weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
             amsgrad=group["amsgrad"],
-            multiplicative=group["multiplicative"],
-            lr_lag=group["lr_lag"],
-            maximize=group["maximize"],
-            sum_reducer=reducer,
-            **self._amp,
+            **self._hd_kwargs(group, lr_scale, reducer),
         )
         self._finish_group(group, indices, lr_scale)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from hyperlr_ext._common.checks import check_bool, check_number
-from hyperlr_ext._common.sharded import local_shards, shard_like, sum_reducer
+from hyperlr_ext._common.sharded import local_view, shard_like, sum_reducer
 from hyperlr_ext.functional.sgd_hd import sgd_hd
 from hyperlr_ext.optim._hd_base import HDOptimizer, _lr_scale, check_hd_arguments
 
@@ -106,45 +106,35 @@ class SGDHD(HDOptimizer):
         indices, params = self._gather(group)
         if not params:
             return
-        grads = [p.grad for p in params]
-        states = [self.state[p] for p in params]
-        fresh = [len(s) == 0 for s in states]
-        # Under FSDP2 the buffers are DTensors like their params; the step sees their shards.
-        momentum_buffers = local_shards([s.get("momentum_buffer") for s in states])
-        prev_directions = local_shards([s.get("prev_direction") for s in states])
-        lrs, hypergrads, effective_lrs = self._slots(group, indices)
-        lr_scale = _lr_scale(group)
         reducer = sum_reducer(params, group["fused"])  # FSDP2: sums over the mesh
         sharded = reducer is not None
+        local = local_view(sharded)  # under FSDP2 the step sees the shards
+        states = [self.state[p] for p in params]
+        fresh = [len(s) == 0 for s in states]
+        momentum_buffers = local([s.get("momentum_buffer") for s in states])
+        prev_directions = local([s.get("prev_direction") for s in states])
+        lrs, hypergrads, effective_lrs = self._slots(group, indices)
+        lr_scale = _lr_scale(group)
         sgd_hd(
-            local_shards(params),
-            local_shards(grads),
+            local(params),
+            local([p.grad for p in params]),
             momentum_buffers,
             prev_directions,
             self._has_previous(group, indices, fresh),
             lrs,
             hypergrads,
             effective_lrs,
-            local_shards(self._objective_list(objective_grads, params) or []) or None,
-            foreach=False if sharded else group["foreach"],
-            fused=False if sharded else group["fused"],
-            lr_scale=lr_scale,
-            prev_lr_scale=group["hd_prev_scale"],
-            hyper_lr=group["hyper_lr"],
+            local(self._objective_list(objective_grads, params) or []) or None,
             momentum=group["momentum"],
             dampening=group["dampening"],
             nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"],
-            multiplicative=group["multiplicative"],
-            lr_lag=group["lr_lag"],
-            maximize=group["maximize"],
-            sum_reducer=reducer,
-            **self._amp,
+            **self._hd_kwargs(group, lr_scale, reducer),
         )
         for p, state, buf, direction in zip(params, states, momentum_buffers, prev_directions):
-            # New buffers (the first step) become DTensors like their params under FSDP2.
-            if buf is not None:
+            # Buffers the step created; under FSDP2 DTensors like their params (the existing
+            # ones were updated in place through their local shards).
+            if buf is not None and "momentum_buffer" not in state:
                 state["momentum_buffer"] = shard_like(buf, p) if sharded else buf
-            if direction is not None:
+            if direction is not None and "prev_direction" not in state:
                 state["prev_direction"] = shard_like(direction, p) if sharded else direction
         self._finish_group(group, indices, lr_scale)
