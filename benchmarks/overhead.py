@@ -192,23 +192,30 @@ def _params(total: int, count: int, device: torch.device) -> list[torch.Tensor]:
     return params
 
 
+def _baseline(rows: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any]:
+    """torch's row with the same family and implementation."""
+    return next(
+        r for r in rows if r["variant"] == BASELINE[row["family"]] and r["impl"] == row["impl"]
+    )
+
+
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     """Each timed row's ``ratio_vs_torch``: its time over torch's with the same implementation."""
     for row in rows:
-        base = next(
-            r for r in rows if r["variant"] == BASELINE[row["family"]] and r["impl"] == row["impl"]
-        )
+        base = _baseline(rows, row)
         if "ms" in row and "ms" in base:
             row["ratio_vs_torch"] = row["ms"] / base["ms"]
 
 
 def steady_rows(
-    total: int, count: int, device: torch.device, steps: int = 21, repeats: int = 3
+    total: int, count: int, device: torch.device, steps: int = 21, repeats: int = 5
 ) -> list[dict]:
     """Every variant timed in a steady loop (one optimizer stepped ``steps`` times in a row after
     warm-up, the median step: how a training loop runs it) on ``count`` tensors holding
-    ``total`` parameters. The loops of the variants take turns ``repeats`` times and each row
-    reports the median of its loops, so that drift of the machine reaches every variant."""
+    ``total`` parameters. The loops of the variants take turns ``repeats`` times; a row reports
+    the median of its loops, and its ratio is the median over the turns of its loop over
+    torch's loop of the same turn (a minute apart at most), so that the drift of a shared
+    machine's memory bandwidth cancels."""
     params = _params(total, count, device)
     timer, rows, optimizers = Timer(device), [], []
     for v in variants():
@@ -227,7 +234,12 @@ def steady_rows(
         row["ms"] = statistics.median(row["loops_ms"])
     del optimizers
     gc.collect()
-    _add_ratios(rows)
+    for row in rows:
+        base = _baseline(rows, row)
+        if "ms" in row and "ms" in base:
+            row["ratio_vs_torch"] = statistics.median(
+                ours / theirs for ours, theirs in zip(row["loops_ms"], base["loops_ms"])
+            )
     return rows
 
 

@@ -84,8 +84,9 @@ def markdown(result: dict[str, Any]) -> str:
             "Round-robin: the median step of the table below. Steady loop: one optimizer "
             "stepped 21 times in a row after 3 warm-up steps, as a training loop runs it "
             "(torch's own step is then not slowed by another optimizer evicting its state), "
-            "the median step; the variants' loops take turns three times and the median loop "
-            "counts.",
+            "the median step; the variants' loops take turns five times, the time is the "
+            "median loop and the ratio the median over the turns of ours / torch's loop of "
+            "the same turn.",
             "",
             "| optimizer | timing | target | measured | status |",
             "|---|---|---|---|---|",

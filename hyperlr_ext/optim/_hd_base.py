@@ -232,7 +232,9 @@ class HDOptimizer(LRLearner):
         """Reject what the step cannot do before anything is modified."""
         for group in self.param_groups:
             _lr_scale(group)
-            check_state_matches_params(type(self).__name__, group["params"], self.state)
+            check_state_matches_params(
+                type(self).__name__, group["params"], self.state, self._placed_state_keys()
+            )
             if group["fused"] and getattr(self, "_fused_check_deferred", False):
                 check_fused_params(self._algorithm, group["params"])
             for p in group["params"]:

@@ -42,6 +42,12 @@ class LRLearner(Optimizer):
             state.setdefault(name, None)
         super().__setstate__(state)
 
+    @classmethod
+    def _placed_state_keys(cls) -> tuple[str, ...]:
+        """The per-parameter state made in its parameter's dtype and on its device (all but the
+        step counts): the step compares the first one present with the parameter."""
+        return tuple(key for key in cls._STATE_KEYS if key != "step")
+
     def _ensure_group_state(self, group: dict[str, Any]) -> None:  # pragma: no cover
         """Create the group's missing hyper-state and keep it on the params' device."""
         raise NotImplementedError

@@ -58,34 +58,42 @@ def check_state_dict(
             )
 
 
-def _same_device(a: Any, b: Any) -> bool:
-    """a.device == b.device without building two device objects in the usual cases (this runs
-    for every parameter at every step)."""
-    if a.get_device() != b.get_device():
-        return False
-    if (a.is_cpu and b.is_cpu) or (a.is_cuda and b.is_cuda):
-        return True
-    return a.device == b.device
+def _state_tensor(param_state: dict[str, Any], keys: tuple[str, ...] | None):
+    """The state tensor to compare with its parameter: the first of ``keys`` present, or (keys
+    None) the first tensor that is not a 0-dim count; (None, None) if there is none."""
+    for key, value in (
+        ((k, param_state.get(k)) for k in keys) if keys is not None else param_state.items()
+    ):
+        if value is not None and key != "step" and hasattr(value, "dtype") and value.dim() > 0:
+            return key, value
+    return None, None
 
 
-def check_state_matches_params(name: str, params: Iterable[Any], state: dict[Any, Any]) -> None:
+def check_state_matches_params(
+    name: str, params: Iterable[Any], state: dict[Any, Any], keys: tuple[str, ...] | None = None
+) -> None:
     """A parameter whose dtype or device changed after its state was made (``model.double()``,
     ``model.to(...)`` after building the optimizer) gets a TypeError before anything moves.
     Looks at one state tensor per parameter (the state is created in the parameter's dtype and
-    on its device); ``step`` counts are exempt."""
+    on its device): the first of ``keys`` it holds, or any that is not a 0-dim count. Runs for
+    every parameter at every step, so the usual case is kept cheap: dtypes are singletons, and
+    get_device()/is_cpu/is_cuda spare building device objects."""
     for index, p in enumerate(params):
         param_state = state.get(p)
         if not param_state:
             continue
-        for key, value in param_state.items():
-            if key == "step" or not hasattr(value, "dtype") or value.dim() == 0:
-                continue
-            if value.dtype is not p.dtype or not _same_device(value, p):
-                raise TypeError(
-                    f"{name}: parameter {index} is now {p.dtype} on {p.device}, but its optimizer "
-                    f"state ({key!r}) is {value.dtype} on {value.device}: the parameter changed "
-                    "dtype or device after the optimizer was built. Build the optimizer after "
-                    "moving the model, or move the state with optimizer.load_state_dict("
-                    "optimizer.state_dict())"
-                )
-            break
+        key, value = _state_tensor(param_state, keys)
+        if value is None or (
+            value.dtype is p.dtype
+            and value.get_device() == p.get_device()
+            and value.is_cpu == p.is_cpu
+            and (value.is_cpu or value.is_cuda or value.device == p.device)
+        ):
+            continue
+        raise TypeError(
+            f"{name}: parameter {index} is now {p.dtype} on {p.device}, but its optimizer "
+            f"state ({key!r}) is {value.dtype} on {value.device}: the parameter changed "
+            "dtype or device after the optimizer was built. Build the optimizer after "
+            "moving the model, or move the state with optimizer.load_state_dict("
+            "optimizer.state_dict())"
+        )

@@ -193,7 +193,9 @@ class MARTHE(LRLearner):
             raise ValueError("MARTHE/RTHO need a closure returning the training loss")
         groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
         params = [p for _, ps in groups for p in ps]
-        check_state_matches_params(type(self).__name__, params, self.state)
+        check_state_matches_params(
+            type(self).__name__, params, self.state, self._placed_state_keys()
+        )
         for group, _ in groups:  # hyper-state where the params are (they may have moved)
             self._init_group(group)
         if not params:
