@@ -148,14 +148,8 @@ def slot_sums(
 
 def _per_tensor_slot_sums(objective, previous, num_slots, acc_dtype, norms):
     """:func:`slot_sums` with a dot per tensor (the for-loop reference's sums), as 1-D tensors."""
-    device = objective[0].device
-    dots = _hd_rule.per_slot_sums(_hd_rule.tensor_dots(objective, previous, acc_dtype), num_slots)
-    if not norms:
-        return torch.stack(dots), None, None
-    grad_sq = _hd_rule.tensor_sq_norms(objective, acc_dtype, device)
-    dir_sq = _hd_rule.tensor_sq_norms(previous, acc_dtype, device)
-    return (torch.stack(dots), torch.stack(_hd_rule.per_slot_sums(grad_sq, num_slots)),
-            torch.stack(_hd_rule.per_slot_sums(dir_sq, num_slots)))  # fmt: skip
+    sums = _hd_rule.slot_sums_per_tensor(objective, previous, num_slots, acc_dtype, norms)
+    return tuple(None if s is None else torch.stack(s) for s in sums)
 
 
 class SkipFold:
@@ -235,12 +229,10 @@ def update_slots_(
     saved = [t.clone() for t in (lr, hypergrad, effective)] if skip is not None else None
     applied = lr.clone() if lr_lag else lr
     sums = slot_sums(objective, previous, lr.numel(), lr.dtype, multiplicative)
-    if sum_reducer is not None:
-        sums = (*sum_reducer([s for s in sums if s is not None]), None, None)[:3]
-        sums = sums if multiplicative else (sums[0], None, None)
-    dots, grad_sq, dir_sq = sums
-    hd_rule_([lr], [hypergrad], [dots], None if grad_sq is None else [grad_sq],
-             None if dir_sq is None else [dir_sq], hyper_lr=hyper_lr,
+    dots, grad_sq, dir_sq = _hd_rule.reduce_sums(
+        *(None if s is None else [s] for s in sums), sum_reducer
+    )
+    hd_rule_([lr], [hypergrad], dots, grad_sq, dir_sq, hyper_lr=hyper_lr,
              multiplicative=multiplicative, prev_lr_scale=prev_lr_scale)  # fmt: skip
     torch.mul(applied, lr_scale, out=effective)
     if skip is not None:

@@ -30,6 +30,8 @@ __all__ = [
     "update_learned_lrs_",
     "hd_rule_",
     "per_slot_sums",
+    "reduce_sums",
+    "slot_sums_per_tensor",
     "slot_of",
     "tensor_dots",
     "tensor_sq_norms",
@@ -131,9 +133,21 @@ def decayed_grads(
     return out
 
 
-def _reduce_sums(dots, grad_sq, dir_sq, reducer):
-    """The partial sums of every slot through ``reducer`` (FSDP2's sum over the mesh), in one
-    call; as they are without one."""
+def slot_sums_per_tensor(objective, previous, num_slots, acc_dtype, norms):
+    """Per LR slot (lists of 0-dim tensors): <g_hat, d_{t-1}>, and with ``norms`` |g_hat|^2 and
+    |d_{t-1}|^2 (else None), from one dot per tensor; a ``None`` in ``previous`` adds 0."""
+    dots = per_slot_sums(tensor_dots(objective, previous, acc_dtype), num_slots)
+    if not norms:
+        return dots, None, None
+    device = objective[0].device
+    grad_sq = per_slot_sums(tensor_sq_norms(objective, acc_dtype, device), num_slots)
+    dir_sq = per_slot_sums(tensor_sq_norms(previous, acc_dtype, device), num_slots)
+    return dots, grad_sq, dir_sq
+
+
+def reduce_sums(dots, grad_sq, dir_sq, reducer):
+    """The partial sums of every slot (lists, the norms None without the multiplicative rule)
+    through ``reducer`` (FSDP2's sum over the mesh), in one call; as they are without one."""
     if reducer is None:
         return dots, grad_sq, dir_sq
     parts = [dots] + ([grad_sq, dir_sq] if grad_sq is not None else [])
@@ -164,14 +178,9 @@ def update_learned_lrs_(
     (``lr_scale`` times eta_t, or eta_{t-1} with ``lr_lag=1``). A ``None`` in ``previous`` is a
     tensor without d_{t-1}. ``sum_reducer``: for the local shards of DTensor parameters (FSDP2),
     sums the partial sums of every rank (all of them in one call) before the rule."""
-    acc_dtype, device, num_slots = lrs[0].dtype, lrs[0].device, len(lrs)
     applied = [lr.clone() for lr in lrs] if lr_lag else lrs
-    dots = per_slot_sums(tensor_dots(objective, previous, acc_dtype), num_slots)
-    grad_sq = dir_sq = None
-    if multiplicative:
-        grad_sq = per_slot_sums(tensor_sq_norms(objective, acc_dtype, device), num_slots)
-        dir_sq = per_slot_sums(tensor_sq_norms(previous, acc_dtype, device), num_slots)
-    dots, grad_sq, dir_sq = _reduce_sums(dots, grad_sq, dir_sq, sum_reducer)
+    sums = slot_sums_per_tensor(objective, previous, len(lrs), lrs[0].dtype, multiplicative)
+    dots, grad_sq, dir_sq = reduce_sums(*sums, sum_reducer)
     hd_rule_(
         lrs,
         hypergrads,
