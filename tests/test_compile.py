@@ -95,3 +95,28 @@ def test_tlr_with_a_tensor_lr_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(sched.step)()
     assert explanation.graph_count >= 1
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_hyper_lr_around_a_compiled_torch_step_matches_eager():
+    """The hooks run with the compiled step (dynamo traces them with it); the trajectory is the
+    eager one. A tensor LR, as torch recommends for compiled optimizers: a float LR that changes
+    every step recompiles the step every step."""
+    base = _base()
+    models = [copy.deepcopy(base), copy.deepcopy(base)]
+    opts = []
+    for model in models:
+        lr = torch.tensor(0.05, dtype=torch.float64)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        hx.HyperLR(opt, 1e-3)
+        opts.append(opt)
+    steps = [opts[0].step, torch.compile(opts[1].step)]
+    for t in range(4):
+        for model, opt, step in zip(models, opts, steps):
+            opt.zero_grad()
+            model(X * (t + 1)).pow(2).mean().backward()
+            step()
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+    learned = [hx.HyperLR.attached(o).learned_lr[0] for o in opts]
+    torch.testing.assert_close(learned[1], learned[0], rtol=1e-12, atol=0)
+    assert float(learned[0]) != 0.05

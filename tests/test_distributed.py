@@ -58,6 +58,10 @@ def _make(name, params):
         return hx.SGDHD(params, lr=0.05, hyper_lr=1e-2, momentum=0.9), None
     if name == "AdamHD":
         return hx.AdamHD(params, lr=1e-2, hyper_lr=1e-4), None
+    if name.startswith("HyperLR"):
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+        hx.HyperLR(opt, 1e-4, per_tensor=name.endswith("-per_tensor"))
+        return opt, None
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     return opt, hx.TLR(opt, update_every=2)
 
@@ -87,8 +91,10 @@ def _train(model, opt, sched, name, rank=0, world=1):
 
 def _result(model, opt):
     """The full weights (gathered from DTensor shards) and each group's LR."""
-    lrs = [torch.as_tensor(g.get("learned_lr", g["lr"]), dtype=torch.float64) for g in
-           opt.param_groups]  # fmt: skip
+    hyper = hx.HyperLR.attached(opt)
+    lrs = hyper.learned_lr if hyper is not None else [
+        torch.as_tensor(g.get("learned_lr", g["lr"]), dtype=torch.float64) for g in opt.param_groups
+    ]  # fmt: skip
     weights = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
     return [w.detach().clone() for w in weights] + lrs
 
@@ -140,6 +146,14 @@ def test_ddp_follows_the_single_process_trajectory(name, world, tmp_path):
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert expected[-1] != 0.05 and expected[-1] != 1e-2  # the LR moved
+
+
+def test_ddp_with_hyper_lr_around_adamw_follows_the_single_process_trajectory(tmp_path):
+    expected, saved = _single_and_spawned(_worker, "HyperLR", 2, tmp_path)
+    for got in saved:
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert expected[-1] != 1e-2  # the LR moved
 
 
 # ---- FSDP2 (fully_shard: DTensor shards) ------------------------------------------------------
@@ -196,6 +210,16 @@ def test_fsdp2_follows_the_single_process_trajectory_with_one_all_reduce_per_ste
         assert saved["all_reduces"] == expected_reduces
         for a, b in zip(saved["result"], expected):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["HyperLR", "HyperLR-per_tensor"])
+def test_fsdp2_with_hyper_lr_reduces_once_per_step(name, tmp_path):
+    expected, saved_by_rank = _single_and_spawned(_fsdp_worker, name, 2, tmp_path)
+    for saved in saved_by_rank:
+        assert saved["all_reduces"] == STEPS  # the pre-step hook's sums, one all-reduce a step
+        for a, b in zip(saved["result"], expected):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert (expected[-1] != 1e-2).all()
 
 
 def _fsdp_marthe_worker(rank, world, port, path):

@@ -157,10 +157,9 @@ def test_every_pass_follows_the_float64_oracle(implementation):
         _loss(probe, batch).backward()
         g = torch.cat([p.grad.reshape(-1) for p in probe.parameters()])
         w = oracle.step(w, g, 1.0)
-        torch.testing.assert_close(hyper.learned_lr[0], torch.tensor(oracle.eta, dtype=torch.float64),
-                                   rtol=1e-10, atol=0)  # fmt: skip
-        torch.testing.assert_close(hyper.hypergrad[0], torch.tensor(oracle.hypergrad, dtype=torch.float64),
-                                   rtol=1e-9, atol=1e-15)  # fmt: skip
+        expected = torch.tensor([oracle.eta, oracle.hypergrad], dtype=torch.float64)
+        got = torch.stack([hyper.learned_lr[0], hyper.hypergrad[0]])
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-15)
     torch.testing.assert_close(_flat(model), w, rtol=1e-10, atol=1e-12)
 
 
@@ -320,6 +319,50 @@ def test_state_dict_resumes_bit_identically_and_loads_weights_only(mode):
         hx.HyperLR(torch.optim.AdamW(_model().parameters(), lr=0.01), 1e-3).load_state_dict(
             saved["hyper"]
         )
+
+
+def test_the_optimizer_state_dict_carries_the_wrapper_state():
+    """Checkpoints that save only the optimizer (Trainer, Lightning) resume the learned LR."""
+    batches = _batches(8)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    hx.HyperLR(opt, 1e-2)
+    _train(model, opt, batches[:4])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    _train(model, opt, batches[4:])
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = _model(seed=3)
+    resumed.load_state_dict(saved["model"])
+    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
+    hyper2 = hx.HyperLR(opt2, 1e-2)
+    opt2.load_state_dict(saved["opt"])
+    assert float(hyper2.learned_lr[0]) != 0.05
+    _train(resumed, opt2, batches[4:])
+    assert torch.equal(_flat(resumed), _flat(model))
+    plain = torch.optim.SGD(_model().parameters(), lr=0.05, momentum=0.9)
+    plain.load_state_dict(saved["opt"])  # an optimizer without the wrapper ignores its state
+
+
+def test_a_closure_is_wrapped_so_the_pass_sees_its_gradients():
+    """step(closure) as Lightning calls it: zero_grad, forward and backward inside the closure."""
+    batches = _batches(6)
+    ours, theirs = _model(), _model()
+    opt = torch.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9)
+    hx.HyperLR(opt, 1e-2)
+    reference = hx.SGDHD(theirs.parameters(), lr=0.05, hyper_lr=1e-2, momentum=0.9)
+    for batch in batches:
+        for model, o in ((ours, opt), (theirs, reference)):
+
+            def closure(model=model, o=o):
+                o.zero_grad()
+                loss = _loss(model, batch)
+                loss.backward()
+                return loss
+
+            o.step(closure=closure) if batch is batches[0] else o.step(closure)
+    torch.testing.assert_close(_flat(ours), _flat(theirs), rtol=1e-10, atol=1e-12)
 
 
 def test_params_without_gradients_count_as_not_moved_as_in_sgdhd():

@@ -61,6 +61,10 @@ class Module(pl.LightningModule):
             opt = hx.AdamHD(params, lr=0.05, hyper_lr=1e-4)
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if self.wiring == "HyperLR + AdamW":
+            opt = torch.optim.AdamW(params, lr=0.01)
+            hx.HyperLR(opt, 1e-6)
+            return opt
         opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
         if self.wiring == "TLR":
             sched = hx.TLR(opt, update_every=2)
@@ -81,7 +85,7 @@ def _trainer(tmp_path, **kw):
                       default_root_dir=str(tmp_path), deterministic=True, **kw)  # fmt: skip
 
 
-WIRINGS = ["SGDHD", "AdamHD + StepLR", "TLR", "MLRSNet"]
+WIRINGS = ["SGDHD", "AdamHD + StepLR", "TLR", "MLRSNet", "HyperLR + AdamW"]
 
 
 @pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])

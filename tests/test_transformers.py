@@ -45,6 +45,11 @@ def _args(out, **kw):
     )  # fmt: skip
 
 
+def _wrapped(opt):
+    hx.HyperLR(opt, 1e-6)  # learns the LR of the optimizer the Trainer steps
+    return dict(optimizers=(opt, None))
+
+
 WIRINGS = {
     "SGDHD via optimizers": lambda m: dict(optimizers=(hx.SGDHD(
         m.parameters(), lr=0.05, hyper_lr=1e-3, momentum=0.9), None)),
@@ -52,6 +57,7 @@ WIRINGS = {
         optimizer_cls_and_kwargs=(hx.AdamHD, {"lr": 0.05, "hyper_lr": 1e-4})),
     "TLR as the scheduler": lambda m: (lambda o: dict(optimizers=(o, hx.TLR(o, update_every=2))))(
         torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)),
+    "HyperLR around AdamW": lambda m: _wrapped(torch.optim.AdamW(m.parameters(), lr=0.05)),
 }  # fmt: skip
 
 
@@ -82,7 +88,10 @@ def test_trainer_trains_checkpoints_and_resumes_exactly(wiring, tmp_path):
         # The linear decay has brought group["lr"] to 0 after the last step; that step applied
         # the learned LR times the decay's previous factor (1/6 of the way from the end).
         assert group["initial_lr"] == 0.05 and group["lr"] == 0.0
-        assert 0 < float(group["effective_lr"]) < float(group["learned_lr"])
+        hyper = hx.HyperLR.attached(opt)
+        learned = (hyper.effective_lr[0], hyper.learned_lr[0]) if hyper else (
+            group["effective_lr"], group["learned_lr"])  # fmt: skip
+        assert 0 < float(learned[0]) < float(learned[1])
     checkpoint = tmp_path / "run" / "checkpoint-4"
     assert (checkpoint / "optimizer.pt").is_file()
 

@@ -20,9 +20,18 @@ _KEYS = (("effective_lr", "effective_lr"), ("hypergrad", "hypergrad"), ("learned
 
 def learned_values(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """``{"effective_lr/group0": ..., "hypergrad/group0": ..., "mu/group0": ...}`` for every group
-    that has them (HD optimizers, MARTHE/RTHO); a torch optimizer scheduled by TLR or MLR-SNet
-    logs its ``lr``. Reads the device tensors: call it where logging may synchronise."""
+    that has them (HD optimizers, MARTHE/RTHO, an optimizer wrapped by ``HyperLR``); a torch
+    optimizer scheduled by TLR or MLR-SNet logs its ``lr``. Reads the device tensors: call it
+    where logging may synchronise."""
+    from hyperlr_ext.optim.hyper_lr import HyperLR
+
     out: dict[str, float] = {}
+    hyper = HyperLR.attached(optimizer)
+    if hyper is not None:
+        for i, (effective, hypergrad) in enumerate(zip(hyper.effective_lr, hyper.hypergrad)):
+            out[f"effective_lr/group{i}"] = float(effective.detach().float().mean())
+            out[f"hypergrad/group{i}"] = float(hypergrad.detach().float().mean())
+        return out
     for i, group in enumerate(optimizer.param_groups):
         found = False
         for key, name in _KEYS:

@@ -29,6 +29,7 @@ from hyperlr_ext.optim._lr_learner import LRLearner
 __all__ = ["HyperLR"]
 
 _ATTRIBUTE = "_hyperlr_ext_hyper_lr"  # the wrapper of an optimizer, set while it is attached
+STATE_KEY = "hyperlr_ext.HyperLR"  # where the optimizer's state_dict carries the wrapper's
 
 # Optimizers whose ``weight_decay`` is an L2 term of the objective (added to the gradient), and
 # those whose decay is decoupled (applied to the weights); a group's own
@@ -148,7 +149,9 @@ class HyperLR:
         allow_low_precision: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"HyperLR wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"HyperLR wraps a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         if isinstance(optimizer, LRLearner):
             raise ValueError(
                 f"{type(optimizer).__name__} learns its LR itself; HyperLR is for optimizers "
@@ -175,9 +178,13 @@ class HyperLR:
         self._pending: list[dict[str, Any] | None] = []
         self._sync_groups()
         setattr(optimizer, _ATTRIBUTE, self)
+        self._loaded: dict[str, Any] | None = None
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
+            optimizer.register_state_dict_post_hook(self._save_with_optimizer),
+            optimizer.register_load_state_dict_pre_hook(self._take_from_optimizer_state),
+            optimizer.register_load_state_dict_post_hook(self._load_with_optimizer),
         ]
 
     # ------------------------------------------------------------------ checks and state
@@ -276,8 +283,30 @@ class HyperLR:
             params, foreach=self.foreach, fused=self.fused, algorithm="hyper_lr"
         )
 
-    def _pre_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
+    def _pre_step(self, optimizer: Optimizer, args: tuple, kwargs: dict):
+        """Before the step; with a closure (Lightning's, which runs zero_grad, forward and
+        backward), right after the closure's first call, when the gradients exist."""
         self._restore_pending()  # a step that raised left its LR in the group
+        # torch passes the hooks the step's arguments with the optimizer first.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._prepare(optimizer)
+            return None
+        prepared = []
+
+        def closure_then_prepare():
+            loss = closure()
+            if not prepared:  # optimizers that call the closure again (LBFGS): once per step
+                prepared.append(True)
+                self._prepare(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_prepare}
+        return (args[0], closure_then_prepare, *args[2:]), kwargs
+
+    def _prepare(self, optimizer: Optimizer) -> None:
+        """h_t, the rule and the step's LR for every group."""
         self._sync_groups()
         grad_scale = getattr(optimizer, "grad_scale", None)
         found_inf = getattr(optimizer, "found_inf", None)
@@ -398,6 +427,22 @@ class HyperLR:
                 self._pending[index] = None
 
     # ------------------------------------------------------------------ checkpoints
+    # The optimizer's own state_dict carries the wrapper's under STATE_KEY, so checkpoints that
+    # save and load only the optimizer (transformers' Trainer, Lightning) resume the learned LR.
+    def _save_with_optimizer(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+        state_dict[STATE_KEY] = self.state_dict()
+
+    def _take_from_optimizer_state(self, optimizer: Optimizer, state_dict: dict[str, Any]):
+        self._loaded = state_dict.get(STATE_KEY)
+        if self._loaded is None:
+            return None
+        return {key: value for key, value in state_dict.items() if key != STATE_KEY}
+
+    def _load_with_optimizer(self, optimizer: Optimizer) -> None:
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            self.load_state_dict(loaded)
+
     def state_dict(self) -> dict[str, Any]:
         """The learned LRs, hypergradients, previous LRs and snapshots (tensors, numbers and
         lists: loadable with ``torch.load(weights_only=True)``)."""
