@@ -11,4 +11,14 @@ from hyperlr_ext.schedulers import TLR, MLRSNet
 
 __version__ = "0.1.0"
 
-__all__ = ["SGDHD", "AdamHD", "HyperLR", "MARTHE", "RTHO", "TLR", "MLRSNet", "multi_tensor_dot", "__version__"]
+__all__ = [
+    "SGDHD",
+    "AdamHD",
+    "HyperLR",
+    "MARTHE",
+    "RTHO",
+    "TLR",
+    "MLRSNet",
+    "multi_tensor_dot",
+    "__version__",
+]
