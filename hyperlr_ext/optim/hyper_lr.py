@@ -407,10 +407,15 @@ class HyperLR:
             weight = torch.where(found_inf.reshape(()) != 0, 0.0, weight)
         params, snapshots = group["params"], self.snapshots[index]
         local = local_shards if mesh_group(params) is not None else (lambda ts: ts)
+        stepped = pending["stepped"]
+        weights = local([params[i] for i in stepped])
         with torch.no_grad():
-            for i in pending["stepped"]:
-                [w], [snapshot] = local([params[i]]), local([snapshots[i]])
-                w.lerp_(snapshot, weight[i].to(w.dtype))
+            if len({w.dtype for w in weights}) == 1:  # one list op
+                factors = list(weight[stepped].to(weights[0].dtype).unbind())
+                torch._foreach_lerp_(weights, local([snapshots[i] for i in stepped]), factors)
+                return
+            for i, w in zip(stepped, weights):
+                w.lerp_(local([snapshots[i]])[0], weight[i].to(w.dtype))
 
     @staticmethod
     def _restore_lr(group: dict[str, Any], pending: dict[str, Any]) -> None:
