@@ -167,6 +167,13 @@ def _marthe(model, c, **kw):
     return Trainer(hx.MARTHE(model.parameters(), lr=c.lr, **kw), "closure")
 
 
+def _hyper_lr(opt: torch.optim.Optimizer, hyper_lr: float) -> Trainer:
+    """``opt`` with a HyperLR attached (its hooks run in ``opt.step()``); the LR reported is the
+    one the last step applied, the schedule's scale times the learned LR."""
+    hyper = hx.HyperLR(opt, hyper_lr=hyper_lr)
+    return Trainer(opt, "backward", lr_fn=lambda: float(hyper.effective_lr[0].float().mean()))
+
+
 METHODS: tuple[Method, ...] = (
     # ---- what people use: fixed LR, schedules, Adam
     Method("SGD", "baseline", SGD_LRS, lambda m, c: Trainer(_sgd(m, c, **MOMENTUM), "backward"),
@@ -194,6 +201,13 @@ METHODS: tuple[Method, ...] = (
            lambda m, c: Trainer(hx.SGDHD(m.parameters(), lr=c.lr, hyper_lr=1e-3, **NESTEROV),
                                 "backward", val=True),
            "SGDN-HD on a validation loss (val_closure)"),
+    # ---- HD around torch's optimizers: HyperLR, with the hyper-LR of the HD method of the family
+    Method("SGD+HyperLR", "HD", SGD_LRS,
+           lambda m, c: _hyper_lr(_sgd(m, c, **MOMENTUM), 1e-3),
+           "torch.optim.SGD(momentum=0.9) in HyperLR, hyper_lr=1e-3"),
+    Method("AdamW+HyperLR", "HD", ADAM_LRS,
+           lambda m, c: _hyper_lr(torch.optim.AdamW(m.parameters(), lr=c.lr), 1e-6),
+           "torch.optim.AdamW (weight_decay=0.01) in HyperLR, hyper_lr=1e-6"),
     # ---- tangent (forward-mode) hypergradients
     Method("RTHO", "tangent", SGD_LRS,
            lambda m, c: Trainer(hx.RTHO(m.parameters(), lr=c.lr, hyper_lr=1e-5, **MOMENTUM),

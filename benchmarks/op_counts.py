@@ -69,9 +69,25 @@ def _hd(cls_name: str, **kwargs) -> Callable[[list[torch.Tensor]], torch.optim.O
     return make
 
 
+def _with_hyper_lr(
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], **kwargs
+) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+    """``make``'s optimizer with a HyperLR attached: its step runs the hook pair too."""
+
+    def wrapped(params):
+        import hyperlr_ext as hx
+
+        optimizer = make(params)
+        hx.HyperLR(optimizer, **kwargs)
+        return optimizer
+
+    return wrapped
+
+
 def variants() -> list[Variant]:
-    """torch's foreach/fused SGD and Adam, and every foreach path of SGD-HD, Adam-HD and the
-    MARTHE tangent step (:class:`TangentStep`)."""
+    """torch's foreach/fused SGD, Adam and AdamW, every foreach path of SGD-HD, Adam-HD and the
+    MARTHE tangent step (:class:`TangentStep`), and torch's AdamW with HyperLR's foreach pass
+    (the ops of its hook pair are the difference to AdamW alone)."""
     sgd = dict(lr=1e-3, momentum=0.9)
     adam = dict(lr=1e-3)
     hd = dict(hyper_lr=1e-6, foreach=True)
@@ -84,6 +100,17 @@ def variants() -> list[Variant]:
                 lambda p: torch.optim.Adam(p, foreach=True, **adam)),
         Variant("torch Adam fused", "torch Adam foreach",
                 lambda p: torch.optim.Adam(p, fused=True, **adam)),
+        Variant("torch AdamW foreach", "torch AdamW foreach",
+                lambda p: torch.optim.AdamW(p, foreach=True, **adam)),
+        Variant("torch AdamW fused", "torch AdamW foreach",
+                lambda p: torch.optim.AdamW(p, fused=True, **adam)),
+    ]  # fmt: skip
+    hyper = dict(hyper_lr=1e-7, foreach=True)
+    out += [
+        Variant("torch AdamW foreach + HyperLR foreach", "torch AdamW foreach",
+                _with_hyper_lr(lambda p: torch.optim.AdamW(p, foreach=True, **adam), **hyper)),
+        Variant("torch AdamW fused + HyperLR foreach", "torch AdamW fused",
+                _with_hyper_lr(lambda p: torch.optim.AdamW(p, fused=True, **adam), **hyper)),
     ]  # fmt: skip
     for label, extra in (
         ("", {}),

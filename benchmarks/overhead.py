@@ -1,4 +1,5 @@
-"""Overhead benchmark: optimizer step time of SGDHD/AdamHD against torch.optim SGD/Adam.
+"""Overhead benchmark: optimizer step time of SGDHD/AdamHD against torch.optim SGD/Adam, and of
+torch's fused AdamW wrapped by HyperLR against the same AdamW alone.
 
 For each total size (fp32 parameters) split into N equal tensors, every variant steps the same
 parameters with the same fixed random gradients. Variants are timed round-robin (a few steps
@@ -7,7 +8,8 @@ machine load; the reported time is the median step. Achieved bandwidth counts th
 docs/design.md, "Kernel byte budgets" (reads + writes per element: torch SGD-momentum 5, Adam 7;
 HD exact adds a second pass: SGD-HD exact reads/writes 6 (direction pass: g, b read, b written;
 param pass: w, b read, w written), Adam-HD exact 9 (moments pass: g, m, v read, m, v written;
-param pass: w, m, v read, w written); ``lr_lag=1`` is one pass with torch's own bytes).
+param pass: w, m, v read, w written); ``lr_lag=1`` is one pass with torch's own bytes; torch
+AdamW 7 and HyperLR's pre-step pass 4 more (g, w, snapshot read, snapshot written): 11).
 
     python -m benchmarks.overhead --help
 """
@@ -37,11 +39,23 @@ from benchmarks.timing import (
 
 SIZES = (1_000_000, 10_000_000, 50_000_000)
 COUNTS = (10, 100, 1000)
-BASELINE = {"sgd": "torch SGD", "adam": "torch Adam"}
+STEADY = (10_000_000, 100)  # (total, count) of the steady-loop table
+BASELINE = {"sgd": "torch SGD", "adam": "torch Adam", "adamw": "torch AdamW"}
+FAMILIES = tuple(BASELINE)
 # foreach and fused as asked for; the for-loop is what both torch and hyperlr_ext default to on CPU.
 IMPLS: dict[str, dict[str, bool]] = {
     "foreach": {"foreach": True},
     "fused": {"fused": True},
+    "for-loop": {"foreach": False},
+}
+# The implementations the AdamW family is timed with (torch's fused AdamW is the one HyperLR is
+# meant to wrap; the others would add their round-robin time to every configuration), and the
+# pass HyperLR is given for each: with "fused" its default, the compiled pass where that is the
+# default on the device, else the for-loop (each row records the pass that ran).
+HYPER_LR_IMPLS = ("fused",)
+HYPER_LR_PASS: dict[str, dict[str, bool]] = {
+    "foreach": {"foreach": True},
+    "fused": {},
     "for-loop": {"foreach": False},
 }
 
@@ -57,8 +71,33 @@ class Variant:
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 
-def variants() -> list[Variant]:
-    """torch SGD(momentum=0.9)/Adam, SGDHD(momentum=0.9)/AdamHD exact and lr_lag=1, per ``IMPLS``.
+def _with_hyper_lr(optimizer: torch.optim.Optimizer, **flags: bool) -> torch.optim.Optimizer:
+    """``optimizer`` with a HyperLR attached (its hooks keep it alive); stepping the optimizer
+    runs HyperLR's pre-step pass and rule."""
+    import hyperlr_ext as hx
+
+    hx.HyperLR(optimizer, hyper_lr=1e-14, **flags)
+    return optimizer
+
+
+def hyper_lr_pass(optimizer: torch.optim.Optimizer) -> str | None:
+    """The pre-step pass ("fused", "foreach" or "single") of the HyperLR attached to
+    ``optimizer``, None without one."""
+    import hyperlr_ext as hx
+    from hyperlr_ext._dispatch import choose_implementation
+
+    hyper = hx.HyperLR.attached(optimizer)
+    if hyper is None:
+        return None
+    params = optimizer.param_groups[0]["params"]
+    return choose_implementation(
+        params, foreach=hyper.foreach, fused=hyper.fused, algorithm="hyper_lr"
+    )
+
+
+def variants(families: tuple[str, ...] = FAMILIES) -> list[Variant]:
+    """torch SGD(momentum=0.9)/Adam, SGDHD(momentum=0.9)/AdamHD exact and lr_lag=1, per ``IMPLS``;
+    torch AdamW alone and with HyperLR, per ``HYPER_LR_IMPLS``; those of ``families``.
 
     The hyper-LRs are tiny so that weights stay finite over thousands of steps with a fixed
     gradient; the step does the same work whatever their value.
@@ -107,7 +146,25 @@ def variants() -> list[Variant]:
                 lambda p, f=flag: hx.AdamHD(p, lr=1e-4, hyper_lr=1e-14, lr_lag=1, **f),
             ),
         ]
-    return out
+    for impl in HYPER_LR_IMPLS:
+        flag, hyper = IMPLS[impl], HYPER_LR_PASS[impl]
+        out += [
+            Variant(
+                "torch AdamW",
+                "adamw",
+                impl,
+                7,
+                lambda p, f=flag: torch.optim.AdamW(p, lr=1e-4, **f),
+            ),
+            Variant(
+                "torch AdamW+HyperLR",
+                "adamw",
+                impl,
+                11,
+                lambda p, f=flag, h=hyper: _with_hyper_lr(torch.optim.AdamW(p, lr=1e-4, **f), **h),
+            ),
+        ]
+    return [v for v in out if v.family in families]
 
 
 def _minor_faults() -> int:
@@ -147,17 +204,20 @@ def time_config(
     min_rounds: int = 5,
     max_rounds: int = 100,
     warmup: int = 1,
+    families: tuple[str, ...] = FAMILIES,
 ) -> list[dict[str, Any]]:
-    """Time every variant on ``count`` tensors holding ``total`` parameters; one row per variant.
+    """Time every variant of ``families`` on ``count`` tensors holding ``total`` parameters; one
+    row per variant.
 
-    One family (SGD, then Adam) at a time, to hold only that family's optimizer states in memory.
+    One family (SGD, Adam, AdamW) at a time, to hold only that family's optimizer states in
+    memory.
     """
     params = _params(total, count, device)
     timer = Timer(device)
     rows: list[dict[str, Any]] = []
-    for family in BASELINE:
+    for family in families:
         timed = []
-        for v in (v for v in variants() if v.family == family):
+        for v in variants((family,)):
             row = {"total_params": total, "n_tensors": count, "variant": v.name}
             row.update(family=family, impl=v.impl, bytes_per_elem=v.bytes_per_elem)
             rows.append(row)
@@ -168,6 +228,7 @@ def time_config(
             except (RuntimeError, ValueError, NotImplementedError, TypeError) as error:
                 row["unsupported"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                 continue
+            _record_hyper_lr_pass(row, optimizer)
             timed.append((row, optimizer, []))
         _time_round_robin(timed, timer, min_time_s, min_rounds, max_rounds)
         for row, _, times in timed:
@@ -180,6 +241,13 @@ def time_config(
         gc.collect()
     _add_ratios(rows)
     return rows
+
+
+def _record_hyper_lr_pass(row: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """A HyperLR row's ``hyper_lr_pass``: the implementation of the pre-step pass that ran."""
+    chosen = hyper_lr_pass(optimizer)
+    if chosen is not None:
+        row["hyper_lr_pass"] = chosen
 
 
 def _params(total: int, count: int, device: torch.device) -> list[torch.Tensor]:
@@ -208,25 +276,33 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def steady_rows(
-    total: int, count: int, device: torch.device, steps: int = 21, repeats: int = 5
+    total: int,
+    count: int,
+    device: torch.device,
+    steps: int = 21,
+    repeats: int = 5,
+    families: tuple[str, ...] = FAMILIES,
 ) -> list[dict]:
-    """Every variant timed in a steady loop (one optimizer stepped ``steps`` times in a row after
-    warm-up, the median step: how a training loop runs it) on ``count`` tensors holding
-    ``total`` parameters. The loops of the variants take turns ``repeats`` times; a row reports
-    the median of its loops, and its ratio is the median over the turns of its loop over
+    """Every variant of ``families`` timed in a steady loop (one optimizer stepped ``steps`` times
+    in a row after warm-up, the median step: how a training loop runs it) on ``count`` tensors
+    holding ``total`` parameters. The loops of the variants take turns ``repeats`` times; a row
+    reports the median of its loops, and its ratio is the median over the turns of its loop over
     torch's loop of the same turn (a minute apart at most), so that the drift of a shared
     machine's memory bandwidth cancels."""
     params = _params(total, count, device)
     timer, rows, optimizers = Timer(device), [], []
-    for v in variants():
+    for v in variants(families):
         row = {"total_params": total, "n_tensors": count, "variant": v.name, "impl": v.impl,
-               "family": v.family, "loops_ms": []}  # fmt: skip
+               "family": v.family, "bytes_per_elem": v.bytes_per_elem, "loops_ms": []}  # fmt: skip
         rows.append(row)
         try:
-            optimizers.append((row, v.make(params)))
-            optimizers[-1][1].step()
+            optimizer = v.make(params)
+            optimizer.step()
         except (RuntimeError, ValueError, NotImplementedError, TypeError) as error:
             row["unsupported"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            continue
+        _record_hyper_lr_pass(row, optimizer)
+        optimizers.append((row, optimizer))
     for _ in range(repeats):
         for row, optimizer in optimizers:
             row["loops_ms"].append(1e3 * steady_loop(optimizer.step, timer, steps=steps))
@@ -249,11 +325,13 @@ def run_overhead(
     counts: tuple[int, ...] = COUNTS,
     min_time_s: float = 3.0,
     skip: tuple[tuple[int, int], ...] = (),
-    steady: tuple[int, int] | None = (10_000_000, 100),
+    steady: tuple[int, int] | None = STEADY,
+    families: tuple[str, ...] = FAMILIES,
 ) -> dict[str, Any]:
-    """Time every (size, count) configuration not in ``skip`` round-robin, the ``steady``
-    configuration (total, count) in a steady loop, and count the ATen ops of every foreach
-    path (benchmarks/op_counts.py); return the JSON-ready results."""
+    """Time the variants of ``families`` on every (size, count) configuration not in ``skip``
+    round-robin and on the ``steady`` configuration (total, count) in a steady loop, and count
+    the ATen ops of every foreach path (benchmarks/op_counts.py); return the JSON-ready
+    results."""
     dev = torch.device(device)
     other_load = OtherLoad()
     configs = [(s, c) for s in sizes for c in counts if (s, c) not in skip]
@@ -267,6 +345,7 @@ def run_overhead(
             "dtype": "float32",
             "grads": "fixed, N(0, 1)",
             "bytes_per_elem": "docs/design.md minimal reads + writes per element",
+            "families": list(families),
         },
         "copy_numel": max(sizes),
         "copy_bandwidth_gb_per_s": copy_bandwidth(max(sizes), dev),
@@ -276,9 +355,9 @@ def run_overhead(
         "rows": [],
     }
     for total, count in tqdm(configs, desc="overhead", unit="config", dynamic_ncols=True):
-        result["rows"] += time_config(total, count, dev, min_time_s)
+        result["rows"] += time_config(total, count, dev, min_time_s, families=families)
     if steady is not None:
-        result["steady"] = steady_rows(*steady, dev)
+        result["steady"] = steady_rows(*steady, dev, families=families)
     result["environment"]["other_processes_cores"] = other_load.cores()
     from benchmarks import op_counts
 
@@ -286,10 +365,28 @@ def run_overhead(
     return result
 
 
+def _parse_size(text: str) -> int:
+    return int(float(text.rstrip("Mm")) * 1e6) if text[-1] in "Mm" else int(text)
+
+
 def _parse_sizes(text: str) -> tuple[int, ...]:
-    return tuple(
-        int(float(s.rstrip("Mm")) * 1e6) if s[-1] in "Mm" else int(s) for s in text.split(",")
-    )
+    return tuple(_parse_size(s) for s in text.split(","))
+
+
+def _parse_steady(text: str) -> tuple[int, int] | None:
+    """``SIZE,COUNT`` (e.g. ``10M,100``) or ``none``."""
+    if text.lower() == "none":
+        return None
+    size, count = text.split(",")
+    return _parse_size(size), int(count)
+
+
+def _parse_families(text: str) -> tuple[str, ...]:
+    families = tuple(text.split(","))
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown families {unknown}; known: {list(FAMILIES)}")
+    return families
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -308,13 +405,29 @@ def main(argv: list[str] | None = None) -> None:
         help="tensors per size, e.g. 10,1000",
     )
     parser.add_argument(
+        "--families",
+        type=_parse_families,
+        default=FAMILIES,
+        help=f"optimizer families to time, e.g. adam,adamw (default: {','.join(FAMILIES)}; "
+        "adamw: torch's fused AdamW alone and with HyperLR)",
+    )
+    parser.add_argument(
+        "--steady",
+        type=_parse_steady,
+        default=STEADY,
+        help="SIZE,COUNT of the steady-loop table, e.g. 1M,10, or none (default: 10M,100)",
+    )
+    parser.add_argument(
         "--min-time", type=float, default=3.0, help="seconds of timed rounds per configuration"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     from benchmarks.overhead_report import write_overhead
 
-    result = run_overhead(args.device, args.sizes, args.counts, args.min_time)
+    result = run_overhead(
+        args.device, args.sizes, args.counts, args.min_time, steady=args.steady,
+        families=args.families,
+    )  # fmt: skip
     for path in write_overhead(result, args.out):
         print(f"wrote {path}")
 
