@@ -1,6 +1,6 @@
-// The hypergradient reduction of the fused CPU kernels (SGD-HD, Adam-HD): per-chunk lane sums of
-// <g^, d_{t-1}>, |g^|^2, |d_{t-1}|^2 laid out as the CUDA lanes (csrc/hd_math.h), their per-slot
-// reduction in chunk order, and the HD rule of every LR slot (csrc/sgd_hd_math.h).
+// The hypergradient reduction of the fused CPU kernels (SGD-HD, Adam-HD, HyperLR): per-chunk lane
+// sums of <g^, d_{t-1}>, |g^|^2, |d_{t-1}|^2 laid out as the CUDA lanes (csrc/hd_math.h), their
+// per-slot reduction in chunk order, and the HD rule of every LR slot (csrc/sgd_hd_math.h).
 #pragma once
 
 #include "cpu_chunks.h"
@@ -58,13 +58,11 @@ math::HdSums<acc_t> tree_sums(LaneSums<acc_t>& lanes) {
   return {tree_reduce(lanes.dot), tree_reduce(lanes.grad_sq), tree_reduce(lanes.dir_sq)};
 }
 
-// Per-slot reduction of the chunk sums (in chunk order) and the HD rule of every slot; the slot
-// tensors are 1-D of length 1 (every chunk) or one per tensor.
-template <typename acc_t>
-void finish_slots(const ChunkList& list, const std::vector<math::HdSums<acc_t>>& chunk_sums,
-                  const at::Tensor& lrs, const at::Tensor& hypergrads,
-                  const at::Tensor& effective_lrs, const math::HdRuleSettings<acc_t>& rule) {
-  const int64_t num_slots = lrs.numel();
+// Every slot's sums from the chunk sums, in chunk order: `finish_slot(slot, sums)` for each of
+// the num_slots slots (1: every chunk; else slot i is tensor i's chunks).
+template <typename acc_t, typename FinishSlot>
+void reduce_slots(const ChunkList& list, const std::vector<math::HdSums<acc_t>>& chunk_sums,
+                  int64_t num_slots, const FinishSlot& finish_slot) {
   std::vector<acc_t> dots(chunk_sums.size()), grad_sqs(chunk_sums.size()),
       dir_sqs(chunk_sums.size());
   for (size_t c = 0; c < chunk_sums.size(); ++c) {
@@ -72,37 +70,55 @@ void finish_slots(const ChunkList& list, const std::vector<math::HdSums<acc_t>>&
     grad_sqs[c] = chunk_sums[c].grad_sq;
     dir_sqs[c] = chunk_sums[c].dir_sq;
   }
-  acc_t* lr = lrs.mutable_data_ptr<acc_t>();
-  acc_t* hypergrad = hypergrads.mutable_data_ptr<acc_t>();
-  acc_t* effective_lr = effective_lrs.mutable_data_ptr<acc_t>();
   for (int64_t slot = 0; slot < num_slots; ++slot) {
     const int64_t first = num_slots == 1 ? 0 : list.first_chunk[slot];
     const int64_t count =
         num_slots == 1 ? static_cast<int64_t>(chunk_sums.size()) : list.chunk_count[slot];
-    const math::HdSums<acc_t> sums{reduce_range(dots, first, count),
-                                   reduce_range(grad_sqs, first, count),
-                                   reduce_range(dir_sqs, first, count)};
-    math::hd_rule(lr[slot], hypergrad[slot], effective_lr[slot], sums, rule);
+    finish_slot(slot, math::HdSums<acc_t>{reduce_range(dots, first, count),
+                                          reduce_range(grad_sqs, first, count),
+                                          reduce_range(dir_sqs, first, count)});
   }
 }
 
-// The reducing pass of a fused HD op: `chunk_pass(chunk, lanes)` runs one chunk's element loop
-// into that chunk's lane sums (chunks in parallel on torch's threads); then each chunk's lane
-// tree, every slot's sums in chunk order and the HD rule (finish_slots).
+// Per-slot reduction of the chunk sums (in chunk order) and the HD rule of every slot; the slot
+// tensors are 1-D of length 1 (every chunk) or one per tensor.
+template <typename acc_t>
+void finish_slots(const ChunkList& list, const std::vector<math::HdSums<acc_t>>& chunk_sums,
+                  const at::Tensor& lrs, const at::Tensor& hypergrads,
+                  const at::Tensor& effective_lrs, const math::HdRuleSettings<acc_t>& rule) {
+  acc_t* lr = lrs.mutable_data_ptr<acc_t>();
+  acc_t* hypergrad = hypergrads.mutable_data_ptr<acc_t>();
+  acc_t* effective_lr = effective_lrs.mutable_data_ptr<acc_t>();
+  reduce_slots(list, chunk_sums, lrs.numel(),
+               [&](int64_t slot, const math::HdSums<acc_t>& sums) {
+                 math::hd_rule(lr[slot], hypergrad[slot], effective_lr[slot], sums, rule);
+               });
+}
+
+// The chunk sums of a reducing pass: `chunk_pass(chunk, lanes)` runs one chunk's element loop
+// into that chunk's lane sums (chunks in parallel on torch's threads), then each chunk's lane
+// tree.
 template <typename acc_t, typename ChunkPass>
-void reduce_chunks(const ChunkList& list, const ChunkPass& chunk_pass, const at::Tensor& lrs,
-                   const at::Tensor& hypergrads, const at::Tensor& effective_lrs,
-                   const math::HdRuleSettings<acc_t>& rule) {
+std::vector<math::HdSums<acc_t>> chunk_sums(const ChunkList& list, const ChunkPass& chunk_pass) {
   const int64_t num_chunks = static_cast<int64_t>(list.chunks.size());
-  std::vector<math::HdSums<acc_t>> chunk_sums(num_chunks);
+  std::vector<math::HdSums<acc_t>> sums(num_chunks);
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       LaneSums<acc_t> lanes;
       chunk_pass(list.chunks[k], lanes);
-      chunk_sums[k] = tree_sums(lanes);
+      sums[k] = tree_sums(lanes);
     }
   });
-  finish_slots(list, chunk_sums, lrs, hypergrads, effective_lrs, rule);
+  return sums;
+}
+
+// The reducing pass of a fused HD op: the chunk sums (chunk_sums), every slot's sums in chunk
+// order and the HD rule (finish_slots).
+template <typename acc_t, typename ChunkPass>
+void reduce_chunks(const ChunkList& list, const ChunkPass& chunk_pass, const at::Tensor& lrs,
+                   const at::Tensor& hypergrads, const at::Tensor& effective_lrs,
+                   const math::HdRuleSettings<acc_t>& rule) {
+  finish_slots(list, chunk_sums<acc_t>(list, chunk_pass), lrs, hypergrads, effective_lrs, rule);
 }
 
 // Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template argument.

@@ -80,6 +80,13 @@ void define_ops(torch::Library& m) {
       "tlr_window_(Tensor[] params, Tensor(a!)[] snapshots, Tensor(b!)[] prev_updates, "
       "Tensor lr, bool has_previous) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // The fused HyperLR pass (csrc/hyper_lr.h; hyperlr_ext/functional/hyper_lr.py): the three HD
+  // sums of every LR slot and the new snapshots in one pass; returns [3, num_slots].
+  m.def(
+      "hyper_lr_sums_(Tensor[] params, Tensor[] grads, Tensor(a!)[] snapshots, "
+      "int[] has_previous, int num_slots, float weight_decay, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }
 
 }  // namespace hyperlr

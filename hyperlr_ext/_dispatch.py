@@ -23,7 +23,7 @@ __all__ = [
 # Algorithms that have a fused kernel in this build (csrc/<algorithm>_cpu.cpp for the CPU,
 # csrc/cuda/<algorithm>.cu for CUDA); the others run the pure-PyTorch paths on every device.
 FUSED_ALGORITHMS: frozenset[str] = frozenset(
-    {"sgd_hd", "adam_hd", "marthe_sgd", "marthe_adam", "tlr"}
+    {"sgd_hd", "adam_hd", "marthe_sgd", "marthe_adam", "tlr", "hyper_lr"}
 )
 FUSED_DEVICES = ("cpu", "cuda")
 # Where the fused kernels are the default (fused=None and foreach=None): the devices on which
@@ -35,6 +35,7 @@ DEFAULT_FUSED: dict[str, frozenset[str]] = {
     "marthe_sgd": frozenset({"cpu"}),
     "marthe_adam": frozenset({"cpu"}),
     "tlr": frozenset({"cpu"}),
+    "hyper_lr": frozenset({"cpu"}),
 }
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 

@@ -313,3 +313,25 @@ def _tlr_window_fake(params, snapshots, prev_updates, lr, has_previous) -> Tenso
 
 if EXTENSION_AVAILABLE:
     torch.library.register_fake("hyperlr_ext::tlr_window_")(_tlr_window_fake)
+
+
+# ---- fused HyperLR pass (csrc/hyper_lr.h) -----------------------------------------------------
+
+
+def _hyper_lr_sums_fake(
+    params, grads, snapshots, has_previous, num_slots, weight_decay, maximize, grad_scale=None,
+    found_inf=None,
+) -> Tensor:  # fmt: skip
+    torch._check(
+        num_slots == 1 or num_slots == len(params),
+        lambda: (
+            f"hyper_lr_sums_: num_slots must be 1 or len(params) = {len(params)}, got {num_slots}"
+        ),
+    )
+    if not params:
+        return torch.empty((3, max(num_slots, 1)), dtype=torch.float32)
+    return params[0].new_empty((3, num_slots), dtype=_dot_result_dtype(params[0].dtype))
+
+
+if EXTENSION_AVAILABLE:
+    torch.library.register_fake("hyperlr_ext::hyper_lr_sums_")(_hyper_lr_sums_fake)

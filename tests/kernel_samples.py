@@ -5,6 +5,7 @@ emulated-kernel tests (test_cuda_emu.py) and the GPU kernel driver (cuda_kernel_
 from __future__ import annotations
 
 import test_adam_hd_ops
+import test_hyper_lr_ops
 import test_sgd_hd_ops
 import test_tangent_ops
 import test_tlr
@@ -35,4 +36,5 @@ FAMILIES = {
     "adam_hd": test_adam_hd_ops._op_samples,
     "tangent": test_tangent_ops._op_samples,
     "tlr": tlr_samples,
+    "hyper_lr": test_hyper_lr_ops._op_samples,
 }

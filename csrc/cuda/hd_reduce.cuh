@@ -1,8 +1,8 @@
-// The hypergradient reduction shared by the fused CUDA kernels (SGD-HD, Adam-HD): each block
-// writes its three partial sums (dot, |g^|^2, |d|^2) to a scratch buffer; the last block to finish
-// reduces them per LR slot in block order (lane i % kLanes, then the tree of hd_math.h) and
-// applies the HD rule on the device. No float atomics, no host sync; the CPU kernels
-// (csrc/cpu_hd_reduce.h) reduce in the same order.
+// The hypergradient reduction shared by the fused CUDA kernels (SGD-HD, Adam-HD, HyperLR): each
+// block writes its three partial sums (dot, |g^|^2, |d|^2) to a scratch buffer; the last block to
+// finish reduces them per LR slot in block order (lane i % kLanes, then the tree of hd_math.h) and
+// applies the HD rule on the device (or hands each slot's sums to the caller). No float atomics,
+// no host sync; the CPU kernels (csrc/cpu_hd_reduce.h) reduce in the same order.
 //
 // Scratch layout (one byte tensor per call): int64 slot_first_block[S], int64 slot_blocks[S],
 // uint32 blocks_done (padded to 8 bytes), acc_t partials[3][total_blocks]. slot_blocks and
@@ -22,13 +22,10 @@ namespace cuda {
 
 constexpr int kTagShift = 2;  // the low bits of a tag are per-tensor flags
 
+// The per-slot reduction of the blocks' partial sums: its sizes and its scratch.
 template <typename acc_t>
-struct HdReduction {
-  math::HdRuleSettings<acc_t> rule;
+struct SlotReduction {
   int64_t num_slots;
-  acc_t* lrs;
-  acc_t* hypergrads;
-  acc_t* effective_lrs;
   int64_t* slot_first_block;
   int64_t* slot_blocks;
   unsigned int* blocks_done;
@@ -36,8 +33,17 @@ struct HdReduction {
   int64_t total_blocks;
 };
 
+// The reduction of the HD ops: every slot's sums go through the HD rule into its LR.
 template <typename acc_t>
-__device__ inline int64_t slot_of(const HdReduction<acc_t>& r, int32_t tag) {
+struct HdReduction : SlotReduction<acc_t> {
+  math::HdRuleSettings<acc_t> rule;
+  acc_t* lrs;
+  acc_t* hypergrads;
+  acc_t* effective_lrs;
+};
+
+template <typename acc_t>
+__device__ inline int64_t slot_of(const SlotReduction<acc_t>& r, int32_t tag) {
   return r.num_slots == 1 ? 0 : static_cast<int64_t>(tag >> kTagShift);
 }
 
@@ -46,11 +52,14 @@ __device__ inline int64_t load_cg(const int64_t* address) {
   return static_cast<int64_t>(__ldcg(reinterpret_cast<const long long*>(address)));
 }
 
-// The last block: per slot, the partials of its blocks in block order (lane i % kLanes, then the
-// tree), and the HD rule. Other blocks return.
-template <int kDepth, typename acc_t>
-__device__ void finish_reduction(const Chunk<kDepth>& chunk, const HdReduction<acc_t>& p,
-                                 const math::HdSums<acc_t>& block_sums) {
+// Every block records its sums; the last block then reduces, per slot, the partials of the slot's
+// blocks in block order (lane i % kLanes, then the tree) and its thread 0 calls
+// `finish_slot(slot, sums)`. Other blocks return.
+template <int kDepth, typename acc_t, typename FinishSlot>
+__device__ void reduce_slots_in_last_block(const Chunk<kDepth>& chunk,
+                                           const SlotReduction<acc_t>& p,
+                                           const math::HdSums<acc_t>& block_sums,
+                                           const FinishSlot& finish_slot) {
   const int lane = static_cast<int>(threadIdx.x);
   const acc_t dot = block_tree_reduce(block_sums.dot);
   const acc_t grad_sq = block_tree_reduce(block_sums.grad_sq);
@@ -90,7 +99,7 @@ __device__ void finish_reduction(const Chunk<kDepth>& chunk, const HdReduction<a
                                    block_tree_reduce(lane_sums.grad_sq),
                                    block_tree_reduce(lane_sums.dir_sq)};
     if (lane == 0) {
-      math::hd_rule(p.lrs[slot], p.hypergrads[slot], p.effective_lrs[slot], sums, p.rule);
+      finish_slot(slot, sums);
     }
   }
   if (lane == 0) {
@@ -98,11 +107,22 @@ __device__ void finish_reduction(const Chunk<kDepth>& chunk, const HdReduction<a
   }
 }
 
+// The last block: every slot's sums (reduce_slots_in_last_block) and its HD rule.
+template <int kDepth, typename acc_t>
+__device__ void finish_reduction(const Chunk<kDepth>& chunk, const HdReduction<acc_t>& p,
+                                 const math::HdSums<acc_t>& block_sums) {
+  reduce_slots_in_last_block(chunk, p, block_sums,
+                             [&p](int64_t slot, const math::HdSums<acc_t>& sums) {
+                               math::hd_rule(p.lrs[slot], p.hypergrads[slot],
+                                             p.effective_lrs[slot], sums, p.rule);
+                             });
+}
+
 // Allocates and lays out the scratch buffer of `r` (total_blocks and num_slots set) on the
 // current stream; the returned tensor must outlive the launch (the caching allocator keeps it
 // valid for the stream).
 template <typename acc_t>
-at::Tensor prepare_reduction(HdReduction<acc_t>& r, const at::TensorOptions& options) {
+at::Tensor prepare_reduction(SlotReduction<acc_t>& r, const at::TensorOptions& options) {
   const int64_t header_bytes = (2 * r.num_slots + 1) * static_cast<int64_t>(sizeof(int64_t));
   const int64_t scratch_bytes =
       header_bytes + 3 * r.total_blocks * static_cast<int64_t>(sizeof(acc_t));

@@ -10,7 +10,9 @@ pass over the group's tensors forms, per LR slot,
 optimizer's decay is an L2 term of the objective) and writes the new snapshot ``w_t``, unless
 AMP's ``found_inf`` is set (then the step is skipped and the old snapshot stays). A tensor with
 ``has_previous`` 0 (no snapshot yet, or not stepped last time) adds nothing to the first and last
-sums. ``hyper_lr_sums_`` is the readable reference; ``fused_hyper_lr_sums_`` calls the compiled
+sums; its snapshot is written even on a skipped step (the weights did not move, so at the next
+step its update is 0, as it is without one). ``hyper_lr_sums_`` is the readable reference,
+``foreach_hyper_lr_sums_`` the list-op path and ``fused_hyper_lr_sums_`` calls the compiled
 kernel of csrc/hyper_lr*.{h,cpp} and csrc/cuda/hyper_lr.cu with the same arguments.
 :func:`hyper_lr_rule_` turns the sums into the new learned LR on the device.
 """
@@ -50,7 +52,8 @@ def hyper_lr_sums_(
 ) -> Tensor:
     """Returns a ``[3, num_slots]`` tensor (float32; float64 for float64 params, on the params'
     device) of the sums above, ``num_slots`` 1 (the group) or ``len(params)`` (one per tensor),
-    and writes ``snapshots[i] <- params[i]`` (kept where ``found_inf`` is nonzero)."""
+    and writes ``snapshots[i] <- params[i]`` (kept where ``found_inf`` is nonzero and
+    ``has_previous[i]`` set)."""
     if num_slots not in (1, len(params)):
         raise ValueError(f"num_slots must be 1 or len(params) = {len(params)}, got {num_slots}")
     acc = _acc_dtype(params)
@@ -73,8 +76,8 @@ def hyper_lr_sums_(
             update = snapshot.reshape(-1).to(acc) - weight
             sums[0, slot] += torch.dot(objective, update)
             sums[2, slot] += torch.dot(update, update)
-        new = w.detach() if skip is None else torch.where(skip, snapshot, w.detach())
-        snapshot.copy_(new)
+        keep = skip is not None and previous
+        snapshot.copy_(torch.where(skip, snapshot, w.detach()) if keep else w.detach())
     return sums
 
 
@@ -99,18 +102,23 @@ def foreach_hyper_lr_sums_(
     if not params:
         return torch.zeros(3, max(num_slots, 1), dtype=acc)
     weights = [p.detach() for p in params]
-    objective = list(grads)
+    # bfloat16/float16 lists go to float32 first (one conversion per tensor), as the other
+    # passes compute; float32/float64 lists are used as they are.
+    low = params[0].dtype != acc
+    wide = [w.to(acc) for w in weights] if low else weights
+    objective = [g.to(acc) for g in grads] if low else list(grads)
     if grad_scale is not None:
         inv_scale = grad_scale.reciprocal().reshape(())
-        objective = torch._foreach_mul(objective, inv_scale.to(objective[0].dtype))
+        objective = torch._foreach_mul(objective, inv_scale.to(acc))
     if maximize:
         objective = torch._foreach_neg(objective)
     if weight_decay != 0:
-        objective = torch._foreach_add(objective, weights, alpha=weight_decay)
+        objective = torch._foreach_add(objective, wide, alpha=weight_decay)
     present = [i for i, flag in enumerate(has_previous) if flag]
     previous: list[Tensor | None] = [None] * len(params)
     if present:
-        deltas = torch._foreach_sub([snapshots[i] for i in present], [weights[i] for i in present])
+        olds = [snapshots[i].to(acc) if low else snapshots[i] for i in present]
+        deltas = torch._foreach_sub(olds, [wide[i] for i in present])
         for i, delta in zip(present, deltas):
             previous[i] = delta
     dots, grad_sq, dir_sq = slot_sums(objective, previous, num_slots, acc, True)
@@ -118,8 +126,8 @@ def foreach_hyper_lr_sums_(
         torch._foreach_copy_(snapshots, weights)
     else:
         skip = found_inf.reshape(()) != 0
-        for snapshot, weight in zip(snapshots, weights):
-            snapshot.copy_(torch.where(skip, snapshot, weight))
+        for snapshot, weight, flag in zip(snapshots, weights, has_previous):
+            snapshot.copy_(torch.where(skip, snapshot, weight) if flag else weight)
     return torch.stack([dots.reshape(-1), grad_sq.reshape(-1), dir_sq.reshape(-1)])
 
 

@@ -167,6 +167,17 @@ void run_tlr(at::ScalarType dtype, bool many) {
                        list(random(sizes, dtype)), lr, true});
 }
 
+void run_hyper_lr(at::ScalarType dtype, bool many, bool per_tensor, bool amp) {
+  const auto sizes = layout(many);
+  const size_t n = sizes.size();
+  const int64_t slots = per_tensor ? static_cast<int64_t>(n) : 1;
+  const c10::IValue grad_scale = amp ? c10::IValue(at::full({1}, 4.0)) : c10::IValue();
+  const c10::IValue found_inf = amp ? c10::IValue(at::zeros({1})) : c10::IValue();
+  call("hyper_lr_sums_", {list(random(sizes, dtype)), list(random(sizes, dtype)),
+                          list(random(sizes, dtype)), ones(n), slots, 0.01, !many, grad_scale,
+                          found_inf});
+}
+
 void run_selftests() {
   const at::Tensor sums = at::zeros({3});
   call("selftest", {std::string("block_sum"), sums, 3, 512});
@@ -210,6 +221,8 @@ int main(int argc, char** argv) {
       run_tangent(dtype, many, /*adam=*/false, /*amp=*/many);
       run_tangent(dtype, many, /*adam=*/true, /*amp=*/!many);
       run_tlr(dtype, many);
+      run_hyper_lr(dtype, many, /*per_tensor=*/true, /*amp=*/!many);
+      run_hyper_lr(dtype, many, /*per_tensor=*/false, /*amp=*/many);
     }
     std::printf("cuda_emu_driver: every kernel ran in %s\n", c10::toString(dtype));
   }

@@ -19,7 +19,7 @@ endforeach()
 
 # The host code the kernels call (argument checks, contiguity, schemas); not the CPU kernels.
 set(HYPERLR_EMU_HOST_SOURCES "")
-foreach(_name fused_args multi_tensor_dot schemas sgd_hd adam_hd tangent tlr)
+foreach(_name fused_args multi_tensor_dot schemas sgd_hd adam_hd tangent tlr hyper_lr)
   list(APPEND HYPERLR_EMU_HOST_SOURCES "${CMAKE_CURRENT_SOURCE_DIR}/csrc/${_name}.cpp")
 endforeach()
 
