@@ -38,6 +38,11 @@ def _acc_dtype(params: list[Tensor]) -> torch.dtype:
     return torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
 
 
+def _check_slots(num_slots: int, params: list[Tensor]) -> None:
+    if num_slots not in (1, len(params)):
+        raise ValueError(f"num_slots must be 1 or len(params) = {len(params)}, got {num_slots}")
+
+
 def hyper_lr_sums_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -54,8 +59,7 @@ def hyper_lr_sums_(
     device) of the sums above, ``num_slots`` 1 (the group) or ``len(params)`` (one per tensor),
     and writes ``snapshots[i] <- params[i]`` (kept where ``found_inf`` is nonzero and
     ``has_previous[i]`` set)."""
-    if num_slots not in (1, len(params)):
-        raise ValueError(f"num_slots must be 1 or len(params) = {len(params)}, got {num_slots}")
+    _check_slots(num_slots, params)
     acc = _acc_dtype(params)
     device = params[0].device if params else torch.device("cpu")
     sums = torch.zeros(3, max(num_slots, 1), dtype=acc, device=device)
@@ -96,8 +100,7 @@ def foreach_hyper_lr_sums_(
     """``hyper_lr_sums_`` with ``torch._foreach_*`` ops: on a GPU a number of launches that does
     not grow with the number of tensors (the sums by :func:`slot_sums`), at the price of
     temporaries the size of the gradients."""
-    if num_slots not in (1, len(params)):
-        raise ValueError(f"num_slots must be 1 or len(params) = {len(params)}, got {num_slots}")
+    _check_slots(num_slots, params)
     acc = _acc_dtype(params)
     if not params:
         return torch.zeros(3, max(num_slots, 1), dtype=acc)
