@@ -34,6 +34,11 @@ def _sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
 
+def _hyper_lr(opt):
+    hx.HyperLR(opt, 1e-4, per_tensor=True)  # its state travels in the optimizer's state_dict
+    return opt
+
+
 # name -> (build(model) -> (optimizer, scheduler or None), protocol)
 CASES = {
     "SGDHD": (lambda m: (hx.SGDHD(m.parameters(), lr=0.05, hyper_lr=1e-2, momentum=0.9), None),
@@ -53,6 +58,8 @@ CASES = {
     "TLR": (lambda m: (lambda o: (o, hx.TLR(o, update_every=3)))(_sgd(m)), "backward"),
     "MLRSNet": (lambda m: (lambda o: (o, hx.MLRSNet(o, meta_every=2, hidden_size=8)))(_sgd(m)),
                 "mlr"),
+    "HyperLR-AdamW": (lambda m: (_hyper_lr(torch.optim.AdamW(m.parameters(), lr=1e-2)), None),
+                      "backward"),
 }  # fmt: skip
 
 
@@ -85,6 +92,10 @@ def snapshot(model, opt):
         out[f"lr{i}"] = torch.as_tensor(group["lr"], dtype=torch.float64).clone()
         if "learned_lr" in group:
             out[f"learned_lr{i}"] = group["learned_lr"].detach().clone()
+    hyper = hx.HyperLR.attached(opt)
+    if hyper is not None:
+        for i, learned in enumerate(hyper.learned_lr):
+            out[f"learned_lr{i}"] = learned.detach().clone()
     return out
 
 
@@ -106,4 +117,7 @@ def resume(name, checkpoint, out):
 
 
 if __name__ == "__main__":
-    resume(*sys.argv[1:4])
+    # name, checkpoint, out, name, checkpoint, out, ...: every case in one process.
+    arguments = sys.argv[1:]
+    for k in range(0, len(arguments), 3):
+        resume(*arguments[k : k + 3])

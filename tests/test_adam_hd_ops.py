@@ -155,7 +155,9 @@ def _op_samples(device, dtype, shapes=SHAPES):
         ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+# float32 only: the ops write in place and return nothing, so opcheck's schema, fake-tensor and
+# compile checks do not depend on the dtype (the numerics are the other tests' business).
+@pytest.mark.parametrize("dtype", [torch.float32], ids=["float32"])
 def test_opcheck_cpu(dtype):
     for op, args in _op_samples("cpu", dtype):
         opcheck(op, args)

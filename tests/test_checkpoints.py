@@ -19,22 +19,34 @@ sys.path.insert(0, str(Path(__file__).parent))
 import checkpoint_cases as cases  # noqa: E402
 
 
-@pytest.mark.parametrize("name", list(cases.CASES))
-def test_resume_in_a_new_process_is_bit_identical(name, tmp_path):
-    model, opt, sched = cases.build(name)
-    cases.train(name, model, opt, sched, cases.STEPS_BEFORE, 0)
-    checkpoint = tmp_path / "checkpoint.pt"
-    cases.save(checkpoint, model, opt, sched)
-    cases.train(name, model, opt, sched, cases.STEPS_AFTER, cases.STEPS_BEFORE)
-    expected = cases.snapshot(model, opt)
-
-    out = tmp_path / "resumed.pt"
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """Every case trained, checkpointed, trained on; then one new process resumes all of them
+    from their checkpoints (loading with weights_only=True). name -> (expected, got)."""
+    directory = tmp_path_factory.mktemp("resume")
+    expected, arguments = {}, []
+    for name in cases.CASES:
+        model, opt, sched = cases.build(name)
+        cases.train(name, model, opt, sched, cases.STEPS_BEFORE, 0)
+        checkpoint = directory / f"{name}.pt"
+        cases.save(checkpoint, model, opt, sched)
+        cases.train(name, model, opt, sched, cases.STEPS_AFTER, cases.STEPS_BEFORE)
+        expected[name] = cases.snapshot(model, opt)
+        arguments += [name, str(checkpoint), str(directory / f"{name}-resumed.pt")]
     result = subprocess.run(
-        [sys.executable, str(Path(cases.__file__)), name, str(checkpoint), str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [sys.executable, str(Path(cases.__file__)), *arguments],
+        cwd=directory, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    got = torch.load(out, weights_only=True)
+    return {
+        name: (expected[name], torch.load(directory / f"{name}-resumed.pt", weights_only=True))
+        for name in cases.CASES
+    }
+
+
+@pytest.mark.parametrize("name", list(cases.CASES))
+def test_resume_in_a_new_process_is_bit_identical(name, resumed):
+    expected, got = resumed[name]
     assert set(got) == set(expected)
     for key in expected:
         assert torch.equal(got[key], expected[key]), key

@@ -10,7 +10,8 @@ The inputs are each op's opcheck samples (its test file's _op_samples) at three 
 - "default": the op tests' shapes (a zero-size, a 0-dim and a two-chunk tensor);
 - "many": 80 tensors (72 not empty), more than one launch holds for every op, sizes around the
   chunk and lane boundaries, and per-tensor LR slots (one per tensor) in the per-tensor samples;
-- "big": more chunks than one launch holds, with a tensor split between two launches;
+- "big": more chunks than one launch holds, with a tensor split between two launches (float32
+  and float64 only: the launches count elements whatever their type);
 
 in float32, float64, bfloat16 and float16, under two schedule seeds (the block order and the
 interleaving of threads between barriers differ; at the big layout the dtypes alternate between
@@ -121,8 +122,18 @@ def _assert_bitwise_equal(got, want, what):
                         f"elements (max |diff| {diff.max().item():.3g})")  # fmt: skip
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+# The big layout is about the launcher (chunks split between launches), which counts elements
+# whatever their type: it runs in float32 and float64 (the two accumulation types); bfloat16
+# and float16 go through the same launches and are checked at the other layouts.
+DTYPE_LAYOUTS = [
+    pytest.param(dtype, layout, id=f"{name}-{layout}")
+    for dtype, name in zip(DTYPES, DTYPE_IDS)
+    for layout in LAYOUTS
+    if layout != "big" or dtype in (torch.float32, torch.float64)
+]
+
+
+@pytest.mark.parametrize(("dtype", "layout"), DTYPE_LAYOUTS)
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_cuda_kernel_matches_cpu_kernel_bitwise(family, dtype, layout):
     count = 0

@@ -112,24 +112,39 @@ def _process_group(rank, world, port):
         dist.destroy_process_group()
 
 
-def _worker(rank, world, name, port, path):
+def _worker(rank, world, names, port, path):
     with _process_group(rank, world, port):
-        model = torch.nn.parallel.DistributedDataParallel(_model())
+        for name in names:
+            model = torch.nn.parallel.DistributedDataParallel(_model())
+            opt, sched = _make(name, model.parameters())
+            _train(model, opt, sched, name, rank, world)
+            torch.save(_result(model.module, opt), f"{path}.{name}.{rank}")
+
+
+@pytest.fixture(scope="module")
+def single_and_spawned(tmp_path_factory):
+    """``get(worker, name, world)``: the single-process run's result, and what each of
+    ``world`` spawned ranks of ``worker`` saved. One spawn per worker and world runs every name
+    of that world in turn (process start-up and the group's set-up are most of a run's time)."""
+    spawned = {}
+
+    def get(worker, name, world):
+        key = (worker.__name__, world)
+        if key not in spawned:
+            names = RUNS[key]
+            path = tmp_path_factory.mktemp(f"{worker.__name__}-{world}") / "result"
+            mp.spawn(worker, args=(world, names, _free_port(), str(path)), nprocs=world,
+                     join=True)  # fmt: skip
+            spawned[key] = {
+                n: [torch.load(f"{path}.{n}.{rank}", weights_only=True) for rank in range(world)]
+                for n in names
+            }
+        model = _model()
         opt, sched = _make(name, model.parameters())
-        _train(model, opt, sched, name, rank, world)
-        torch.save(_result(model.module, opt), f"{path}.{rank}")
+        _train(model, opt, sched, name)
+        return _result(model, opt), spawned[key][name]
 
-
-def _single_and_spawned(worker, name, world, tmp_path):
-    """The single-process run's result, and what each of ``world`` spawned ranks of ``worker``
-    saved."""
-    model = _model()
-    opt, sched = _make(name, model.parameters())
-    _train(model, opt, sched, name)
-    path = tmp_path / "result"
-    mp.spawn(worker, args=(world, name, _free_port(), str(path)), nprocs=world, join=True)
-    saved = [torch.load(f"{path}.{rank}", weights_only=True) for rank in range(world)]
-    return _result(model, opt), saved
+    return get
 
 
 def _free_port():
@@ -138,18 +153,32 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("name", ["SGDHD", "AdamHD", "TLR", "MARTHE", "MARTHE-FD"])
-def test_ddp_follows_the_single_process_trajectory(name, world, tmp_path):
-    expected, saved = _single_and_spawned(_worker, name, world, tmp_path)
+# The runs of each spawn: (worker, world) -> names. Four ranks (oversubscribed on CI's two
+# cores) for one optimizer per engine; every name runs on two.
+DDP_NAMES = ["SGDHD", "AdamHD", "TLR", "MARTHE", "MARTHE-FD"]
+FSDP2_NAMES = ["SGDHD", "AdamHD", "TLR", "MARTHE-FD", "MARTHE-FD-val", "MARTHE-FD-adamw",
+               "MARTHE-FD-skip"]  # fmt: skip
+RUNS = {
+    ("_worker", 2): DDP_NAMES + ["HyperLR"],
+    ("_worker", 4): ["SGDHD"],
+    ("_fsdp_worker", 2): FSDP2_NAMES + ["HyperLR", "HyperLR-per_tensor"],
+    ("_fsdp_worker", 4): ["MARTHE-FD"],
+}
+DDP_RUNS = [(name, 2) for name in DDP_NAMES] + [("SGDHD", 4)]
+FSDP2_RUNS = [(name, 2) for name in FSDP2_NAMES] + [("MARTHE-FD", 4)]
+
+
+@pytest.mark.parametrize(("name", "world"), DDP_RUNS)
+def test_ddp_follows_the_single_process_trajectory(name, world, single_and_spawned):
+    expected, saved = single_and_spawned(_worker, name, world)
     for got in saved:
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert expected[-1] != 0.05 and expected[-1] != 1e-2  # the LR moved
 
 
-def test_ddp_with_hyper_lr_around_adamw_follows_the_single_process_trajectory(tmp_path):
-    expected, saved = _single_and_spawned(_worker, "HyperLR", 2, tmp_path)
+def test_ddp_with_hyper_lr_around_adamw_follows_the_single_process_trajectory(single_and_spawned):
+    expected, saved = single_and_spawned(_worker, "HyperLR", 2)
     for got in saved:
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -159,43 +188,42 @@ def test_ddp_with_hyper_lr_around_adamw_follows_the_single_process_trajectory(tm
 # ---- FSDP2 (fully_shard: DTensor shards) ------------------------------------------------------
 
 
-def _fsdp_worker(rank, world, name, port, path):
+def _fsdp_worker(rank, world, names, port, path):
     from torch.distributed.fsdp import fully_shard
 
     with _process_group(rank, world, port):
-        model = _model()
-        fully_shard(model)
-        opt, sched = _make(name, model.parameters())
-        calls = []
-        original = dist.all_reduce
+        for name in names:
+            model = _model()
+            fully_shard(model)
+            opt, sched = _make(name, model.parameters())
+            calls = []
+            original = dist.all_reduce
 
-        def counting_all_reduce(*args, **kwargs):
-            calls.append(1)
-            return original(*args, **kwargs)
+            def counting_all_reduce(*args, **kwargs):
+                calls.append(1)
+                return original(*args, **kwargs)
 
-        step = opt.step
+            step = opt.step
 
-        def counted_step(*args, **kwargs):
-            dist.all_reduce = counting_all_reduce
-            try:
-                return step(*args, **kwargs)
-            finally:
-                dist.all_reduce = original
+            def counted_step(*args, **kwargs):
+                dist.all_reduce = counting_all_reduce
+                try:
+                    return step(*args, **kwargs)
+                finally:
+                    dist.all_reduce = original
 
-        opt.step = counted_step
-        _train(model, opt, sched, name, rank, world)
-        torch.save({"result": _result(model, opt), "all_reduces": len(calls)}, f"{path}.{rank}")
+            opt.step = counted_step
+            _train(model, opt, sched, name, rank, world)
+            torch.save(
+                {"result": _result(model, opt), "all_reduces": len(calls)}, f"{path}.{name}.{rank}"
+            )
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize(
-    "name",
-    ["SGDHD", "AdamHD", "TLR", "MARTHE-FD", "MARTHE-FD-val", "MARTHE-FD-adamw", "MARTHE-FD-skip"],
-)
+@pytest.mark.parametrize(("name", "world"), FSDP2_RUNS)
 def test_fsdp2_follows_the_single_process_trajectory_with_one_all_reduce_per_step(
-    name, world, tmp_path
+    name, world, single_and_spawned
 ):
-    expected, saved_by_rank = _single_and_spawned(_fsdp_worker, name, world, tmp_path)
+    expected, saved_by_rank = single_and_spawned(_fsdp_worker, name, world)
     for saved in saved_by_rank:
         # HD: the partial sums, once per step, on every rank (TLR's torch.optim.SGD has none; the
         # window ends add one each, outside the optimizer step). MARTHE: its dot products (and
@@ -213,8 +241,8 @@ def test_fsdp2_follows_the_single_process_trajectory_with_one_all_reduce_per_ste
 
 
 @pytest.mark.parametrize("name", ["HyperLR", "HyperLR-per_tensor"])
-def test_fsdp2_with_hyper_lr_reduces_once_per_step(name, tmp_path):
-    expected, saved_by_rank = _single_and_spawned(_fsdp_worker, name, 2, tmp_path)
+def test_fsdp2_with_hyper_lr_reduces_once_per_step(name, single_and_spawned):
+    expected, saved_by_rank = single_and_spawned(_fsdp_worker, name, 2)
     for saved in saved_by_rank:
         assert saved["all_reduces"] == STEPS  # the pre-step hook's sums, one all-reduce a step
         for a, b in zip(saved["result"], expected):
