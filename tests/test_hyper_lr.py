@@ -18,6 +18,7 @@ import pytest
 import torch
 from oracles.hd import HDSlotOracle
 from sync_guard import NoSync
+from test_tlr import _batches, _model
 
 import hyperlr_ext as hx
 from hyperlr_ext import _ops
@@ -32,22 +33,6 @@ PASSES = [
         marks=pytest.mark.skipif(not _ops.EXTENSION_AVAILABLE, reason="no compiled extension"),
     ),
 ]
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
-    ).double()
-
-
-def _batches(n=STEPS, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(16, 5, generator=gen, dtype=torch.float64),
-         torch.randn(16, 2, generator=gen, dtype=torch.float64))
-        for _ in range(n)
-    ]  # fmt: skip
 
 
 def _loss(model, batch):
@@ -107,7 +92,7 @@ def _hd_kwargs(mode, additive, multiplicative):
 @pytest.mark.parametrize("sgd", SGD_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_around_sgd_equals_sgdhd(sgd, mode):
     hd = _hd_kwargs(mode, 2e-2, 0.2)
-    batches = _batches()
+    batches = _batches(STEPS)
     ours, theirs = _model(), _model()
     opt = torch.optim.SGD(_groups(ours), **sgd)
     hyper = hx.HyperLR(opt, **hd)
@@ -128,7 +113,7 @@ def test_around_sgd_equals_sgdhd(sgd, mode):
 def test_around_adam_equals_adamhd(case, mode):
     name, torch_kwargs, ours_kwargs = case
     hd = _hd_kwargs(mode, 1e-4, 0.1)
-    batches = _batches()
+    batches = _batches(STEPS)
     ours, theirs = _model(), _model()
     opt = getattr(torch.optim, name)(_groups(ours, (0.01, 0.02)), **torch_kwargs)
     hyper = hx.HyperLR(opt, **hd)
@@ -150,7 +135,7 @@ def test_every_pass_follows_the_float64_oracle(implementation):
     hyper = hx.HyperLR(opt, 2e-2, **implementation)
     oracle = HDSlotOracle("sgd", 0.05, hyper_lr=2e-2, **cfg)
     w = _flat(model).clone()
-    for batch in _batches():
+    for batch in _batches(STEPS):
         _train(model, opt, [batch])
         probe = _model()
         torch.nn.utils.vector_to_parameters(w, probe.parameters())
@@ -232,7 +217,7 @@ def test_other_directions_follow_the_formula(name, lag):
 
 
 def test_a_scheduler_scales_what_is_learned_as_in_sgdhd():
-    batches = _batches()
+    batches = _batches(STEPS)
     ours, theirs = _model(), _model()
     opt = torch.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9)
     hyper = hx.HyperLR(opt, 1e-2)
