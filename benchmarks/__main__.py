@@ -2,7 +2,8 @@
 
 Runs, in order: the robustness study of every method against tuned and learning-rate-free
 baselines (``report.md``), the toy functions of the MARTHE paper, TLR and MLR-SNet against
-hand-designed schedules, the optimizer-step overhead, and MARTHE/RTHO's training-step overhead;
+hand-designed schedules, the optimizer-step overhead, MARTHE/RTHO's training-step overhead and
+MARTHE's amortised Hessian products (cost against accuracy);
 then writes ``benchmarks/results/report.md`` (+ JSON and PNGs) with the overhead sections and
 refreshes README.md's headline table. Embedded data only: no download.
 """
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import marthe_overhead, overhead, robustness, schedulers, toys
+from benchmarks import marthe_amortised, marthe_overhead, overhead, robustness, schedulers, toys
 from benchmarks.overhead_report import write_overhead
-from benchmarks.report import write_report
+from benchmarks.report import environment, write_report
 
 RESULTS = Path(__file__).parent / "results"
 EXPERIMENTS = ("robustness", "toys", "schedulers", "overhead", "marthe")
@@ -38,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         help="run only this experiment (repeatable; default: all). robustness: every method "
         "over initial LRs and seeds; toys: Beale/Bukin; schedulers: TLR and MLR-SNet; "
-        "overhead: optimizer step time; marthe: MARTHE/RTHO training-step overhead",
+        "overhead: optimizer step time; marthe: MARTHE/RTHO training-step overhead and the "
+        "cost/accuracy of amortised Hessian products",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = marthe_overhead.QUICK if args.quick else marthe_overhead.MartheConfig()
         result = marthe_overhead.run_marthe_overhead(cfg)
         written += marthe_overhead.write_marthe_overhead(result, args.out)
+        study = marthe_amortised.run_amortised(
+            _config(args), args.device, fresh=args.fresh, progress=not args.no_progress
+        )
+        written += marthe_amortised.write_amortised(study, environment(args.device), args.out)
     if "robustness" in selected:
         cfg = _config(args)
         results = robustness.run_benchmark(
@@ -124,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
 def _overhead_sections(out: Path) -> list[str]:
     """The overhead results present in ``out``, as report sections (headings demoted)."""
     sections = []
-    for name in ("overhead_cpu.md", "overhead_cuda.md", "marthe_overhead.md", "toys.md",
-                 "schedulers.md"):  # fmt: skip
+    for name in ("overhead_cpu.md", "overhead_cuda.md", "marthe_overhead.md",
+                 "marthe_amortised.md", "toys.md", "schedulers.md"):  # fmt: skip
         path = out / name
         if path.is_file():
             text = path.read_text().replace("\n#", "\n##")

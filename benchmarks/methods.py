@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hyperlr_ext as hx
@@ -26,6 +27,22 @@ import hyperlr_ext as hx
 LossFn = Callable[[], Tensor]
 SGD_LRS = (1e-3, 1e-2, 1e-1, 1.0)  # three decades
 ADAM_LRS = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+class BatchLoss:
+    """The cross-entropy of ``model`` on one batch, as a closure; ``head(fraction)`` is the same
+    loss on the batch's first ``fraction`` of samples (the batches are drawn in random order, so
+    a random subsample), for MARTHE's ``hvp_closure``."""
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
+        self.model, self.x, self.y = model, x, y
+
+    def __call__(self) -> Tensor:
+        return F.cross_entropy(self.model(self.x), self.y)
+
+    def head(self, fraction: float) -> BatchLoss:
+        n = max(1, round(len(self.x) * fraction))
+        return BatchLoss(self.model, self.x[:n], self.y[:n])
 
 
 def _group_lr(opt: torch.optim.Optimizer) -> float:
@@ -46,10 +63,13 @@ class Trainer:
     sched: Any = None
     val: bool = False  # the method reads a validation loss
     lr_fn: Callable[[], float] | None = None
+    hvp_fraction: float | None = None  # MARTHE's Hessian product on this part of the batch
 
     def step(self, loss_fn: LossFn, val_fn: LossFn) -> Tensor:
         if self.kind == "closure":
-            return self.opt.step(loss_fn, val_closure=val_fn if self.val else None)
+            hvp = None if self.hvp_fraction is None else loss_fn.head(self.hvp_fraction)
+            return self.opt.step(loss_fn, val_closure=val_fn if self.val else None,
+                                 hvp_closure=hvp)  # fmt: skip
         if self.kind == "sf":
             self.opt.train()
         self.opt.zero_grad(set_to_none=True)
@@ -93,6 +113,7 @@ class Method:
 
 MOMENTUM = dict(momentum=0.9)
 NESTEROV = dict(momentum=0.9, nesterov=True)
+MARTHE_SETTINGS = dict(hyper_lr=1e-5, hyper_hyper_lr=1e-6, **MOMENTUM)
 
 
 def _sgd(model: nn.Module, c: Context, **kw: Any) -> torch.optim.Optimizer:
@@ -163,8 +184,9 @@ def _mechanic(model, c):
     return Trainer(opt, "backward", lr_fn=lr)
 
 
-def _marthe(model, c, **kw):
-    return Trainer(hx.MARTHE(model.parameters(), lr=c.lr, **kw), "closure")
+def _marthe(model, c, hvp_fraction=None, **kw):
+    return Trainer(hx.MARTHE(model.parameters(), lr=c.lr, **kw), "closure",
+                   hvp_fraction=hvp_fraction)  # fmt: skip
 
 
 def _hyper_lr(opt: torch.optim.Optimizer, hyper_lr: float) -> Trainer:
@@ -215,8 +237,7 @@ METHODS: tuple[Method, ...] = (
     Method("RT-HPO", "tangent", SGD_LRS,
            lambda m, c: Trainer(hx.RTHO(m.parameters(), lr=c.lr, hyper_lr=1e-5, **MOMENTUM),
                                 "closure", val=True), "RTHO on a validation loss"),
-    Method("MARTHE", "tangent", SGD_LRS,
-           lambda m, c: _marthe(m, c, hyper_lr=1e-5, hyper_hyper_lr=1e-6, **MOMENTUM),
+    Method("MARTHE", "tangent", SGD_LRS, lambda m, c: _marthe(m, c, **MARTHE_SETTINGS),
            "adaptive mu and beta, beta_0=1e-5, beta'=1e-6, momentum 0.9"),
     # ---- schedulers that learn the LR
     Method("TLR", "scheduler", SGD_LRS,
@@ -239,12 +260,30 @@ METHODS: tuple[Method, ...] = (
 )  # fmt: skip
 METHOD_NAMES = tuple(m.name for m in METHODS)
 
+# MARTHE with amortised Hessian products (the "marthe" experiment's cost/accuracy study): the
+# settings of the MARTHE row above, the product every k-th step or on part of the batch.
+AMORTISED_SETTINGS: dict[str, dict[str, Any]] = {
+    "HVP every 2": dict(hvp_every=2),
+    "HVP every 4": dict(hvp_every=4),
+    "HVP every 8": dict(hvp_every=8),
+    "HVP on 1/2 batch": dict(hvp_fraction=0.5),
+    "HVP on 1/4 batch": dict(hvp_fraction=0.25),
+    "HVP every 4 on 1/4 batch": dict(hvp_every=4, hvp_fraction=0.25),
+    "forward difference": dict(hvp="forward_difference"),
+}
+AMORTISED: tuple[Method, ...] = tuple(
+    Method(f"MARTHE ({label})", "tangent", SGD_LRS,
+           lambda m, c, kw=kw: _marthe(m, c, **MARTHE_SETTINGS, **kw), label)
+    for label, kw in AMORTISED_SETTINGS.items()
+)  # fmt: skip
+AMORTISED_NAMES = tuple(m.name for m in AMORTISED)
+
 
 def method(name: str) -> Method:
-    for m in METHODS:
+    for m in METHODS + AMORTISED:
         if m.name == name:
             return m
-    raise ValueError(f"unknown method {name!r}; known: {METHOD_NAMES}")
+    raise ValueError(f"unknown method {name!r}; known: {METHOD_NAMES + AMORTISED_NAMES}")
 
 
 _: Any = math

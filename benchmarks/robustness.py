@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from benchmarks.data import load_with_validation
-from benchmarks.methods import METHOD_NAMES, Context, Method, method
+from benchmarks.methods import AMORTISED_NAMES, METHOD_NAMES, BatchLoss, Context, Method, method
 
 CACHE = Path(__file__).parent / ".cache"
 
@@ -85,8 +85,14 @@ class BenchConfig:
     lr_points: int = 4  # how many of each grid's initial LRs (all 4 = three decades)
     log_points: int = 40  # logged train-loss / LR points per run
 
+    def shared(self) -> dict[str, Any]:
+        """What a run's result depends on besides its task, method, LR and seed (which name its
+        cache file): configurations that differ only in which runs they select share runs."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("tasks", "methods", "seeds", "lr_points")}  # fmt: skip
+
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        return hashlib.sha1(json.dumps(self.shared(), sort_keys=True).encode()).hexdigest()[:10]
 
 
 DEFAULT = BenchConfig()
@@ -94,6 +100,13 @@ FULL = BenchConfig(
     tasks=tuple(TASKS), seeds=(0, 1, 2, 3, 4), epoch_scale=4.0, log_points=100
 )  # paper-scale: every task, 5 seeds, 4x the epochs
 QUICK = BenchConfig(tasks=("digits-logreg",), seeds=(0,), epoch_scale=0.2, lr_points=1)
+
+
+def amortised(cfg: BenchConfig) -> BenchConfig:
+    """The MARTHE cost/accuracy study of ``cfg``'s scale: SGD, exact MARTHE and its amortised
+    variants on the MLP and the CNN (the quick configuration keeps its one task)."""
+    tasks = tuple(t for t in cfg.tasks if TASKS[t].model in ("mlp", "cnn")) or cfg.tasks
+    return replace(cfg, tasks=tasks, methods=("SGD", "MARTHE", *AMORTISED_NAMES))
 
 
 def lr_grid(m: Method, cfg: BenchConfig) -> tuple[float, ...]:
@@ -146,8 +159,7 @@ def train_run(task: Task, data: dict[str, torch.Tensor], m: Method, lr: float, s
             idx = order[b * task.batch_size : (b + 1) * task.batch_size]
             x, y = data["x_train"][idx], data["y_train"][idx]
             xv, yv = data["x_val"][vidx[b]], data["y_val"][vidx[b]]
-            loss = trainer.step(lambda x=x, y=y: F.cross_entropy(model(x), y),
-                                lambda xv=xv, yv=yv: F.cross_entropy(model(xv), yv))  # fmt: skip
+            loss = trainer.step(BatchLoss(model, x, y), BatchLoss(model, xv, yv))
             window.append(loss)
             if len(window) == every:
                 losses.append(float(torch.stack(window).float().mean()))
@@ -185,7 +197,7 @@ def run_benchmark(cfg: BenchConfig, device: str = "cpu", cache_root: Path = CACH
     """Every run of ``cfg``, from the cache where it is there; new runs are cached as they end."""
     cache_dir = cache_root / f"{cfg.key()}-{device}"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    (cache_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    (cache_dir / "config.json").write_text(json.dumps(cfg.shared(), indent=1) + "\n")
     runs = run_list(cfg)
     results, todo = [], []
     for run in runs:

@@ -51,6 +51,23 @@ def test_tiny_run_report_and_resume(tmp_path, monkeypatch):
         assert (out / name).stat().st_size > 1000
 
 
+def test_amortised_marthe_study(tmp_path):
+    amortised = pytest.importorskip("benchmarks.marthe_amortised")
+    cfg = robustness.BenchConfig(tasks=("digits-logreg",), seeds=(0,), epoch_scale=0.1,
+                                 lr_points=1, log_points=5)  # fmt: skip
+    result = amortised.run_amortised(cfg, "cpu", cache_root=tmp_path / "cache", progress=False)
+    assert {r["method"] for r in result["summary"]} == {"SGD", "MARTHE",
+                                                         *methods.AMORTISED_NAMES}  # fmt: skip
+    errors = {r["setting"]: r for r in result["errors"]}
+    assert set(errors) == {amortised.EXACT, *methods.AMORTISED_SETTINGS}
+    assert errors[amortised.EXACT]["median"] == 0.0
+    assert errors["HVP every 8"]["median"] > 0.0  # skipping products changes Delta
+    md = amortised.write_amortised(result, report.environment("cpu"), tmp_path)[0].read_text()
+    for name in methods.AMORTISED_NAMES:
+        assert f"| {name} |" in md
+    assert "## Target" in md and "## Hypergradient error" in md
+
+
 def test_cli_help_and_modes():
     main = pytest.importorskip("benchmarks.__main__")
     with pytest.raises(SystemExit) as exit_info:

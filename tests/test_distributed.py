@@ -1,6 +1,7 @@
 """Distributed training with an existing engine (torch.distributed, gloo on CPU): DDP runs of
 SGDHD, AdamHD, TLR and MARTHE, and FSDP2 (fully_shard, DTensor shards) runs of SGDHD, AdamHD, TLR
-and MARTHE (finite-difference Hessian products), over 2 and 4 processes follow the
+and MARTHE (finite-difference Hessian products: central, and forward on every other step), over
+2 and 4 processes follow the
 single-process trajectory (float64). Under FSDP2 the partial dot products of all tensors are
 summed by exactly one all-reduce per step, on every rank.
 DDP all-reduces the gradients before ``step()``, so every rank's HD optimizer sees the
@@ -51,6 +52,8 @@ def _make(name, params):
             settings = dict(lr=0.01, hyper_lr=1e-3, inner="adamw", weight_decay=0.01)
         if "-FD" in name:
             settings["hvp"] = "finite_difference"
+        if "-FWD" in name:  # the amortised products: a forward difference every other step
+            settings.update(hvp="forward_difference", hvp_every=2)
         if name.endswith("-skip"):
             settings["skip_nonfinite"] = True
         return hx.MARTHE(params, **settings), None
@@ -155,9 +158,9 @@ def _free_port():
 
 # The runs of each spawn: (worker, world) -> names. Four ranks (oversubscribed on CI's two
 # cores) for one optimizer per engine; every name runs on two.
-DDP_NAMES = ["SGDHD", "AdamHD", "TLR", "MARTHE", "MARTHE-FD"]
+DDP_NAMES = ["SGDHD", "AdamHD", "TLR", "MARTHE", "MARTHE-FD", "MARTHE-FWD"]
 FSDP2_NAMES = ["SGDHD", "AdamHD", "TLR", "MARTHE-FD", "MARTHE-FD-val", "MARTHE-FD-adamw",
-               "MARTHE-FD-skip"]  # fmt: skip
+               "MARTHE-FD-skip", "MARTHE-FWD"]  # fmt: skip
 RUNS = {
     ("_worker", 2): DDP_NAMES + ["HyperLR"],
     ("_worker", 4): ["SGDHD"],

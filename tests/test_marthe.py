@@ -61,14 +61,21 @@ def _loss(model, weights, batch):
     return torch.nn.functional.mse_loss(out, y)
 
 
-def _unrolled_hypergrad(model, batches, lr, cfg, val_batch=None):
-    """dE(w_T)/d eta for a constant eta, by autograd through T steps of the inner optimizer."""
+def _graph_grads(model, w, batch, t):
+    """The loss gradient at step ``t`` of an unrolled trajectory, differentiable in ``w``."""
+    return torch.autograd.grad(_loss(model, w, batch), w, create_graph=True)
+
+
+def _unrolled_hypergrad(model, batches, lr, cfg, val_batch=None, grads=_graph_grads):
+    """dE(w_T)/d eta for a constant eta, by autograd through T steps of the inner optimizer.
+    ``grads(model, w, batch, t)``: the loss gradient of step t (its derivative in w is the
+    Hessian the tangent propagates)."""
     if cfg.get("inner", "sgd") != "sgd":
-        return _unrolled_adam_hypergrad(model, batches, lr, cfg, val_batch)
-    return _unrolled_sgd_hypergrad(model, batches, lr, cfg, val_batch)
+        return _unrolled_adam_hypergrad(model, batches, lr, cfg, val_batch, grads)
+    return _unrolled_sgd_hypergrad(model, batches, lr, cfg, val_batch, grads)
 
 
-def _unrolled_adam_hypergrad(model, batches, lr, cfg, val_batch=None):
+def _unrolled_adam_hypergrad(model, batches, lr, cfg, val_batch, grads):
     """Through T steps of Adam / AdamW as torch.optim's documentation writes them: m_hat =
     m / (1 - beta1^t), v_hat = v / (1 - beta2^t), w -= eta m_hat / (sqrt(v_hat) + eps); AdamW
     first w -= eta lambda w, Adam adds lambda w to the gradient (and E has the L2 term)."""
@@ -79,9 +86,8 @@ def _unrolled_adam_hypergrad(model, batches, lr, cfg, val_batch=None):
     m = [torch.zeros_like(x) for x in w]
     v = [torch.zeros_like(x) for x in w]
     for t, batch in enumerate(batches[:-1], start=1):
-        grads = torch.autograd.grad(_loss(model, w, batch), w, create_graph=True)
         new_w = []
-        for i, (wi, gi) in enumerate(zip(w, grads)):
+        for i, (wi, gi) in enumerate(zip(w, grads(model, w, batch, t - 1))):
             if adamw:
                 wi = wi - eta * wd * wi
             else:
@@ -100,7 +106,7 @@ def _unrolled_adam_hypergrad(model, batches, lr, cfg, val_batch=None):
     return torch.autograd.grad(objective, eta)[0]
 
 
-def _unrolled_sgd_hypergrad(model, batches, lr, cfg, val_batch=None):
+def _unrolled_sgd_hypergrad(model, batches, lr, cfg, val_batch, grads):
     """Through T steps of torch.optim.SGD's update written out from its documentation (L2 decay
     in the gradient, first buffer = gradient)."""
     eta = torch.tensor(lr, dtype=torch.float64, requires_grad=True)
@@ -108,10 +114,9 @@ def _unrolled_sgd_hypergrad(model, batches, lr, cfg, val_batch=None):
     wd, nesterov = cfg.get("weight_decay", 0.0), cfg.get("nesterov", False)
     w = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     bufs = [None] * len(w)
-    for batch in batches[:-1]:
-        grads = torch.autograd.grad(_loss(model, w, batch), w, create_graph=True)
+    for t, batch in enumerate(batches[:-1]):
         new_w = []
-        for i, (wi, gi) in enumerate(zip(w, grads)):
+        for i, (wi, gi) in enumerate(zip(w, grads(model, w, batch, t))):
             gi = gi + wd * wi
             if m != 0:
                 bufs[i] = gi if bufs[i] is None else m * bufs[i] + (1 - tau) * gi

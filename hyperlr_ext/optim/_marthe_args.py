@@ -9,7 +9,10 @@ from hyperlr_ext._common.checks import check_bool, check_choice, check_number, c
 from hyperlr_ext._common.sharded import mesh_group
 from hyperlr_ext._dispatch import check_fused_params
 
-__all__ = ["algorithm_of", "check_marthe_arguments", "check_marthe_group"]
+__all__ = ["HVP_KINDS", "algorithm_of", "check_marthe_arguments", "check_marthe_group"]
+
+# How the Hessian-vector product is formed: double backward, central or forward differences.
+HVP_KINDS = ("autograd", "finite_difference", "forward_difference")
 
 
 def algorithm_of(inner: str) -> str:
@@ -19,7 +22,7 @@ def algorithm_of(inner: str) -> str:
 
 def check_marthe_arguments(
     *, lr, hyper_lr, inner, momentum, dampening, nesterov, betas, eps, weight_decay, mu,
-    hyper_hyper_lr, hvp, fd_eps, foreach, fused, distributed, skip_nonfinite,
+    hyper_hyper_lr, hvp, hvp_every, fd_eps, foreach, fused, distributed, skip_nonfinite,
 ) -> None:  # fmt: skip
     """The constructor's arguments, each in its range."""
     check_number("lr", lr, label="learning rate")
@@ -40,7 +43,9 @@ def check_marthe_arguments(
     check_optional_bool("foreach", foreach)
     check_optional_bool("fused", fused)
     check_optional_bool("distributed", distributed)
-    check_choice("hvp", hvp, ("autograd", "finite_difference"))
+    check_choice("hvp", hvp, HVP_KINDS)
+    if isinstance(hvp_every, bool) or not isinstance(hvp_every, int) or hvp_every < 1:
+        raise ValueError(f"hvp_every must be an integer >= 1, got {hvp_every!r}")
     check_choice("inner", inner, ("sgd", "adam", "adamw"))
     if mu != "adaptive":
         check_number("mu", mu, high=1.0, high_inclusive=True)
@@ -72,7 +77,8 @@ def check_marthe_group(group: dict[str, Any], earlier_groups: list[dict[str, Any
             )
         if group["hvp"] == "autograd" and group["mu"] != 0:
             raise ValueError(
-                'MARTHE/RTHO under FSDP2 (DTensor parameters) need hvp="finite_difference": '
+                'MARTHE/RTHO under FSDP2 (DTensor parameters) need hvp="finite_difference" (or '
+                '"forward_difference"): '
                 "a Hessian product by double backward would have to pass through FSDP2's "
                 "all-gather and reduce-scatter, which autograd cannot differentiate (under "
                 "DDP both work)"

@@ -73,8 +73,13 @@ class MARTHE(LRLearner):
         weight_decay: lambda, L2 for SGD and Adam, decoupled for AdamW.
         mu: ``"adaptive"`` (MARTHE's rule) or a fixed number in [0, 1] (1: RTHO, 0: HD).
         hyper_hyper_lr: beta', the step of HD on beta (0 keeps beta fixed).
-        hvp: ``"autograd"`` (double backward) or ``"finite_difference"`` (two extra gradient
-            evaluations at w +- e Z, for models without double-backward support).
+        hvp: ``"autograd"`` (double backward), ``"finite_difference"`` (two extra gradient
+            evaluations at w +- e Z, for models without double-backward support) or
+            ``"forward_difference"`` (one, at w + e Z, against the step's own gradient).
+        hvp_every: form the Hessian product on every k-th step of the group only (1: every
+            step, exact); on the others the tangent is propagated without the loss-Hessian term
+            (H Z = 0), and the step needs no graph for double backward. docs/tangents.md,
+            "Amortised Hessian products", gives the measured error and cost.
         fd_eps: the step of the finite difference, relative to |Z|.
         foreach: the pure-PyTorch tangent step as list ops (``torch._foreach_*``: a number of
             kernel launches that does not grow with the number of tensors; the default on
@@ -91,10 +96,13 @@ class MARTHE(LRLearner):
             skip a step that has any (nothing changes; ``nonfinite_step`` holds the flag). Always
             on when ``step`` is given a ``scaler``.
 
-    ``step(closure, val_closure=None, *, scaler=None)``: ``closure()`` returns the training loss
-    on the current batch and must not call ``backward()``; ``val_closure()`` optionally returns a
-    validation loss (the objective E, RT-HPO). Without it E is the training objective (with its
-    L2 term; AdamW's decoupled decay is not part of it). Each group exposes device tensors
+    ``step(closure, val_closure=None, *, hvp_closure=None, scaler=None)``: ``closure()``
+    returns the training loss on the current batch and must not call ``backward()``;
+    ``val_closure()`` optionally returns a validation loss (the objective E, RT-HPO);
+    ``hvp_closure()`` optionally returns the training loss on a subsample of the batch, whose
+    Hessian then stands for the batch's in the Hessian product (cheaper, noisier). Without
+    ``val_closure``, E is the training objective (with its L2 term; AdamW's decoupled decay is
+    not part of it). Each group exposes device tensors
     ``learned_lr``, ``effective_lr``, ``hypergrad`` (Delta = dE/d eta), ``learned_mu`` (mu) and
     ``adapted_hyper_lr`` (beta). With a ``torch.amp.GradScaler`` as ``scaler``, the losses are
     multiplied by its scale before differentiation, gradients and Hessian products are unscaled
@@ -123,6 +131,7 @@ class MARTHE(LRLearner):
         mu: str | float = "adaptive",
         hyper_hyper_lr: float = 0.0,
         hvp: str = "autograd",
+        hvp_every: int = 1,
         fd_eps: float = 1e-4,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -132,15 +141,16 @@ class MARTHE(LRLearner):
         check_marthe_arguments(
             lr=lr, hyper_lr=hyper_lr, inner=inner, momentum=momentum, dampening=dampening,
             nesterov=nesterov, betas=betas, eps=eps, weight_decay=weight_decay, mu=mu,
-            hyper_hyper_lr=hyper_hyper_lr, hvp=hvp, fd_eps=fd_eps, foreach=foreach, fused=fused,
-            distributed=distributed, skip_nonfinite=skip_nonfinite,
+            hyper_hyper_lr=hyper_hyper_lr, hvp=hvp, hvp_every=hvp_every, fd_eps=fd_eps,
+            foreach=foreach, fused=fused, distributed=distributed, skip_nonfinite=skip_nonfinite,
         )  # fmt: skip
         check_fused_request(algorithm_of(inner), foreach, fused)
         defaults = dict(
             lr=lr, hyper_lr=hyper_lr, inner=inner, momentum=momentum, dampening=dampening,
             nesterov=nesterov, betas=tuple(float(b) for b in betas), eps=eps,
             weight_decay=weight_decay, mu=mu, hyper_hyper_lr=hyper_hyper_lr, hvp=hvp,
-            fd_eps=fd_eps, foreach=foreach, fused=fused, skip_nonfinite=skip_nonfinite,
+            hvp_every=hvp_every, fd_eps=fd_eps, foreach=foreach, fused=fused,
+            skip_nonfinite=skip_nonfinite,
         )  # fmt: skip
         super().__init__(params, defaults)
         self.distributed = distributed
@@ -169,6 +179,8 @@ class MARTHE(LRLearner):
                 group[key] = placed_like_params(value, device, dtype, initial[key])
         group.setdefault("hd_prev_scale", 1.0)
         group.setdefault("skip_nonfinite", False)
+        group.setdefault("hvp_every", 1)
+        group.setdefault("tangent_steps", 0)  # steps since the tangents exist (hvp_every's count)
 
     def _ensure_group_state(self, group: dict[str, Any]) -> None:
         self._init_group(group)
@@ -179,6 +191,7 @@ class MARTHE(LRLearner):
         closure: Callable[[], Tensor],
         val_closure: Callable[[], Tensor] | None = None,
         *,
+        hvp_closure: Callable[[], Tensor] | None = None,
         scaler: torch.amp.GradScaler | None = None,
     ) -> Tensor:
         """One step; returns the training loss the closure computed (detached, unscaled).
@@ -208,12 +221,18 @@ class MARTHE(LRLearner):
         spans, offset = [], 0
         for group, ps in groups:
             started = bool(ps) and all("z_param" in self.state.get(p, {}) for p in ps)
-            spans.append(Span(group, ps, slice(offset, offset + len(ps)), started,
-                               started and group["mu"] != 0, sharded))  # fmt: skip
+            product = started and group["mu"] != 0
+            if started:  # hvp_every: the product on every k-th step of the tangents only
+                product = product and group["tangent_steps"] % group["hvp_every"] == 0
+                group["tangent_steps"] += 1
+            else:
+                group["tangent_steps"] = 0
+            spans.append(Span(group, ps, slice(offset, offset + len(ps)), started, product,
+                              sharded))  # fmt: skip
             offset += len(ps)
         autograd_hvp = any(sp.needs_hvp and sp.group["hvp"] == "autograd" for sp in spans)
-        loss, grads = loss_grads(closure, params, graph=autograd_hvp, scale=scale,
-                                 by_backward=sharded)  # fmt: skip
+        loss, grads = loss_grads(closure, params, graph=autograd_hvp and hvp_closure is None,
+                                 scale=scale, by_backward=sharded)  # fmt: skip
         # The step uses the gradients averaged over ranks (as DDP would give them; FSDP2's
         # backward reduces them itself); `grads` keep their graph for the Hessian product.
         step_grads = all_reduce_mean([g.detach() for g in grads], world)
@@ -232,7 +251,15 @@ class MARTHE(LRLearner):
             step_grads = checked[:n]
             val_grads = None if val_grads is None else checked[n:]
         sums = hyper_sums(spans, self.state, step_grads, val_grads, mesh)
-        hvps = hessian_products(spans, self.state, grads, closure, world, scale, sums)
+        if hvp_closure is None:
+            hvp_closure, hvp_grads = closure, grads
+        elif any(sp.needs_hvp and sp.group["hvp"] != "finite_difference" for sp in spans):
+            # The subsample's gradients at w: for double backward, or the forward difference.
+            _, hvp_grads = loss_grads(hvp_closure, params, graph=autograd_hvp, scale=scale,
+                                      by_backward=sharded)  # fmt: skip
+        else:
+            hvp_grads = grads
+        hvps = hessian_products(spans, self.state, hvp_grads, hvp_closure, world, scale, sums)
         if checking:
             if hvps:
                 found_inf = found_inf + nonfinite_check_(hvps, inv_scale)
