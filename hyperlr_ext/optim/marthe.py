@@ -78,8 +78,9 @@ class MARTHE(LRLearner):
             ``"forward_difference"`` (one, at w + e Z, against the step's own gradient).
         hvp_every: form the Hessian product on every k-th step of the group only (1: every
             step, exact); on the others the tangent is propagated without the loss-Hessian term
-            (H Z = 0), and the step needs no graph for double backward. docs/tangents.md,
-            "Amortised Hessian products", gives the measured error and cost.
+            (H Z = 0), and the step needs no graph for double backward. The count is kept on
+            the host: a step skipped for inf/NaN values counts too. docs/tangents.md,
+            "Amortised Hessian products", gives the derivation and the measured error.
         fd_eps: the step of the finite difference, relative to |Z|.
         foreach: the pure-PyTorch tangent step as list ops (``torch._foreach_*``: a number of
             kernel launches that does not grow with the number of tensors; the default on
