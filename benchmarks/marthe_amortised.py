@@ -4,7 +4,7 @@ Two measurements, on the robustness study's MLP and CNN tasks:
 
 - **cost and accuracy**: SGD, exact MARTHE and its amortised variants (benchmarks/methods.py,
   ``AMORTISED``) trained by the robustness study's protocol (same grid of initial LRs, seeds,
-  epochs and cache): time per epoch relative to torch SGD's, and the worst / best test accuracy
+  epochs and cache): time per step relative to torch SGD's, and the worst / best test accuracy
   over the initial-LR grid;
 - **hypergradient error**: along one trajectory (float64, RTHO: mu = 1, the longest tangent
   memory, beta = 0 so every setting sees the same weights), each setting's Delta_t against the
@@ -64,7 +64,7 @@ def hypergradient_errors(task_name: str, device: str, steps: int = ERROR_STEPS) 
     for label, setting in ERROR_SETTINGS.items():
         kwargs, fraction = _kwargs_and_fraction(setting)
         torch.manual_seed(0)
-        model = make_model(task, int(data["side"])).to(device).double()
+        model = make_model(task, data).to(device).double()
         opt = hx.RTHO(model.parameters(), lr=ERROR_LR, hyper_lr=0.0, momentum=ERROR_MOMENTUM,
                       **kwargs)  # fmt: skip
         history = []
@@ -129,7 +129,7 @@ def markdown(result: dict[str, Any], env: dict[str, Any]) -> str:
         f"{env['hyperlr_ext']}, {env['date']}. The robustness study's protocol and runs "
         f"({len(cfg['seeds'])} seeds, the initial-LR grid of MARTHE's row, {cfg['epoch_scale']}× "
         "the epochs): MARTHE with SGD momentum 0.9 inside, adaptive μ and β (β₀ = 1e-5, "
-        "β′ = 1e-6). × SGD = median time per epoch / torch SGD's (momentum 0.9) on the same "
+        "β′ = 1e-6). × SGD = median time per step / torch SGD's (momentum 0.9) on the same "
         "task; worst / best = mean test accuracy of the seeds at the worst / best initial LR "
         "(± their standard deviation at the worst).",
         "",

@@ -102,6 +102,11 @@ class Context:
     total_steps: int
 
 
+IMAGES = ("logreg", "mlp", "cnn")  # the image classifiers' models
+EVERY_MODEL = (*IMAGES, "gpt")  # and the language model's
+LM_ONLY = ("gpt",)
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -109,9 +114,14 @@ class Method:
     lrs: tuple[float, ...] | None  # the initial-LR grid, or None: the method needs no LR
     build: Callable[[nn.Module, Context], Trainer] = field(repr=False)
     settings: str = ""
+    # The models it trains: the SGD family the image classifiers only (nobody trains a
+    # transformer with it), the AdamW family written for the language model that only.
+    models: tuple[str, ...] = IMAGES
 
 
 MOMENTUM = dict(momentum=0.9)
+WEIGHT_DECAY = 0.01  # AdamW's (torch's default)
+WARMUP_STEPS = 30
 NESTEROV = dict(momentum=0.9, nesterov=True)
 MARTHE_SETTINGS = dict(hyper_lr=1e-5, hyper_hyper_lr=1e-6, **MOMENTUM)
 
@@ -144,6 +154,34 @@ def _schedule_free(model, c):
     import schedulefree
 
     return Trainer(schedulefree.SGDScheduleFree(model.parameters(), lr=c.lr, momentum=0.9), "sf")
+
+
+def _schedule_free_adamw(model, c):
+    import schedulefree
+
+    opt = schedulefree.AdamWScheduleFree(model.parameters(), lr=c.lr, warmup_steps=WARMUP_STEPS,
+                                         weight_decay=WEIGHT_DECAY)  # fmt: skip
+    return Trainer(opt, "sf")
+
+
+def _adamw(model: nn.Module, c: Context) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=WEIGHT_DECAY)
+
+
+def _warmup_cosine(model, c):
+    """AdamW with the schedule language models are trained with: a linear warm-up over the first
+    WARMUP_STEPS steps, then a cosine decay to 10% of the peak at the end of the run."""
+    opt = _adamw(model, c)
+    warmup = min(WARMUP_STEPS, max(1, c.total_steps // 10))
+    decay = max(1, c.total_steps - warmup)
+
+    def scale(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / decay)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return Trainer(opt, "backward", torch.optim.lr_scheduler.LambdaLR(opt, scale))
 
 
 def _prodigy(model, c):
@@ -204,7 +242,12 @@ METHODS: tuple[Method, ...] = (
     Method("SGD exp decay", "baseline", SGD_LRS, _exp_decay, "x0.01 over the run"),
     Method("SGDR", "baseline", SGD_LRS, _sgdr, "cosine with warm restarts, 3 cycles"),
     Method("Adam", "baseline", ADAM_LRS,
-           lambda m, c: Trainer(torch.optim.Adam(m.parameters(), lr=c.lr), "backward"), ""),
+           lambda m, c: Trainer(torch.optim.Adam(m.parameters(), lr=c.lr), "backward"), "",
+           EVERY_MODEL),
+    Method("AdamW", "baseline", ADAM_LRS, lambda m, c: Trainer(_adamw(m, c), "backward"),
+           f"weight_decay={WEIGHT_DECAY}", LM_ONLY),
+    Method("AdamW warm-up + cosine", "baseline", ADAM_LRS, _warmup_cosine,
+           f"linear warm-up over {WARMUP_STEPS} steps, cosine to 10% at the end", LM_ONLY),
     # ---- hypergradient descent (HD)
     Method("SGD-HD", "HD", SGD_LRS,
            lambda m, c: Trainer(hx.SGDHD(m.parameters(), lr=c.lr, hyper_lr=1e-3), "backward"),
@@ -214,11 +257,21 @@ METHODS: tuple[Method, ...] = (
                                 "backward"), "Nesterov 0.9, hyper_lr=1e-3"),
     Method("Adam-HD", "HD", ADAM_LRS,
            lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_lr=1e-6), "backward"),
-           "hyper_lr=1e-6"),
+           "hyper_lr=1e-6", EVERY_MODEL),
     Method("Adam-HD (mult)", "HD", ADAM_LRS,
            lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_lr=2e-2,
                                           multiplicative=True), "backward"),
-           "multiplicative, hyper_lr=2e-2"),
+           "multiplicative, hyper_lr=2e-2", EVERY_MODEL),
+    Method("AdamW-HD", "HD", ADAM_LRS,
+           lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_lr=1e-6,
+                                          weight_decay=WEIGHT_DECAY,
+                                          decoupled_weight_decay=True), "backward"),
+           f"decoupled weight_decay={WEIGHT_DECAY}, hyper_lr=1e-6", LM_ONLY),
+    Method("AdamW-HD (mult)", "HD", ADAM_LRS,
+           lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_lr=2e-2,
+                                          multiplicative=True, weight_decay=WEIGHT_DECAY,
+                                          decoupled_weight_decay=True), "backward"),
+           f"multiplicative, decoupled weight_decay={WEIGHT_DECAY}, hyper_lr=2e-2", LM_ONLY),
     Method("First-order (Val)", "HD", SGD_LRS,
            lambda m, c: Trainer(hx.SGDHD(m.parameters(), lr=c.lr, hyper_lr=1e-3, **NESTEROV),
                                 "backward", val=True),
@@ -227,9 +280,9 @@ METHODS: tuple[Method, ...] = (
     Method("SGD+HyperLR", "HD", SGD_LRS,
            lambda m, c: _hyper_lr(_sgd(m, c, **MOMENTUM), 1e-3),
            "torch.optim.SGD(momentum=0.9) in HyperLR, hyper_lr=1e-3"),
-    Method("AdamW+HyperLR", "HD", ADAM_LRS,
-           lambda m, c: _hyper_lr(torch.optim.AdamW(m.parameters(), lr=c.lr), 1e-6),
-           "torch.optim.AdamW (weight_decay=0.01) in HyperLR, hyper_lr=1e-6"),
+    Method("AdamW+HyperLR", "HD", ADAM_LRS, lambda m, c: _hyper_lr(_adamw(m, c), 1e-6),
+           f"torch.optim.AdamW (weight_decay={WEIGHT_DECAY}) in HyperLR, hyper_lr=1e-6",
+           EVERY_MODEL),
     # ---- tangent (forward-mode) hypergradients
     Method("RTHO", "tangent", SGD_LRS,
            lambda m, c: Trainer(hx.RTHO(m.parameters(), lr=c.lr, hyper_lr=1e-5, **MOMENTUM),
@@ -239,23 +292,39 @@ METHODS: tuple[Method, ...] = (
                                 "closure", val=True), "RTHO on a validation loss"),
     Method("MARTHE", "tangent", SGD_LRS, lambda m, c: _marthe(m, c, **MARTHE_SETTINGS),
            "adaptive mu and beta, beta_0=1e-5, beta'=1e-6, momentum 0.9"),
+    Method("MARTHE (AdamW)", "tangent", ADAM_LRS,
+           lambda m, c: _marthe(m, c, inner="adamw", weight_decay=WEIGHT_DECAY, hyper_lr=1e-6,
+                                hyper_hyper_lr=1e-8, hvp="forward_difference"),
+           f"AdamW inside (weight_decay={WEIGHT_DECAY}), adaptive mu and beta, beta_0=1e-6, "
+           "beta'=1e-8; Hessian products by forward differences (torch's CPU attention kernel "
+           "has no double backward)", LM_ONLY),
     # ---- schedulers that learn the LR
     Method("TLR", "scheduler", SGD_LRS,
            lambda m, c: (lambda o: Trainer(o, "backward", hx.TLR(
                o, steps_per_epoch=c.steps_per_epoch)))(_sgd(m, c)),
            "plain SGD inside (its derivation's setting), gamma=0.33, p=0.2"),
+    Method("TLR (AdamW)", "scheduler", ADAM_LRS,
+           lambda m, c: (lambda o: Trainer(o, "backward", hx.TLR(
+               o, steps_per_epoch=c.steps_per_epoch)))(_adamw(m, c)),
+           "AdamW inside, gamma=0.33, p=0.2", LM_ONLY),
     Method("MLR-SNet", "scheduler", None,
            lambda m, c: (lambda o: Trainer(o, "mlr", hx.MLRSNet(
                o, meta_every=max(1, c.steps_per_epoch // 2))))(_sgd(m, c, **MOMENTUM)),
            "meta-trained online, twice per epoch"),
+    Method("MLR-SNet (AdamW)", "scheduler", ADAM_LRS,
+           lambda m, c: (lambda o: Trainer(o, "mlr", hx.MLRSNet(
+               o, meta_every=max(1, c.steps_per_epoch // 10))))(_adamw(m, c)),
+           "AdamW inside, meta-trained online ten times per epoch", LM_ONLY),
     Method("MLR-SNet (pretrained)", "scheduler", None,
            lambda m, c: (lambda o: Trainer(o, "mlr", hx.MLRSNet.from_pretrained(
                o, "mnist-mlp")))(_sgd(m, c, **MOMENTUM)), "the shipped mnist-mlp net, frozen"),
     # ---- learning-rate-free optimizers (PyPI)
     Method("Schedule-Free SGD", "LR-free", SGD_LRS, _schedule_free, "schedulefree, momentum 0.9"),
-    Method("Prodigy", "LR-free", None, _prodigy, "prodigyopt, lr=1"),
-    Method("D-Adapt Adam", "LR-free", None, _dadapt, "dadaptation, lr=1"),
-    Method("DoG", "LR-free", None, _dog, "dog-optimizer, lr=1"),
+    Method("Schedule-Free AdamW", "LR-free", ADAM_LRS, _schedule_free_adamw,
+           f"schedulefree, warm-up {WARMUP_STEPS} steps, weight_decay={WEIGHT_DECAY}", LM_ONLY),
+    Method("Prodigy", "LR-free", None, _prodigy, "prodigyopt, lr=1", EVERY_MODEL),
+    Method("D-Adapt Adam", "LR-free", None, _dadapt, "dadaptation, lr=1", EVERY_MODEL),
+    Method("DoG", "LR-free", None, _dog, "dog-optimizer, lr=1", EVERY_MODEL),
     Method("Mechanic SGD", "LR-free", None, _mechanic, "mechanic-pytorch on SGD(lr=0.01, m=0.9)"),
 )  # fmt: skip
 METHOD_NAMES = tuple(m.name for m in METHODS)
@@ -284,6 +353,3 @@ def method(name: str) -> Method:
         if m.name == name:
             return m
     raise ValueError(f"unknown method {name!r}; known: {METHOD_NAMES + AMORTISED_NAMES}")
-
-
-_: Any = math

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.robustness import BenchConfig, summarise
+from benchmarks.robustness import TASKS, BenchConfig, summarise
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"
@@ -38,13 +38,25 @@ def environment(device: str) -> dict[str, Any]:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}  # fmt: skip
 
 
-def _acc(p: dict[str, Any]) -> str:
-    text = f"{p['accuracy']:.3f}"
+def _score(p: dict[str, Any]) -> str:
+    """One initial LR's result: the task's metric ± its spread over the seeds, divergences."""
+    text = f"{p['score']:.3f}"
     if p["runs"] > 1:
-        text += f" ± {p['accuracy_std']:.3f}"
+        text += f" ± {p['score_std']:.3f}"
     if p["diverged"]:
         text += f" ({p['diverged']} div.)"
     return text
+
+
+def _other(p: dict[str, Any], metric: str) -> str:
+    """The second figure of a per-LR cell: the test loss, or the language model's perplexity."""
+    if metric == "loss":
+        return f"ppl {math.exp(p['loss']):.2f}" if math.isfinite(p["loss"]) else "ppl —"
+    return f"{p['loss']:.3f}"
+
+
+def _metric_label(task: str) -> str:
+    return f"{task} (loss ↓)" if TASKS[task].metric == "loss" else task
 
 
 def _same_lr(a: float, b: float) -> bool:
@@ -59,14 +71,17 @@ def headline(rows: list[dict[str, Any]], cfg: BenchConfig, env: dict[str, Any]) 
     """Per method and task: the worst case over initial LRs and the best, and the time."""
     tasks = list(cfg.tasks)
     lines = [
-        f"Test accuracy, mean of {len(cfg.seeds)} seeds; **worst** = the lowest over the initial "
-        "LRs of the method's grid (three decades; what a user who does not tune gets), best = the "
-        "highest (what tuning gets); methods marked — need no initial LR. Time = median seconds "
-        f"per epoch / SGD's, averaged over the tasks. {env['device_name']}, "
+        f"Test accuracy (held-out loss for the language model, lower is better), mean of "
+        f"{len(cfg.seeds)} seeds; **worst** = the worst over the initial LRs of the method's grid "
+        "(three decades; what a user who does not tune gets), best = the best (what tuning "
+        "gets); methods marked — need no initial LR. Time = median seconds per step / SGD's, "
+        f"averaged over the tasks. {env['device_name']}, "
         f"{env['cpu_count']} CPUs, torch {env['torch']}, hyperlr_ext {env['hyperlr_ext']}, "
         f"{env['date']}.",
         "",
-        "| method | family | " + " | ".join(f"{t}: worst / best" for t in tasks) + " | time |",
+        "| method | family | "
+        + " | ".join(f"{_metric_label(t)}: worst / best" for t in tasks)
+        + " | time |",
         "|---|---|" + "---|" * len(tasks) + "---|",
     ]
     for name in cfg.methods:
@@ -80,9 +95,9 @@ def headline(rows: list[dict[str, Any]], cfg: BenchConfig, env: dict[str, Any]) 
             if r is None:
                 cells.append("")
             elif math.isnan(r["best"]["lr0"]):
-                cells.append(f"{r['best']['accuracy']:.3f} (—)")
+                cells.append(f"{r['best']['score']:.3f} (—)")
             else:
-                cells.append(f"**{r['worst']['accuracy']:.3f}** / {r['best']['accuracy']:.3f}")
+                cells.append(f"**{r['worst']['score']:.3f}** / {r['best']['score']:.3f}")
         time_ratio = sum(r["time_vs_sgd"] for r in mine.values()) / len(mine)
         lines.append(f"| {name} | {any_row['family']} | " + " | ".join(cells)
                      + f" | {time_ratio:.1f}× |")  # fmt: skip
@@ -106,12 +121,15 @@ def markdown(rows: list[dict[str, Any]], cfg: BenchConfig, env: dict[str, Any],
         "## Per task and initial LR",
     ]
     for task in cfg.tasks:
-        lines += ["", f"### {task}", "", "| method | settings | lr0: accuracy (test loss) | time |",
+        metric = TASKS[task].metric
+        figures = "held-out loss (perplexity)" if metric == "loss" else "accuracy (test loss)"
+        lines += ["", f"### {task}", "", f"| method | settings | lr0: {figures} | time |",
                   "|---|---|---|---|"]  # fmt: skip
         for r in rows:
             if r["task"] != task:
                 continue
-            cells = "; ".join(f"{_lr(p['lr0'])}: {_acc(p)} ({p['loss']:.3f})" for p in r["per_lr"])
+            cells = "; ".join(f"{_lr(p['lr0'])}: {_score(p)} ({_other(p, metric)})"
+                              for p in r["per_lr"])  # fmt: skip
             lines.append(f"| {r['method']} | {r['settings']} | {cells} | "
                          f"{r['time_vs_sgd']:.2f}× |")  # fmt: skip
         lines += ["", f"![loss curves](report_loss_{task}.png) ![LR](report_lr_{task}.png)"]
@@ -166,19 +184,21 @@ def plots(results: list[dict[str, Any]], rows: list[dict[str, Any]], cfg: BenchC
             mine = [r for r in rows if r["task"] == task and r["family"] == family]
             for k, r in enumerate(mine):
                 xs = [p["lr0"] for p in r["per_lr"]]
-                ys = [p["accuracy"] for p in r["per_lr"]]
+                ys = [p["score"] for p in r["per_lr"]]
                 style = dict(color=f"C{k}", linewidth=1, label=r["method"])
                 if math.isnan(xs[0]):
                     ax.axhline(ys[0], linestyle="--", **style)
                 else:
                     ax.plot(xs, ys, "o-", markersize=3, **style)
             ax.set_xscale("log")
-            ax.set_ylim(0.0, 1.0)
+            loss = TASKS[task].metric == "loss"
+            if not loss:
+                ax.set_ylim(0.0, 1.0)
             ax.set_title(f"{task} · {family}", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=5)
             if j == 0:
-                ax.set_ylabel("test accuracy", fontsize=8)
+                ax.set_ylabel("held-out loss" if loss else "test accuracy", fontsize=8)
             if i == len(cfg.tasks) - 1:
                 ax.set_xlabel("initial LR", fontsize=8)
     fig.tight_layout()

