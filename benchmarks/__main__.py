@@ -3,7 +3,8 @@
 Runs, in order: the robustness study of every method against tuned and learning-rate-free
 baselines (``report.md``), the toy functions of the MARTHE paper, TLR and MLR-SNet against
 hand-designed schedules, the optimizer-step overhead, MARTHE/RTHO's training-step overhead and
-MARTHE's amortised Hessian products (cost against accuracy);
+MARTHE's amortised Hessian products (cost against accuracy), and the hyper-LR (beta) axis of the
+HD and tangent methods;
 then writes ``benchmarks/results/report.md`` (+ JSON and PNGs) with the overhead sections and
 refreshes README.md's headline table. Embedded data only: no download.
 """
@@ -18,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import marthe_amortised, marthe_overhead, overhead, robustness, schedulers, toys
+from benchmarks import (
+    beta_axis,
+    marthe_amortised,
+    marthe_overhead,
+    overhead,
+    robustness,
+    schedulers,
+    toys,
+)
 from benchmarks.overhead_report import write_overhead
 from benchmarks.report import environment, write_report
 
@@ -117,6 +126,10 @@ def main(argv: list[str] | None = None) -> None:
         results = robustness.run_benchmark(
             cfg, args.device, fresh=args.fresh, progress=not args.no_progress
         )
+        beta = beta_axis.run_beta_axis(
+            cfg, args.device, fresh=args.fresh, progress=not args.no_progress
+        )
+        written += beta_axis.write_beta_axis(beta, args.out)
         sections = _overhead_sections(args.out)
         written += write_report(
             results, cfg, args.device, args.out, sections,
@@ -130,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
 def _overhead_sections(out: Path) -> list[str]:
     """The overhead results present in ``out``, as report sections (headings demoted)."""
     sections = []
-    for name in ("overhead_cpu.md", "overhead_cuda.md", "marthe_overhead.md",
+    for name in ("beta_axis.md", "overhead_cpu.md", "overhead_cuda.md", "marthe_overhead.md",
                  "marthe_amortised.md", "toys.md", "schedulers.md"):  # fmt: skip
         path = out / name
         if path.is_file():

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import hyperlr_ext as hx
-from benchmarks.methods import AMORTISED_SETTINGS, BatchLoss
+from benchmarks.methods import AMORTISED_NAMES, AMORTISED_SETTINGS, BatchLoss, Context, method
 from benchmarks.robustness import (
     CACHE,
     TASKS,
@@ -44,6 +45,8 @@ TARGET_TIME = 1.5
 EXACT = "exact (HVP every step)"
 ERROR_SETTINGS: dict[str, dict[str, Any]] = {EXACT: {}, **AMORTISED_SETTINGS}
 ERROR_LR, ERROR_STEPS, ERROR_MOMENTUM = 0.1, 100, 0.9
+# The side-by-side step timing: rounds of one block of steps per method, at a middle LR.
+ROUNDS, BLOCK, TIMING_LR = 8, 16, 0.1
 
 
 def _kwargs_and_fraction(setting: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
@@ -87,16 +90,61 @@ def hypergradient_errors(task_name: str, device: str, steps: int = ERROR_STEPS) 
     return rows
 
 
+def step_times(task_name: str, device: str, rounds: int = ROUNDS,
+               block: int = BLOCK) -> dict[str, float]:  # fmt: skip
+    """Seconds per training step of SGD, exact MARTHE and each amortised setting on the task's
+    model and batches, measured side by side: ``rounds`` rounds of one block of ``block``
+    consecutive steps per method (a multiple of every ``hvp_every``, so a block holds its share
+    of product steps), after one warm-up block; the median block per method."""
+    task = TASKS[task_name]
+    data = load_data(task.data, device)
+    names = ["SGD", "MARTHE", *AMORTISED_NAMES]
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, len(data["x_train"]), (task.batch_size,), generator=gen)
+               for _ in range(block)]  # fmt: skip
+    context = Context(lr=TIMING_LR, steps_per_epoch=block, total_steps=block * (rounds + 1))
+    trainers = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = make_model(task, data).to(device)
+        trainers[name] = (model, method(name).build(model, context))
+    blocks: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds + 1):
+        for name in names:
+            model, trainer = trainers[name]
+            start = time.perf_counter()
+            for idx in batches:
+                loss = BatchLoss(model, data["x_train"][idx], data["y_train"][idx])
+                trainer.step(loss, loss)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if round_index:  # the first round warms up
+                blocks[name].append((time.perf_counter() - start) / block)
+    return {name: statistics.median(times) for name, times in blocks.items()}
+
+
 def run_amortised(cfg: BenchConfig, device: str, cache_root: Path = CACHE, fresh: bool = False,
                   progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """The cost/accuracy study at ``cfg``'s scale (its runs cached with the robustness study's)
     and the error study."""
     study = amortised(cfg)
     results = run_benchmark(study, device, cache_root, fresh=fresh, progress=progress)
-    steps = 10 if study.epoch_scale < 1 else ERROR_STEPS
-    errors = [row for task in study.tasks for row in hypergradient_errors(task, device, steps)]
+    quick = study.epoch_scale < 1
+    errors = [
+        row
+        for task in study.tasks
+        for row in hypergradient_errors(task, device, 10 if quick else ERROR_STEPS)
+    ]
+    summary = summarise(results, study)
+    for task in study.tasks:
+        times = step_times(task, device, rounds=1 if quick else ROUNDS)
+        for row in summary:
+            if row["task"] == task:
+                row["time_in_runs_vs_sgd"] = row["time_vs_sgd"]
+                row["time_vs_sgd"] = times[row["method"]] / times["SGD"]
+                row["step_ms"] = 1e3 * times[row["method"]]
     return {"config": study.shared() | {"tasks": study.tasks, "seeds": study.seeds},
-            "summary": summarise(results, study), "errors": errors}  # fmt: skip
+            "summary": summary, "errors": errors}  # fmt: skip
 
 
 def _verdict(rows: list[dict[str, Any]]) -> tuple[list[str], bool]:
@@ -128,10 +176,13 @@ def markdown(result: dict[str, Any], env: dict[str, Any]) -> str:
         f"{env['device_name']}, {env['cpu_count']} CPUs, torch {env['torch']}, hyperlr_ext "
         f"{env['hyperlr_ext']}, {env['date']}. The robustness study's protocol and runs "
         f"({len(cfg['seeds'])} seeds, the initial-LR grid of MARTHE's row, {cfg['epoch_scale']}× "
-        "the epochs): MARTHE with SGD momentum 0.9 inside, adaptive μ and β (β₀ = 1e-5, "
-        "β′ = 1e-6). × SGD = median time per step / torch SGD's (momentum 0.9) on the same "
-        "task; worst / best = mean test accuracy of the seeds at the worst / best initial LR "
-        "(± their standard deviation at the worst).",
+        f"the epochs): MARTHE with SGD momentum 0.9 inside, adaptive μ and β (β₀ = 1e-5, "
+        "β′ = 1e-6). × SGD = time per step / torch SGD's (momentum 0.9) on the task's model "
+        f"and batch size, timed side by side ({ROUNDS} rounds of {BLOCK} consecutive steps per "
+        "setting, the median round; the training runs' own times, taken one run after "
+        "another, drift too much between runs to compare settings); worst / best = mean test "
+        "accuracy of the seeds at the worst / best initial LR (± their standard deviation at "
+        "the worst).",
         "",
         "`HVP every k`: the Hessian product on every k-th step, the tangent propagated without "
         "the loss-Hessian term on the others (`hvp_every=k`); `HVP on 1/r batch`: the product of "
@@ -140,14 +191,16 @@ def markdown(result: dict[str, Any], env: dict[str, Any]) -> str:
         "",
     ]
     for task in cfg["tasks"]:
-        out += [f"## {task}", "", "| setting | × SGD step | worst | best |", "|---|---|---|---|"]
+        out += [f"## {task}", "", "| setting | ms / step | × SGD step | worst | best |",
+                "|---|---|---|---|---|"]  # fmt: skip
         for r in result["summary"]:
             if r["task"] != task:
                 continue
             w, b = r["worst"], r["best"]
             div = f" ({w['diverged']} div.)" if w["diverged"] else ""
-            out.append(f"| {r['method']} | {r['time_vs_sgd']:.2f}× | **{w['accuracy']:.3f}** ± "
-                       f"{w['accuracy_std']:.3f}{div} | {b['accuracy']:.3f} |")  # fmt: skip
+            out.append(f"| {r['method']} | {r['step_ms']:.2f} | {r['time_vs_sgd']:.2f}× | "
+                       f"**{w['accuracy']:.3f}** ± {w['accuracy_std']:.3f}{div} | "
+                       f"{b['accuracy']:.3f} |")  # fmt: skip
         out.append("")
     lines, _ = _verdict(result["summary"])
     out += ["## Target", "",

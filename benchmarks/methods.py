@@ -100,6 +100,11 @@ class Context:
     lr: float
     steps_per_epoch: int
     total_steps: int
+    hyper_scale: float = 1.0  # the beta axis: every hyper-LR times this
+
+    def beta(self, hyper_lr: float) -> float:
+        """A method's hyper-LR on the beta axis (its fixed value times ``hyper_scale``)."""
+        return hyper_lr * self.hyper_scale
 
 
 IMAGES = ("logreg", "mlp", "cnn")  # the image classifiers' models
@@ -222,9 +227,9 @@ def _mechanic(model, c):
     return Trainer(opt, "backward", lr_fn=lr)
 
 
-def _marthe(model, c, hvp_fraction=None, **kw):
-    return Trainer(hx.MARTHE(model.parameters(), lr=c.lr, **kw), "closure",
-                   hvp_fraction=hvp_fraction)  # fmt: skip
+def _marthe(model, c, hvp_fraction=None, *, hyper_lr, **kw):
+    return Trainer(hx.MARTHE(model.parameters(), lr=c.lr, hyper_lr=c.beta(hyper_lr), **kw),
+                   "closure", hvp_fraction=hvp_fraction)  # fmt: skip
 
 
 def _hyper_lr(opt: torch.optim.Optimizer, hyper_lr: float) -> Trainer:
@@ -250,45 +255,52 @@ METHODS: tuple[Method, ...] = (
            f"linear warm-up over {WARMUP_STEPS} steps, cosine to 10% at the end", LM_ONLY),
     # ---- hypergradient descent (HD)
     Method("SGD-HD", "HD", SGD_LRS,
-           lambda m, c: Trainer(hx.SGDHD(m.parameters(), lr=c.lr, hyper_lr=1e-3), "backward"),
+           lambda m, c: Trainer(hx.SGDHD(m.parameters(), lr=c.lr, hyper_lr=c.beta(1e-3)),
+                                "backward"),
            "hyper_lr=1e-3 (Baydin)"),
     Method("SGDN-HD", "HD", SGD_LRS,
-           lambda m, c: Trainer(hx.SGDHD(m.parameters(), lr=c.lr, hyper_lr=1e-3, **NESTEROV),
+           lambda m, c: Trainer(hx.SGDHD(m.parameters(), lr=c.lr, hyper_lr=c.beta(1e-3),
+                                         **NESTEROV),
                                 "backward"), "Nesterov 0.9, hyper_lr=1e-3"),
     Method("Adam-HD", "HD", ADAM_LRS,
-           lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_lr=1e-6), "backward"),
+           lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_lr=c.beta(1e-6)),
+                                "backward"),
            "hyper_lr=1e-6", EVERY_MODEL),
     Method("Adam-HD (mult)", "HD", ADAM_LRS,
-           lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_lr=2e-2,
+           lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_lr=c.beta(2e-2),
                                           multiplicative=True), "backward"),
            "multiplicative, hyper_lr=2e-2", EVERY_MODEL),
     Method("AdamW-HD", "HD", ADAM_LRS,
-           lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_lr=1e-6,
+           lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_lr=c.beta(1e-6),
                                           weight_decay=WEIGHT_DECAY,
                                           decoupled_weight_decay=True), "backward"),
            f"decoupled weight_decay={WEIGHT_DECAY}, hyper_lr=1e-6", LM_ONLY),
     Method("AdamW-HD (mult)", "HD", ADAM_LRS,
-           lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_lr=2e-2,
+           lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_lr=c.beta(2e-2),
                                           multiplicative=True, weight_decay=WEIGHT_DECAY,
                                           decoupled_weight_decay=True), "backward"),
            f"multiplicative, decoupled weight_decay={WEIGHT_DECAY}, hyper_lr=2e-2", LM_ONLY),
     Method("First-order (Val)", "HD", SGD_LRS,
-           lambda m, c: Trainer(hx.SGDHD(m.parameters(), lr=c.lr, hyper_lr=1e-3, **NESTEROV),
+           lambda m, c: Trainer(hx.SGDHD(m.parameters(), lr=c.lr, hyper_lr=c.beta(1e-3),
+                                         **NESTEROV),
                                 "backward", val=True),
            "SGDN-HD on a validation loss (val_closure)"),
     # ---- HD around torch's optimizers: HyperLR, with the hyper-LR of the HD method of the family
     Method("SGD+HyperLR", "HD", SGD_LRS,
-           lambda m, c: _hyper_lr(_sgd(m, c, **MOMENTUM), 1e-3),
+           lambda m, c: _hyper_lr(_sgd(m, c, **MOMENTUM), c.beta(1e-3)),
            "torch.optim.SGD(momentum=0.9) in HyperLR, hyper_lr=1e-3"),
-    Method("AdamW+HyperLR", "HD", ADAM_LRS, lambda m, c: _hyper_lr(_adamw(m, c), 1e-6),
+    Method("AdamW+HyperLR", "HD", ADAM_LRS,
+           lambda m, c: _hyper_lr(_adamw(m, c), c.beta(1e-6)),
            f"torch.optim.AdamW (weight_decay={WEIGHT_DECAY}) in HyperLR, hyper_lr=1e-6",
            EVERY_MODEL),
     # ---- tangent (forward-mode) hypergradients
     Method("RTHO", "tangent", SGD_LRS,
-           lambda m, c: Trainer(hx.RTHO(m.parameters(), lr=c.lr, hyper_lr=1e-5, **MOMENTUM),
+           lambda m, c: Trainer(hx.RTHO(m.parameters(), lr=c.lr, hyper_lr=c.beta(1e-5),
+                                        **MOMENTUM),
                                 "closure"), "momentum 0.9, hyper_lr=1e-5"),
     Method("RT-HPO", "tangent", SGD_LRS,
-           lambda m, c: Trainer(hx.RTHO(m.parameters(), lr=c.lr, hyper_lr=1e-5, **MOMENTUM),
+           lambda m, c: Trainer(hx.RTHO(m.parameters(), lr=c.lr, hyper_lr=c.beta(1e-5),
+                                        **MOMENTUM),
                                 "closure", val=True), "RTHO on a validation loss"),
     Method("MARTHE", "tangent", SGD_LRS, lambda m, c: _marthe(m, c, **MARTHE_SETTINGS),
            "adaptive mu and beta, beta_0=1e-5, beta'=1e-6, momentum 0.9"),
@@ -322,6 +334,10 @@ METHODS: tuple[Method, ...] = (
     Method("Schedule-Free SGD", "LR-free", SGD_LRS, _schedule_free, "schedulefree, momentum 0.9"),
     Method("Schedule-Free AdamW", "LR-free", ADAM_LRS, _schedule_free_adamw,
            f"schedulefree, warm-up {WARMUP_STEPS} steps, weight_decay={WEIGHT_DECAY}", LM_ONLY),
+    Method("Adadelta", "LR-free", None,
+           lambda m, c: Trainer(torch.optim.Adadelta(m.parameters()), "backward"),
+           "torch.optim.Adadelta with its defaults (lr=1, rho=0.9), as in RT-HPO's Table 1",
+           EVERY_MODEL),
     Method("Prodigy", "LR-free", None, _prodigy, "prodigyopt, lr=1", EVERY_MODEL),
     Method("D-Adapt Adam", "LR-free", None, _dadapt, "dadaptation, lr=1", EVERY_MODEL),
     Method("DoG", "LR-free", None, _dog, "dog-optimizer, lr=1", EVERY_MODEL),

@@ -74,8 +74,9 @@ def headline(rows: list[dict[str, Any]], cfg: BenchConfig, env: dict[str, Any]) 
         f"Test accuracy (held-out loss for the language model, lower is better), mean of "
         f"{len(cfg.seeds)} seeds; **worst** = the worst over the initial LRs of the method's grid "
         "(three decades; what a user who does not tune gets), best = the best (what tuning "
-        "gets); methods marked — need no initial LR. Time = median seconds per step / SGD's, "
-        f"averaged over the tasks. {env['device_name']}, "
+        "gets); methods marked — need no initial LR. Time = median seconds per step / SGD's "
+        "(AdamW's for the language model), averaged over the tasks. "
+        f"{env['device_name']}, "
         f"{env['cpu_count']} CPUs, torch {env['torch']}, hyperlr_ext {env['hyperlr_ext']}, "
         f"{env['date']}.",
         "",
@@ -101,6 +102,52 @@ def headline(rows: list[dict[str, Any]], cfg: BenchConfig, env: dict[str, Any]) 
         time_ratio = sum(r["time_vs_sgd"] for r in mine.values()) / len(mine)
         lines.append(f"| {name} | {any_row['family']} | " + " | ".join(cells)
                      + f" | {time_ratio:.1f}× |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def grid_search(rows: list[dict[str, Any]], cfg: BenchConfig) -> str:
+    """The RT-HPO paper's Table 1 framing: tuning a baseline's LR by a grid search costs one
+    run per grid point; an LR-learning or LR-free method is one run. Per task, each row's
+    result with its compute in units of one run of the task's time reference (SGD, or AdamW
+    for the language model): runs x time per step / the reference's."""
+    lines = [
+        "What tuning costs. A grid search over a baseline's k initial LRs is charged k runs and "
+        "gets the best of them; a method that learns or needs no LR is charged one run, and a "
+        "user who does not tune gets any point of its grid (its worst and best are shown). "
+        "Compute = runs × time per step / SGD's (AdamW's for the language model), in runs of "
+        "that reference.",
+    ]
+    for task in cfg.tasks:
+        lines += ["", f"#### {_metric_label(task)}", "",
+                  "| method | runs | compute (reference runs) | result |",
+                  "|---|---|---|---|"]  # fmt: skip
+        table = []
+        for r in rows:
+            if r["task"] != task:
+                continue
+            k = len(r["per_lr"])
+            if math.isnan(r["best"]["lr0"]):
+                table.append(
+                    (
+                        r["time_vs_sgd"],
+                        f"| {r['method']} | 1 | "
+                        f"{r['time_vs_sgd']:.1f} | {r['best']['score']:.3f} |",
+                    )
+                )
+            elif r["family"] == "baseline":
+                compute = k * r["time_vs_sgd"]
+                table.append(
+                    (
+                        compute,
+                        f"| {r['method']}, best of a {k}-point grid | {k} | "
+                        f"{compute:.1f} | {r['best']['score']:.3f} |",
+                    )
+                )
+            else:
+                table.append((r["time_vs_sgd"], f"| {r['method']}, one run | 1 | "
+                              f"{r['time_vs_sgd']:.1f} | {r['worst']['score']:.3f} … "
+                              f"{r['best']['score']:.3f} |"))  # fmt: skip
+        lines += [row for _, row in sorted(table, key=lambda t: t[0])]
     return "\n".join(lines) + "\n"
 
 
@@ -133,6 +180,7 @@ def markdown(rows: list[dict[str, Any]], cfg: BenchConfig, env: dict[str, Any],
             lines.append(f"| {r['method']} | {r['settings']} | {cells} | "
                          f"{r['time_vs_sgd']:.2f}× |")  # fmt: skip
         lines += ["", f"![loss curves](report_loss_{task}.png) ![LR](report_lr_{task}.png)"]
+    lines += ["", "## Grid search and its cost", "", grid_search(rows, cfg)]
     for section in extra_sections:
         lines += ["", section]
     return "\n".join(lines) + "\n"

@@ -155,8 +155,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 
 def train_run(task: Task, data: dict[str, torch.Tensor], m: Method, lr: float, seed: int,
-              cfg: BenchConfig) -> dict[str, Any]:  # fmt: skip
-    """One (task, method, initial LR, seed): the seed fixes the initial weights and batches."""
+              cfg: BenchConfig, hyper_scale: float = 1.0) -> dict[str, Any]:  # fmt: skip
+    """One (task, method, initial LR, seed): the seed fixes the initial weights and batches;
+    ``hyper_scale`` multiplies the method's hyper-LR (the beta axis)."""
     device = data["x_train"].device
     torch.manual_seed(seed)
     model = make_model(task, data).to(device)
@@ -167,7 +168,8 @@ def train_run(task: Task, data: dict[str, torch.Tensor], m: Method, lr: float, s
     if length < 1:
         steps_per_epoch = max(1, round(steps_per_epoch * length))
     total = epochs * steps_per_epoch
-    trainer = m.build(model, Context(lr=lr, steps_per_epoch=steps_per_epoch, total_steps=total))
+    trainer = m.build(model, Context(lr=lr, steps_per_epoch=steps_per_epoch, total_steps=total,
+                                     hyper_scale=hyper_scale))  # fmt: skip
     gen = torch.Generator().manual_seed(1000 + seed)
     every = max(1, total // cfg.log_points)
     losses, lrs, window = [], [], []
@@ -207,6 +209,7 @@ def train_run(task: Task, data: dict[str, torch.Tensor], m: Method, lr: float, s
             accuracy, test_loss = 1.0 / vocab, math.log(vocab)
     return {
         "task": task.name, "method": m.name, "lr0": lr, "seed": seed, "epochs": epochs,
+        "hyper_scale": hyper_scale,
         "test_accuracy": accuracy, "test_loss": test_loss, "diverged": diverged,
         "seconds_per_epoch": seconds / epochs, "seconds_per_step": seconds / max(1, steps),
         "steps": steps, "log_every": every, "train_loss": losses,
@@ -215,19 +218,30 @@ def train_run(task: Task, data: dict[str, torch.Tensor], m: Method, lr: float, s
 
 
 # ---------------------------------------------------------------------- the sweep
-def _cache_path(cache_dir: Path, run: tuple[str, str, float, int]) -> Path:
-    task, name, lr, seed = run
+Run = tuple  # (task, method, initial LR, seed[, hyper-LR scale]): one training run
+
+
+def _cache_path(cache_dir: Path, run: Run) -> Path:
+    task, name, lr, seed, scale = _unpack(run)
     slug = name.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "-")
-    return cache_dir / f"{task}__{slug}__{lr:g}__{seed}.json"
+    beta = "" if scale == 1.0 else f"__beta{scale:g}"
+    return cache_dir / f"{task}__{slug}__{lr:g}__{seed}{beta}.json"
+
+
+def _unpack(run: Run) -> tuple[str, str, float, int, float]:
+    """A run's fields; the hyper-LR scale (the beta axis) is 1 unless given."""
+    return (*run, 1.0) if len(run) == 4 else tuple(run)
 
 
 def run_benchmark(cfg: BenchConfig, device: str = "cpu", cache_root: Path = CACHE,
-                  fresh: bool = False, progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
-    """Every run of ``cfg``, from the cache where it is there; new runs are cached as they end."""
+                  fresh: bool = False, progress: bool = True,
+                  runs: list[Run] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Every run of ``cfg`` (or the ``runs`` given), from the cache where it is there; new runs
+    are cached as they end."""
     cache_dir = cache_root / f"{cfg.key()}-{device}"
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / "config.json").write_text(json.dumps(cfg.shared(), indent=1) + "\n")
-    runs = run_list(cfg)
+    runs = run_list(cfg) if runs is None else runs
     results, todo = [], []
     for run in runs:
         path = _cache_path(cache_dir, run)
@@ -245,12 +259,12 @@ def run_benchmark(cfg: BenchConfig, device: str = "cpu", cache_root: Path = CACH
     bar = tqdm(todo, desc="benchmark runs", unit="run", disable=not progress,
                initial=len(results), total=len(runs))  # fmt: skip
     for run in todo:
-        task_name, name, lr, seed = run
+        task_name, name, lr, seed, scale = _unpack(run)
         task = replace(TASKS[task_name])
         if task.data not in data_cache:
             data_cache[task.data] = load_data(task.data, device)
         bar.set_postfix_str(f"{task_name} {name} lr0={lr:g} seed={seed}")
-        result = train_run(task, data_cache[task.data], method(name), lr, seed, cfg)
+        result = train_run(task, data_cache[task.data], method(name), lr, seed, cfg, scale)
         _cache_path(cache_dir, run).write_text(json.dumps(result) + "\n")
         results.append(result)
         bar.update(1)
@@ -276,16 +290,23 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(finite) if len(finite) > 1 else 0.0
 
 
+def time_reference(task: str) -> str:
+    """The method whose time per step a task's times are relative to: torch SGD (momentum 0.9),
+    or AdamW where SGD does not train the model (the language model)."""
+    return "SGD" if TASKS[task].model in method("SGD").models else "AdamW"
+
+
 def summarise(results: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str, Any]]:
     """Per task and method: mean/std accuracy and loss per initial LR, and their ``score``, the
     task's metric (accuracy, or the loss for the language model); the best and worst LR by
-    that score, and the median time per step relative to SGD's on the same task (a run that
-    diverged stopped early: per step, its time still counts at its rate)."""
+    that score, and the median time per step relative to the task's ``time_reference`` (a run
+    that diverged stopped early: per step, its time still counts at its rate)."""
     rows = []
     for task in cfg.tasks:
         metric = TASKS[task].metric
+        reference = time_reference(task)
         sgd_time = _median(r["seconds_per_step"] for r in results
-                           if r["task"] == task and r["method"] == "SGD")  # fmt: skip
+                           if r["task"] == task and r["method"] == reference)  # fmt: skip
         for name in cfg.methods:
             mine = [r for r in results if r["task"] == task and r["method"] == name]
             if not mine:

@@ -95,6 +95,34 @@ def test_language_model_task(tmp_path):
     assert "text-gpt (loss ↓): worst / best" in md and "ppl" in md
 
 
+def test_beta_axis(tmp_path):
+    beta_axis = pytest.importorskip("benchmarks.beta_axis")
+    cfg = robustness.BenchConfig(tasks=("digits-logreg",), seeds=(0,), epoch_scale=0.1,
+                                 lr_points=1, log_points=5)  # fmt: skip
+    result = beta_axis.run_beta_axis(cfg, "cpu", cache_root=tmp_path / "cache", progress=False)
+    names = {r["method"] for r in result["rows"]}
+    assert names == {m.name for m in methods.METHODS
+                     if m.family in ("HD", "tangent") and "logreg" in m.models}  # fmt: skip
+    for r in result["rows"]:
+        assert [p["scale"] for p in r["points"]] == list(beta_axis.SCALES)
+    # The hyper-LR reaches the optimizer: SGD-HD's learned LR differs across the axis.
+    runs = robustness.run_benchmark(cfg, "cpu", cache_root=tmp_path / "cache", progress=False,
+                                    runs=[("digits-logreg", "SGD-HD", 1e-2, 0, s)
+                                          for s in beta_axis.SCALES])  # fmt: skip
+    assert len({r["lr"][-1] for r in runs}) == len(beta_axis.SCALES)
+    written = beta_axis.write_beta_axis(result, tmp_path)
+    assert "## digits-logreg" in written[0].read_text() and written[2].stat().st_size > 1000
+
+
+def test_toys_from_both_initial_lrs(tmp_path):
+    toys = pytest.importorskip("benchmarks.toys")
+    result = toys.run_toys(steps=20, betas=(1e-4,))
+    starts = {(r["function"], r["lr0"]) for r in result["runs"]}
+    assert starts == {("beale", 0.0), ("beale", 1e-3), ("bukin", 0.0), ("bukin", 1e-2)}
+    md = toys.markdown(result)
+    assert "| bukin | 0.01 |" in md and "| beale | 0 |" in md
+
+
 def test_cli_help_and_modes():
     main = pytest.importorskip("benchmarks.__main__")
     with pytest.raises(SystemExit) as exit_info:
