@@ -169,8 +169,10 @@ def _schedule_free_adamw(model, c):
     return Trainer(opt, "sf")
 
 
-def _adamw(model: nn.Module, c: Context) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=WEIGHT_DECAY)
+def _adamw(model: nn.Module, c: Context, lr: float | None = None) -> torch.optim.Optimizer:
+    """torch's AdamW at the run's initial LR (or ``lr``, for a method that sets it itself)."""
+    return torch.optim.AdamW(model.parameters(), lr=c.lr if lr is None else lr,
+                             weight_decay=WEIGHT_DECAY)  # fmt: skip
 
 
 def _warmup_cosine(model, c):
@@ -323,10 +325,11 @@ METHODS: tuple[Method, ...] = (
            lambda m, c: (lambda o: Trainer(o, "mlr", hx.MLRSNet(
                o, meta_every=max(1, c.steps_per_epoch // 2))))(_sgd(m, c, **MOMENTUM)),
            "meta-trained online, twice per epoch"),
-    Method("MLR-SNet (AdamW)", "scheduler", ADAM_LRS,
+    Method("MLR-SNet (AdamW)", "scheduler", None,
            lambda m, c: (lambda o: Trainer(o, "mlr", hx.MLRSNet(
-               o, meta_every=max(1, c.steps_per_epoch // 10))))(_adamw(m, c)),
-           "AdamW inside, meta-trained online ten times per epoch", LM_ONLY),
+               o, meta_every=max(1, c.steps_per_epoch // 10))))(_adamw(m, c, lr=1e-3)),
+           "AdamW inside (its LR set by the net from the first step), meta-trained online "
+           "ten times per epoch", LM_ONLY),
     Method("MLR-SNet (pretrained)", "scheduler", None,
            lambda m, c: (lambda o: Trainer(o, "mlr", hx.MLRSNet.from_pretrained(
                o, "mnist-mlp")))(_sgd(m, c, **MOMENTUM)), "the shipped mnist-mlp net, frozen"),
