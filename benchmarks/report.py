@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import time_to_target
 from benchmarks.robustness import TASKS, BenchConfig, summarise
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -152,7 +153,8 @@ def grid_search(rows: list[dict[str, Any]], cfg: BenchConfig) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], cfg: BenchConfig, env: dict[str, Any],
-             extra_sections: list[str]) -> str:  # fmt: skip
+             extra_sections: list[str],
+             times: list[dict[str, Any]] | None = None) -> str:  # fmt: skip
     lines = [
         "# hyperlr_ext benchmark report",
         "",
@@ -181,6 +183,8 @@ def markdown(rows: list[dict[str, Any]], cfg: BenchConfig, env: dict[str, Any],
                          f"{r['time_vs_sgd']:.2f}× |")  # fmt: skip
         lines += ["", f"![loss curves](report_loss_{task}.png) ![LR](report_lr_{task}.png)"]
     lines += ["", "## Grid search and its cost", "", grid_search(rows, cfg)]
+    if times:
+        lines += ["", "## Time to target", "", time_to_target.markdown(times)]
     for section in extra_sections:
         lines += ["", section]
     return "\n".join(lines) + "\n"
@@ -263,10 +267,13 @@ def write_report(results: list[dict[str, Any]], cfg: BenchConfig, device: str, o
     env = environment(device)
     rows = summarise(results, cfg)
     json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    times = time_to_target.times_to_target(results, rows, cfg)
     json_path.write_text(json.dumps({"environment": env, "config": cfg.__dict__, "summary": rows,
-                                     "runs": results}) + "\n")  # fmt: skip
-    md_path.write_text(markdown(rows, cfg, env, extra_sections or []))
+                                     "time_to_target": times, "runs": results}) + "\n")  # fmt: skip
+    md_path.write_text(markdown(rows, cfg, env, extra_sections or [], times))
     written = [json_path, md_path, *plots(results, rows, cfg, out_dir)]
+    if times:
+        written.append(time_to_target.plot_profile(times, out_dir))
     if update_readme and README.is_file():
         text = README.read_text()
         if START in text and END in text:

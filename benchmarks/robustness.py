@@ -32,7 +32,9 @@ from benchmarks.methods import AMORTISED_NAMES, METHOD_NAMES, BatchLoss, Context
 from benchmarks.text import CharGPT, load_text
 
 CACHE = Path(__file__).parent / ".cache"
-RESULT_FORMAT = 2  # the fields of a run's result (2: with seconds_per_step); a new one reruns all
+# The fields of a run's result (2: seconds_per_step; 3: the validation curve); a new one reruns all.
+RESULT_FORMAT = 3
+VAL_EVAL = 256  # validation examples evaluated at each log point (the time-to-target curve)
 
 
 # ---------------------------------------------------------------------- tasks
@@ -154,6 +156,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
         return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
 
 
+def validation_point(task: Task, model: nn.Module, trainer: Any,
+                     data: dict[str, torch.Tensor]) -> float:  # fmt: skip
+    """The task's metric on the first VAL_EVAL validation examples, in the weights the method
+    would evaluate (schedule-free: its averaged iterate); NaN when not finite."""
+    trainer.eval_mode()
+    accuracy, loss = evaluate(model, data["x_val"][:VAL_EVAL], data["y_val"][:VAL_EVAL])
+    value = accuracy if task.metric == "accuracy" else loss
+    return value if math.isfinite(loss) else float("nan")
+
+
 def train_run(task: Task, data: dict[str, torch.Tensor], m: Method, lr: float, seed: int,
               cfg: BenchConfig, hyper_scale: float = 1.0) -> dict[str, Any]:  # fmt: skip
     """One (task, method, initial LR, seed): the seed fixes the initial weights and batches;
@@ -174,6 +186,7 @@ def train_run(task: Task, data: dict[str, torch.Tensor], m: Method, lr: float, s
     every = max(1, total // cfg.log_points)
     losses, lrs, window = [], [], []
     diverged, seconds, steps = False, 0.0, 0
+    val, val_steps, val_seconds = [], [], []  # the validation curve, training time excluded
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen).to(device)
         vidx = torch.randint(0, len(data["x_val"]), (steps_per_epoch, task.batch_size),
@@ -193,6 +206,13 @@ def train_run(task: Task, data: dict[str, torch.Tensor], m: Method, lr: float, s
                 if not math.isfinite(losses[-1]):
                     diverged = True
                     break
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                paused = time.perf_counter()
+                val.append(validation_point(task, model, trainer, data))
+                val_steps.append(steps)
+                val_seconds.append(seconds + paused - start)
+                start += time.perf_counter() - paused  # the evaluation is not training time
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
@@ -212,7 +232,8 @@ def train_run(task: Task, data: dict[str, torch.Tensor], m: Method, lr: float, s
         "hyper_scale": hyper_scale,
         "test_accuracy": accuracy, "test_loss": test_loss, "diverged": diverged,
         "seconds_per_epoch": seconds / epochs, "seconds_per_step": seconds / max(1, steps),
-        "steps": steps, "log_every": every, "train_loss": losses,
+        "steps": steps, "log_every": every, "train_loss": losses, "val": val,
+        "val_steps": val_steps, "val_seconds": val_seconds,
         "lr": lrs,
     }  # fmt: skip
 

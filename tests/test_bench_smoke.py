@@ -47,7 +47,9 @@ def test_tiny_run_report_and_resume(tmp_path, monkeypatch):
         assert f"| {m.name} | {m.family} |" in headline
     assert "### digits-logreg" in md and "## Extra section" in md
     data = json.loads((out / "report.json").read_text())
-    assert set(data) == {"environment", "config", "summary", "runs"}
+    assert set(data) == {"environment", "config", "summary", "time_to_target", "runs"}
+    assert all(len(r["val"]) == len(r["val_steps"]) == len(r["train_loss"]) for r in results)
+    assert "## Time to target" in md and (out / "report_profile.png").stat().st_size > 1000
     assert {row["method"] for row in data["summary"]} == {m.name for m in logreg}
     for name in ("report_robustness.png", "report_loss_digits-logreg.png",
                  "report_lr_digits-logreg.png"):  # fmt: skip
@@ -121,6 +123,37 @@ def test_toys_from_both_initial_lrs(tmp_path):
     assert starts == {("beale", 0.0), ("beale", 1e-3), ("bukin", 0.0), ("bukin", 1e-2)}
     md = toys.markdown(result)
     assert "| bukin | 0.01 |" in md and "| beale | 0 |" in md
+
+
+def test_time_to_target_on_known_curves():
+    """Targets, times and the profile from hand-written validation curves."""
+    ttt = pytest.importorskip("benchmarks.time_to_target")
+    cfg = robustness.BenchConfig(tasks=("digits-logreg",), seeds=(0, 1),
+                                 methods=("SGD", "SGD-HD", "Prodigy"))  # fmt: skip
+
+    def run(name, lr, seed, val):
+        return {"task": "digits-logreg", "method": name, "lr0": lr, "seed": seed,
+                "test_accuracy": val[-1], "test_loss": 0.5, "diverged": False,
+                "seconds_per_step": 1.0, "val": val, "val_steps": [10, 20, 30],
+                "val_seconds": [1.0, 2.0, 3.0]}  # fmt: skip
+
+    results = [run("SGD", lr, seed, [0.5, 0.8, 0.9 if lr == 0.1 else 0.7])
+               for lr in methods.SGD_LRS for seed in (0, 1)]  # fmt: skip
+    results += [run("SGD-HD", lr, seed, [0.5, 0.895, 0.9]) for lr in methods.SGD_LRS
+                for seed in (0, 1)]  # fmt: skip
+    results += [run("Prodigy", math.nan, 0, [0.2, 0.3, 0.4]),
+                run("Prodigy", math.nan, 1, [0.2, 0.3, 0.95])]  # fmt: skip
+    rows = robustness.summarise(results, cfg)
+    assert ttt.targets(results, rows, cfg) == {"digits-logreg": pytest.approx(0.9 * 0.99)}
+    times = {t["method"]: t for t in ttt.times_to_target(results, rows, cfg)}
+    assert (times["SGD"]["steps"], times["SGD"]["seconds"]) == (30, 3.0)
+    assert (times["SGD-HD"]["steps"], times["SGD-HD"]["reached"]) == (20, 2)
+    assert times["Prodigy"]["reached"] == 1 and times["Prodigy"]["seconds"] is None  # 1 of 2
+    fractions = ttt.profile(list(times.values()))
+    assert fractions["SGD-HD"][0] == 1.0  # the fastest on the only task
+    assert fractions["SGD"][ttt.TAUS.index(1.5)] == 1.0 and fractions["SGD"][0] == 0.0
+    assert fractions["Prodigy"] == [0.0] * len(ttt.TAUS)
+    assert "not reached" in ttt.markdown(list(times.values()))
 
 
 def test_cli_help_and_modes():
