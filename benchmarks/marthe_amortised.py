@@ -37,6 +37,7 @@ from benchmarks.robustness import (
     run_benchmark,
     summarise,
 )
+from benchmarks.timing import round_robin
 
 # The target: a setting at <= 1.5x a plain SGD step whose worst case is within the seeds' spread
 # of exact MARTHE's.
@@ -108,18 +109,22 @@ def step_times(task_name: str, device: str, rounds: int = ROUNDS,
         torch.manual_seed(0)
         model = make_model(task, data).to(device)
         trainers[name] = (model, method(name).build(model, context))
+
+    def run_block(name: str) -> float:
+        model, trainer = trainers[name]
+        start = time.perf_counter()
+        for idx in batches:
+            loss = BatchLoss(model, data["x_train"][idx], data["y_train"][idx])
+            trainer.step(loss, loss)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / block
+
+    for name in names:  # the warm-up block
+        run_block(name)
     blocks: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(rounds + 1):
-        for name in names:
-            model, trainer = trainers[name]
-            start = time.perf_counter()
-            for idx in batches:
-                loss = BatchLoss(model, data["x_train"][idx], data["y_train"][idx])
-                trainer.step(loss, loss)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if round_index:  # the first round warms up
-                blocks[name].append((time.perf_counter() - start) / block)
+    round_robin(lambda name: blocks[name].append(run_block(name)), names, min_rounds=rounds,
+                max_rounds=rounds, min_time_s=0.0)  # fmt: skip
     return {name: statistics.median(times) for name, times in blocks.items()}
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from benchmarks import time_to_target
-from benchmarks.robustness import TASKS, BenchConfig, summarise
+from benchmarks.robustness import TASKS, BenchConfig, same_lr, summarise
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"
@@ -58,10 +58,6 @@ def _other(p: dict[str, Any], metric: str) -> str:
 
 def _metric_label(task: str) -> str:
     return f"{task} (loss ↓)" if TASKS[task].metric == "loss" else task
-
-
-def _same_lr(a: float, b: float) -> bool:
-    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 def _lr(lr: float) -> str:
@@ -126,28 +122,16 @@ def grid_search(rows: list[dict[str, Any]], cfg: BenchConfig) -> str:
         for r in rows:
             if r["task"] != task:
                 continue
-            k = len(r["per_lr"])
+            best, worst = r["best"]["score"], r["worst"]["score"]
             if math.isnan(r["best"]["lr0"]):
-                table.append(
-                    (
-                        r["time_vs_sgd"],
-                        f"| {r['method']} | 1 | "
-                        f"{r['time_vs_sgd']:.1f} | {r['best']['score']:.3f} |",
-                    )
-                )
+                label, runs, result = r["method"], 1, f"{best:.3f}"
             elif r["family"] == "baseline":
-                compute = k * r["time_vs_sgd"]
-                table.append(
-                    (
-                        compute,
-                        f"| {r['method']}, best of a {k}-point grid | {k} | "
-                        f"{compute:.1f} | {r['best']['score']:.3f} |",
-                    )
-                )
+                runs = len(r["per_lr"])
+                label, result = f"{r['method']}, best of a {runs}-point grid", f"{best:.3f}"
             else:
-                table.append((r["time_vs_sgd"], f"| {r['method']}, one run | 1 | "
-                              f"{r['time_vs_sgd']:.1f} | {r['worst']['score']:.3f} … "
-                              f"{r['best']['score']:.3f} |"))  # fmt: skip
+                label, runs, result = f"{r['method']}, one run", 1, f"{worst:.3f} … {best:.3f}"
+            compute = runs * r["time_vs_sgd"]
+            table.append((compute, f"| {label} | {runs} | {compute:.1f} | {result} |"))
         lines += [row for _, row in sorted(table, key=lambda t: t[0])]
     return "\n".join(lines) + "\n"
 
@@ -208,7 +192,7 @@ def plots(results: list[dict[str, Any]], rows: list[dict[str, Any]], cfg: BenchC
                 best = r["best"]["lr0"]
                 run = next((x for x in results if x["task"] == task
                             and x["method"] == r["method"] and x["seed"] == seed
-                            and _same_lr(x["lr0"], best)), None)  # fmt: skip
+                            and same_lr(x["lr0"], best)), None)  # fmt: skip
                 if run is None or not run[key]:
                     continue
                 steps = [(i + 1) * run["log_every"] for i in range(len(run[key]))]

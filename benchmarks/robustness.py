@@ -311,6 +311,11 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(finite) if len(finite) > 1 else 0.0
 
 
+def same_lr(a: float, b: float) -> bool:
+    """Whether two runs' initial LRs are the same (NaN: the methods that take none)."""
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
 def time_reference(task: str) -> str:
     """The method whose time per step a task's times are relative to: torch SGD (momentum 0.9),
     or AdamW where SGD does not train the model (the language model)."""
@@ -334,9 +339,7 @@ def summarise(results: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str,
                 continue
             per_lr = []
             for lr in lr_grid(method(name), cfg):
-                sel = [
-                    r for r in mine if r["lr0"] == lr or (math.isnan(lr) and math.isnan(r["lr0"]))
-                ]
+                sel = [r for r in mine if same_lr(r["lr0"], lr)]
                 accs = [r["test_accuracy"] for r in sel]
                 losses = [r["test_loss"] for r in sel]
                 per_lr.append({

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.robustness import TASKS, BenchConfig, time_reference
+from benchmarks.robustness import TASKS, BenchConfig, same_lr, time_reference
 
 SLACK = {"accuracy": 0.99, "loss": 1.02}
 TAUS = (1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0)
@@ -29,10 +29,6 @@ def _reached(value: float, target: float, metric: str) -> bool:
     if not math.isfinite(value):
         return False
     return value >= target if metric == "accuracy" else value <= target
-
-
-def _same_lr(a: float, b: float) -> bool:
-    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 def targets(results: list[dict[str, Any]], rows: list[dict[str, Any]],
@@ -46,7 +42,7 @@ def targets(results: list[dict[str, Any]], rows: list[dict[str, Any]],
         if row is None:
             continue
         finals = [r["val"][-1] for r in results if r["task"] == task
-                  and r["method"] == reference and _same_lr(r["lr0"], row["best"]["lr0"])
+                  and r["method"] == reference and same_lr(r["lr0"], row["best"]["lr0"])
                   and r.get("val")]  # fmt: skip
         finite = [v for v in finals if math.isfinite(v)]
         if finite:
@@ -66,7 +62,7 @@ def times_to_target(results: list[dict[str, Any]], rows: list[dict[str, Any]],
             continue
         metric = TASKS[task].metric
         runs = [r for r in results if r["task"] == task and r["method"] == row["method"]
-                and _same_lr(r["lr0"], row["best"]["lr0"]) and "val" in r]  # fmt: skip
+                and same_lr(r["lr0"], row["best"]["lr0"]) and "val" in r]  # fmt: skip
         hits = []
         for r in runs:
             first = next((i for i, v in enumerate(r["val"]) if _reached(v, goal[task], metric)),
