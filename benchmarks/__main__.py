@@ -29,6 +29,7 @@ from benchmarks import (
     toys,
 )
 from benchmarks.overhead_report import write_overhead
+from benchmarks.pool import default_workers
 from benchmarks.report import environment, write_report
 
 RESULTS = Path(__file__).parent / "results"
@@ -74,7 +75,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ignore the cache of finished runs (benchmarks/.cache/) and start over",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="training runs at once, each in its own process with an equal share of the cores "
+        "(default: one per core, at most 4, on the CPU; 1 on a GPU)",
+    )
     args = parser.parse_args(argv)
+    if args.workers is None:
+        args.workers = default_workers(args.device)
+    elif args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     if args.out is None:
         args.out = RESULTS / "quick" if args.quick else RESULTS
     return args
@@ -103,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         written += toys.write_toys(toys.run_toys(steps=50 if args.quick else toys.STEPS), args.out)
     if "schedulers" in selected:
         cfg = schedulers.QUICK if args.quick else schedulers.SchedulerConfig()
-        written += schedulers.write_schedulers(schedulers.run_schedulers(cfg), args.out)
+        written += schedulers.write_schedulers(schedulers.run_schedulers(cfg, args.workers),
+                                               args.out)  # fmt: skip
     if "overhead" in selected:
         if args.quick:
             result = overhead.run_overhead(
@@ -118,17 +130,20 @@ def main(argv: list[str] | None = None) -> None:
         result = marthe_overhead.run_marthe_overhead(cfg)
         written += marthe_overhead.write_marthe_overhead(result, args.out)
         study = marthe_amortised.run_amortised(
-            _config(args), args.device, fresh=args.fresh, progress=not args.no_progress
-        )
+            _config(args), args.device, fresh=args.fresh, progress=not args.no_progress,
+            workers=args.workers,
+        )  # fmt: skip
         written += marthe_amortised.write_amortised(study, environment(args.device), args.out)
     if "robustness" in selected:
         cfg = _config(args)
         results = robustness.run_benchmark(
-            cfg, args.device, fresh=args.fresh, progress=not args.no_progress
-        )
+            cfg, args.device, fresh=args.fresh, progress=not args.no_progress,
+            workers=args.workers,
+        )  # fmt: skip
         beta = beta_axis.run_beta_axis(
-            cfg, args.device, fresh=args.fresh, progress=not args.no_progress
-        )
+            cfg, args.device, fresh=args.fresh, progress=not args.no_progress,
+            workers=args.workers,
+        )  # fmt: skip
         written += beta_axis.write_beta_axis(beta, args.out)
         sections = _overhead_sections(args.out)
         written += write_report(

@@ -44,7 +44,7 @@ def fixed_lr(name: str) -> float:
 
 
 def run_beta_axis(cfg: BenchConfig, device: str, cache_root: Path = CACHE, fresh: bool = False,
-                  progress: bool = True) -> dict[str, Any]:  # fmt: skip
+                  progress: bool = True, workers: int = 1) -> dict[str, Any]:  # fmt: skip
     """The beta-axis runs on the tasks of ``cfg`` among BETA_TASKS (the first task of ``cfg``
     when none is), and the initial-LR axis of the same methods from the main study."""
     tasks = tuple(t for t in cfg.tasks if t in BETA_TASKS) or cfg.tasks[:1]
@@ -55,7 +55,9 @@ def run_beta_axis(cfg: BenchConfig, device: str, cache_root: Path = CACHE, fresh
         for scale in SCALES
         for seed in cfg.seeds
     ]
-    results = run_benchmark(cfg, device, cache_root, fresh=fresh, progress=progress, runs=runs)
+    results = run_benchmark(
+        cfg, device, cache_root, fresh=fresh, progress=progress, runs=runs, workers=workers
+    )
     rows = []
     for task in tasks:
         metric = TASKS[task].metric
@@ -75,7 +77,9 @@ def run_beta_axis(cfg: BenchConfig, device: str, cache_root: Path = CACHE, fresh
                 "worst": min(points, key=lambda p: sign * p["score"]),
             })  # fmt: skip
     main = replace(cfg, tasks=tasks, methods=tuple(dict.fromkeys(r["method"] for r in rows)))
-    main_rows = summarise(run_benchmark(main, device, cache_root, progress=progress), main)
+    main_rows = summarise(
+        run_benchmark(main, device, cache_root, progress=progress, workers=workers), main
+    )
     for row in rows:
         other = next(r for r in main_rows if r["task"] == row["task"]
                      and r["method"] == row["method"])  # fmt: skip

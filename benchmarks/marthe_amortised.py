@@ -129,11 +129,13 @@ def step_times(task_name: str, device: str, rounds: int = ROUNDS,
 
 
 def run_amortised(cfg: BenchConfig, device: str, cache_root: Path = CACHE, fresh: bool = False,
-                  progress: bool = True) -> dict[str, Any]:  # fmt: skip
+                  progress: bool = True, workers: int = 1) -> dict[str, Any]:  # fmt: skip
     """The cost/accuracy study at ``cfg``'s scale (its runs cached with the robustness study's)
     and the error study."""
     study = amortised(cfg)
-    results = run_benchmark(study, device, cache_root, fresh=fresh, progress=progress)
+    results = run_benchmark(
+        study, device, cache_root, fresh=fresh, progress=progress, workers=workers
+    )
     quick = study.epoch_scale < 1
     errors = [
         row

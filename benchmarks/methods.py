@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hyperlr_ext as hx
+from hyperlr_ext.optim import ROBUST_PRESET
 
 LossFn = Callable[[], Tensor]
 SGD_LRS = (1e-3, 1e-2, 1e-1, 1.0)  # three decades
@@ -128,6 +129,7 @@ MOMENTUM = dict(momentum=0.9)
 WEIGHT_DECAY = 0.01  # AdamW's (torch's default)
 WARMUP_STEPS = 30
 NESTEROV = dict(momentum=0.9, nesterov=True)
+ROBUST_ALPHA = ROBUST_PRESET["hyper_lr"]  # the preset's step on log eta (the beta axis scales it)
 MARTHE_SETTINGS = dict(hyper_lr=1e-5, hyper_hyper_lr=1e-6, **MOMENTUM)
 
 
@@ -287,6 +289,23 @@ METHODS: tuple[Method, ...] = (
                                          **NESTEROV),
                                 "backward", val=True),
            "SGDN-HD on a validation loss (val_closure)"),
+    # ---- the robust preset: hyper_optimizer="adam" (an Adam step on log eta), every other
+    # hyper-argument its default (chosen on the training tasks only: benchmarks/preset.py)
+    Method("SGD-HD robust", "HD", SGD_LRS,
+           lambda m, c: Trainer(hx.SGDHD(m.parameters(), lr=c.lr, hyper_optimizer="adam",
+                                         hyper_lr=c.beta(ROBUST_ALPHA), **MOMENTUM), "backward"),
+           "momentum 0.9, hyper_optimizer='adam' (the robust preset)"),
+    Method("Adam-HD robust", "HD", ADAM_LRS,
+           lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_optimizer="adam",
+                                          hyper_lr=c.beta(ROBUST_ALPHA)), "backward"),
+           "hyper_optimizer='adam' (the robust preset)", EVERY_MODEL),
+    Method("AdamW-HD robust", "HD", ADAM_LRS,
+           lambda m, c: Trainer(hx.AdamHD(m.parameters(), lr=c.lr, hyper_optimizer="adam",
+                                          hyper_lr=c.beta(ROBUST_ALPHA),
+                                          weight_decay=WEIGHT_DECAY,
+                                          decoupled_weight_decay=True), "backward"),
+           f"decoupled weight_decay={WEIGHT_DECAY}, hyper_optimizer='adam' (the robust preset)",
+           LM_ONLY),
     # ---- HD around torch's optimizers: HyperLR, with the hyper-LR of the HD method of the family
     Method("SGD+HyperLR", "HD", SGD_LRS,
            lambda m, c: _hyper_lr(_sgd(m, c, **MOMENTUM), c.beta(1e-3)),
@@ -367,8 +386,43 @@ AMORTISED: tuple[Method, ...] = tuple(
 AMORTISED_NAMES = tuple(m.name for m in AMORTISED)
 
 
+# Candidates for the robust preset (hyper_optimizer="adam", benchmarks/preset.py): Adam's step
+# size on log eta and how a run begins (a linear warm-up of the applied LR over the first steps,
+# during which log eta already moves). Chosen on the training tasks only.
+PRESET_ALPHAS = (0.03, 0.1, 0.3)
+PRESET_WARMUPS = (0, 10, 30)
+
+
+def _warmed(opt: torch.optim.Optimizer, warmup: int) -> Any:
+    """A linear warm-up of ``warmup`` steps from 1/warmup of the LR (None: no warm-up)."""
+    if warmup == 0:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+
+
+def _preset_candidate(cls, alpha: float, warmup: int, **kw: Any):
+    def build(model: nn.Module, c: Context) -> Trainer:
+        opt = cls(model.parameters(), lr=c.lr, hyper_optimizer="adam",
+                  hyper_lr=c.beta(alpha), **kw)  # fmt: skip
+        return Trainer(opt, "backward", _warmed(opt, warmup))
+
+    return build
+
+
+PRESET_CANDIDATES: tuple[Method, ...] = tuple(
+    Method(f"{label} log-Adam a={alpha:g} w={warmup}", "HD", lrs,
+           _preset_candidate(cls, alpha, warmup, **kw),
+           f"hyper_optimizer='adam', hyper_lr={alpha:g}, warm-up {warmup} steps")
+    for label, cls, lrs, kw in (("SGD-HD", hx.SGDHD, SGD_LRS, MOMENTUM),
+                                ("Adam-HD", hx.AdamHD, ADAM_LRS, {}))
+    for alpha in PRESET_ALPHAS
+    for warmup in PRESET_WARMUPS
+)  # fmt: skip
+PRESET_CANDIDATE_NAMES = tuple(m.name for m in PRESET_CANDIDATES)
+
+
 def method(name: str) -> Method:
-    for m in METHODS + AMORTISED:
+    for m in METHODS + AMORTISED + PRESET_CANDIDATES:
         if m.name == name:
             return m
     raise ValueError(f"unknown method {name!r}; known: {METHOD_NAMES + AMORTISED_NAMES}")

@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
-from benchmarks import time_to_target
+from benchmarks import preset_target, time_to_target
 from benchmarks.robustness import TASKS, BenchConfig, same_lr, summarise
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"
+PRESET_START, PRESET_END = "<!-- preset:start -->", "<!-- preset:end -->"
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -166,6 +167,10 @@ def markdown(rows: list[dict[str, Any]], cfg: BenchConfig, env: dict[str, Any],
             lines.append(f"| {r['method']} | {r['settings']} | {cells} | "
                          f"{r['time_vs_sgd']:.2f}× |")  # fmt: skip
         lines += ["", f"![loss curves](report_loss_{task}.png) ![LR](report_lr_{task}.png)"]
+    preset = preset_target.markdown(rows)
+    if preset:
+        lines += ["", "## The robust preset against the learning-rate-free optimizers", "",
+                  preset]  # fmt: skip
     lines += ["", "## Grid search and its cost", "", grid_search(rows, cfg)]
     if times:
         lines += ["", "## Time to target", "", time_to_target.markdown(times)]
@@ -260,9 +265,17 @@ def write_report(results: list[dict[str, Any]], cfg: BenchConfig, device: str, o
         written.append(time_to_target.plot_profile(times, out_dir))
     if update_readme and README.is_file():
         text = README.read_text()
-        if START in text and END in text:
-            before, rest = text.split(START, 1)
-            after = rest.split(END, 1)[1]
-            README.write_text(before + START + "\n" + headline(rows, cfg, env) + END + after)
-            written.append(README)
+        text = _replace_block(text, START, END, headline(rows, cfg, env))
+        text = _replace_block(text, PRESET_START, PRESET_END, preset_target.markdown(rows))
+        README.write_text(text)
+        written.append(README)
     return written
+
+
+def _replace_block(text: str, start: str, end: str, content: str) -> str:
+    """``text`` with what lies between the markers ``start`` and ``end`` replaced (unchanged
+    without them, or when there is nothing to put there)."""
+    if start not in text or end not in text or not content:
+        return text
+    before, rest = text.split(start, 1)
+    return before + start + "\n" + content + end + rest.split(end, 1)[1]

@@ -29,11 +29,13 @@ from tqdm import tqdm
 
 from benchmarks.data import load_with_validation
 from benchmarks.methods import AMORTISED_NAMES, METHOD_NAMES, BatchLoss, Context, Method, method
+from benchmarks.pool import run_all
 from benchmarks.text import CharGPT, load_text
 
 CACHE = Path(__file__).parent / ".cache"
-# The fields of a run's result (2: seconds_per_step; 3: the validation curve); a new one reruns all.
-RESULT_FORMAT = 3
+# The fields of a run's result (2: seconds_per_step; 3: the validation curve; 4: torch_threads,
+# runs trained in parallel workers); a new one reruns all.
+RESULT_FORMAT = 4
 VAL_EVAL = 256  # validation examples evaluated at each log point (the time-to-target curve)
 
 
@@ -254,43 +256,74 @@ def _unpack(run: Run) -> tuple[str, str, float, int, float]:
     return (*run, 1.0) if len(run) == 4 else tuple(run)
 
 
+class _Runner:
+    """Trains runs of one configuration on one device, loading each data set once and warming
+    each task up once (untimed: the first run would pay start-up costs)."""
+
+    def __init__(self, cfg: BenchConfig, device: str) -> None:
+        self.cfg, self.device = cfg, device
+        self.data: dict[str, dict[str, torch.Tensor]] = {}
+        self.warm: set[str] = set()
+
+    def __call__(self, run: Run) -> dict[str, Any]:
+        task_name, name, lr, seed, scale = _unpack(run)
+        task = TASKS[task_name]
+        if task.data not in self.data:
+            self.data[task.data] = load_data(task.data, self.device)
+        data = self.data[task.data]
+        if task_name not in self.warm:
+            train_run(task, data, method("SGD"), 0.01, 0, replace(self.cfg, epoch_scale=0.01))
+            self.warm.add(task_name)
+        result = train_run(task, data, method(name), lr, seed, self.cfg, scale)
+        return {**result, "torch_threads": torch.get_num_threads()}
+
+
+_RUNNER: _Runner | None = None  # this process's runner (a worker's, or the caller's)
+
+
+def _start_runner(cfg: BenchConfig, device: str) -> None:
+    global _RUNNER
+    _RUNNER = _Runner(cfg, device)
+
+
+def _run(run: Run) -> dict[str, Any]:
+    assert _RUNNER is not None
+    return _RUNNER(run)
+
+
 def run_benchmark(cfg: BenchConfig, device: str = "cpu", cache_root: Path = CACHE,
-                  fresh: bool = False, progress: bool = True,
-                  runs: list[Run] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+                  fresh: bool = False, progress: bool = True, runs: list[Run] | None = None,
+                  workers: int = 1) -> list[dict[str, Any]]:  # fmt: skip
     """Every run of ``cfg`` (or the ``runs`` given), from the cache where it is there; new runs
-    are cached as they end."""
+    are cached as they end. ``workers`` > 1 trains that many runs at once in worker processes,
+    each with an equal share of the cores as its torch threads (every run records its thread
+    count)."""
     cache_dir = cache_root / f"{cfg.key()}-{device}"
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / "config.json").write_text(json.dumps(cfg.shared(), indent=1) + "\n")
     runs = run_list(cfg) if runs is None else runs
-    results, todo = [], []
-    for run in runs:
+    done: dict[int, dict[str, Any]] = {}
+    todo: list[int] = []
+    for i, run in enumerate(runs):
         path = _cache_path(cache_dir, run)
         if path.is_file() and not fresh:
-            results.append(json.loads(path.read_text()))
+            done[i] = json.loads(path.read_text())
         else:
-            todo.append(run)
-    data_cache: dict[str, dict[str, torch.Tensor]] = {}
-    for task_name in cfg.tasks if todo else ():  # untimed: the first run would pay start-up costs
-        task = TASKS[task_name]
-        data_cache.setdefault(task.data, load_data(task.data, device))
-        train_run(
-            task, data_cache[task.data], method("SGD"), 0.01, 0, replace(cfg, epoch_scale=0.01)
-        )
-    bar = tqdm(todo, desc="benchmark runs", unit="run", disable=not progress,
-               initial=len(results), total=len(runs))  # fmt: skip
-    for run in todo:
-        task_name, name, lr, seed, scale = _unpack(run)
-        task = replace(TASKS[task_name])
-        if task.data not in data_cache:
-            data_cache[task.data] = load_data(task.data, device)
-        bar.set_postfix_str(f"{task_name} {name} lr0={lr:g} seed={seed}")
-        result = train_run(task, data_cache[task.data], method(name), lr, seed, cfg, scale)
-        _cache_path(cache_dir, run).write_text(json.dumps(result) + "\n")
-        results.append(result)
+            todo.append(i)
+    bar = tqdm(total=len(runs), initial=len(done), desc="benchmark runs", unit="run",
+               disable=not progress)  # fmt: skip
+
+    def finish(i: int, result: dict[str, Any]) -> None:
+        _cache_path(cache_dir, runs[i]).write_text(json.dumps(result) + "\n")
+        done[i] = result
+        bar.set_postfix_str(f"{result['task']} {result['method']} lr0={result['lr0']:g}")
         bar.update(1)
+
+    pending = [runs[i] for i in todo]
+    for k, result in run_all(_run, pending, workers, _start_runner, (cfg, device)):
+        finish(todo[k], result)
     bar.close()
-    return results
+    return [done[i] for i in range(len(runs))]
 
 
 # ---------------------------------------------------------------------- summaries

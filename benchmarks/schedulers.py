@@ -32,6 +32,7 @@ from torch import nn
 
 import hyperlr_ext as hx
 from benchmarks.data import load_with_validation
+from benchmarks.pool import run_all
 
 
 @dataclass(frozen=True)
@@ -138,18 +139,32 @@ def train_run(task: Task, data: dict[str, torch.Tensor], method: str, lr: float,
             "lrs": lrs[:: max(1, total // 150)]}  # fmt: skip
 
 
-def run_schedulers(cfg: SchedulerConfig) -> dict[str, Any]:
-    runs = []
-    for task in TASKS:
-        if task.name not in cfg.tasks:
-            continue
-        data = load_task_data(task)
-        for seed in cfg.seeds:
-            for method in LR_METHODS:
-                for lr in cfg.lrs:
-                    runs.append(train_run(task, data, method, lr, seed, cfg.epoch_scale))
-            for method in NET_METHODS:
-                runs.append(train_run(task, data, method, float("nan"), seed, cfg.epoch_scale))
+_DATA: dict[str, dict[str, torch.Tensor]] = {}  # this process's data, per task
+
+
+def _run(item: tuple[str, str, float, int, float]) -> dict[str, Any]:
+    name, method, lr, seed, epoch_scale = item
+    task = next(t for t in TASKS if t.name == name)
+    if name not in _DATA:
+        _DATA[name] = load_task_data(task)
+    return train_run(task, _DATA[name], method, lr, seed, epoch_scale)
+
+
+def run_schedulers(cfg: SchedulerConfig, workers: int = 1) -> dict[str, Any]:
+    """Every run of ``cfg``, ``workers`` at a time (benchmarks/pool.py; the results do not
+    depend on it: nothing here is timed)."""
+    items = [
+        (task.name, method, lr, seed, cfg.epoch_scale)
+        for task in TASKS
+        if task.name in cfg.tasks
+        for seed in cfg.seeds
+        for method, lrs in [*((m, cfg.lrs) for m in LR_METHODS),
+                            *((m, (float("nan"),)) for m in NET_METHODS)]
+        for lr in lrs
+    ]  # fmt: skip
+    runs: list[Any] = [None] * len(items)
+    for index, result in run_all(_run, items, workers):
+        runs[index] = result
     return {"config": asdict(cfg), "tasks": [asdict(t) for t in TASKS], "runs": runs,
             "pretrained": hx.MLRSNet.pretrained_names()}  # fmt: skip
 

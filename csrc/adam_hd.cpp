@@ -51,6 +51,7 @@ void check_adam_hd_args(AdamHdMode mode, const AdamHdArgs& a) {
     check_flags(op, "has_previous", a.has_previous, n);
     check_slot_tensor(op, "lrs", a.lrs, a.params, a.lrs.numel());
     check_slot_tensor(op, "hypergrads", a.hypergrads, a.params, a.lrs.numel());
+    check_log_lr_adam(op, a.log_lr_adam, a.lrs);
     check_amp_tensor(op, "grad_scale", a.grad_scale, a.params[0]);
   }
   check_slot_tensor(op, "effective_lrs", a.effective_lrs, a.params, a.lrs.numel());

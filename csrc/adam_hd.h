@@ -18,6 +18,7 @@
 #pragma once
 
 #include "adam_hd_math.h"
+#include "log_lr_adam_args.h"
 
 #include <ATen/core/Tensor.h>
 
@@ -54,6 +55,7 @@ struct AdamHdArgs {
   bool amsgrad = false;
   bool maximize = false;
   bool multiplicative = false;
+  LogLrAdamArgs log_lr_adam;  // the Adam hyper-optimizer on log eta, when given
 };
 
 struct AdamHdTensors {
@@ -72,8 +74,8 @@ math::AdamSettings<acc_t> adam_settings(const AdamHdArgs& a) {
 
 template <typename acc_t>
 math::HdRuleSettings<acc_t> rule_settings(const AdamHdArgs& a, bool lr_lag) {
-  return {static_cast<acc_t>(a.hyper_lr), static_cast<acc_t>(a.prev_lr_scale),
-          static_cast<acc_t>(a.lr_scale), a.multiplicative, lr_lag};
+  return hd_rule_settings<acc_t>(a.hyper_lr, a.prev_lr_scale, a.lr_scale, a.multiplicative,
+                                   lr_lag, a.log_lr_adam);
 }
 
 using AdamHdKernel = void (*)(AdamHdMode, const AdamHdArgs&);
@@ -89,7 +91,9 @@ void adam_hd_reducing_op(at::TensorList params, at::TensorList grads,
                          double hyper_lr, double beta1, double beta2, double eps,
                          double weight_decay, bool decoupled, bool amsgrad, bool maximize,
                          bool multiplicative, const std::optional<at::Tensor>& grad_scale,
-                         const std::optional<at::Tensor>& found_inf) {
+                         const std::optional<at::Tensor>& found_inf,
+                         const std::optional<at::Tensor>& hyper_state,
+                         at::ArrayRef<double> hyper_adam) {
   AdamHdArgs a;
   a.params = params;
   a.grads = grads;
@@ -115,6 +119,7 @@ void adam_hd_reducing_op(at::TensorList params, at::TensorList grads,
   a.amsgrad = amsgrad;
   a.maximize = maximize;
   a.multiplicative = multiplicative;
+  a.log_lr_adam = {hyper_state, hyper_adam.vec()};
   kernel(kMode, a);
 }
 

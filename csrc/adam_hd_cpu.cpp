@@ -252,14 +252,15 @@ void run_cpu(AdamHdMode mode, const AdamHdArgs& a) {
   const auto chunk_pass = [&](const cpu::ChunkRef& chunk, LaneSums<acc_t>& lanes) {
     const ChunkData<scalar_t> c = chunk_data<scalar_t>(t, chunk, a);
     if (lagged) {
-      moments_chunk<true>(objective, rule.multiplicative, a.amsgrad, c, chunk.size,
+      moments_chunk<true>(objective, rule.multiplicative || rule.adam, a.amsgrad, c, chunk.size,
                           settings_of(chunk), lanes);
     } else {
-      moments_chunk<false>(objective, rule.multiplicative, a.amsgrad, c, chunk.size,
+      moments_chunk<false>(objective, rule.multiplicative || rule.adam, a.amsgrad, c, chunk.size,
                            settings_of(chunk), lanes);
     }
   };
-  cpu::reduce_chunks(list, chunk_pass, a.lrs, a.hypergrads, a.effective_lrs, rule);
+  cpu::reduce_chunks(list, chunk_pass, a.lrs, a.hypergrads, a.effective_lrs, rule,
+                     log_lr_adam_state<acc_t>(a.log_lr_adam));
   copy_back(a, t);
 }
 

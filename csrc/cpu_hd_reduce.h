@@ -81,17 +81,20 @@ void reduce_slots(const ChunkList& list, const std::vector<math::HdSums<acc_t>>&
 }
 
 // Per-slot reduction of the chunk sums (in chunk order) and the HD rule of every slot; the slot
-// tensors are 1-D of length 1 (every chunk) or one per tensor.
+// tensors are 1-D of length 1 (every chunk) or one per tensor; `adam_state` (4 values per slot)
+// is null unless the rule is the Adam step on log eta.
 template <typename acc_t>
 void finish_slots(const ChunkList& list, const std::vector<math::HdSums<acc_t>>& chunk_sums,
                   const at::Tensor& lrs, const at::Tensor& hypergrads,
-                  const at::Tensor& effective_lrs, const math::HdRuleSettings<acc_t>& rule) {
+                  const at::Tensor& effective_lrs, const math::HdRuleSettings<acc_t>& rule,
+                  acc_t* adam_state) {
   acc_t* lr = lrs.mutable_data_ptr<acc_t>();
   acc_t* hypergrad = hypergrads.mutable_data_ptr<acc_t>();
   acc_t* effective_lr = effective_lrs.mutable_data_ptr<acc_t>();
   reduce_slots(list, chunk_sums, lrs.numel(),
                [&](int64_t slot, const math::HdSums<acc_t>& sums) {
-                 math::hd_rule(lr[slot], hypergrad[slot], effective_lr[slot], sums, rule);
+                 math::hd_rule(lr[slot], hypergrad[slot], effective_lr[slot], sums, rule,
+                               adam_state == nullptr ? nullptr : adam_state + 4 * slot);
                });
 }
 
@@ -117,8 +120,9 @@ std::vector<math::HdSums<acc_t>> chunk_sums(const ChunkList& list, const ChunkPa
 template <typename acc_t, typename ChunkPass>
 void reduce_chunks(const ChunkList& list, const ChunkPass& chunk_pass, const at::Tensor& lrs,
                    const at::Tensor& hypergrads, const at::Tensor& effective_lrs,
-                   const math::HdRuleSettings<acc_t>& rule) {
-  finish_slots(list, chunk_sums<acc_t>(list, chunk_pass), lrs, hypergrads, effective_lrs, rule);
+                   const math::HdRuleSettings<acc_t>& rule, acc_t* adam_state) {
+  finish_slots(list, chunk_sums<acc_t>(list, chunk_pass), lrs, hypergrads, effective_lrs, rule,
+               adam_state);
 }
 
 // Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template argument.

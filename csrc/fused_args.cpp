@@ -1,5 +1,6 @@
 // Argument checks and contiguity helpers shared by the fused ops (csrc/fused_args.h).
 #include "fused_args.h"
+#include "log_lr_adam_args.h"
 
 #include "ops.h"
 
@@ -48,6 +49,25 @@ void check_slot_tensor(const char* op, const char* name, const at::Tensor& t,
               params[0].scalar_type(), " params, got ", t.scalar_type());
   TORCH_CHECK(t.device() == params[0].device(), op, ": ", name, " is on ", t.device(),
               " but params[0] is on ", params[0].device());
+}
+
+void check_log_lr_adam(const char* op, const LogLrAdamArgs& adam, const at::Tensor& lrs) {
+  if (!adam.state.has_value()) {
+    TORCH_CHECK(adam.settings.empty(), op,
+                ": hyper_adam must be empty unless hyper_state is given");
+    return;
+  }
+  const at::Tensor& t = *adam.state;
+  TORCH_CHECK(adam.settings.size() == 5, op,
+              ": hyper_adam must hold [beta1, beta2, eps, lr_min, lr_max], got ",
+              adam.settings.size(), " values");
+  TORCH_CHECK(t.defined() && t.is_contiguous() && t.numel() == 4 * lrs.numel(), op,
+              ": hyper_state must be a contiguous tensor of 4 values per LR slot (",
+              4 * lrs.numel(), ")");
+  TORCH_CHECK(t.scalar_type() == lrs.scalar_type(), op, ": hyper_state must be ",
+              lrs.scalar_type(), " like lrs, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == lrs.device(), op, ": hyper_state is on ", t.device(),
+              " but lrs is on ", lrs.device());
 }
 
 void check_amp_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,

@@ -172,15 +172,89 @@ HYPERLR_INLINE bool skips_step(const float* found_inf) {
   return found_inf != nullptr && *found_inf != 0.0f;
 }
 
+// The settings of the Adam hyper-optimizer on log eta (hyper_optimizer="adam";
+// hyperlr_ext/functional/_hd_rule.py, log_lr_adam_): beta1, beta2, eps of its moments and the
+// bounds of eta.
+template <typename acc_t>
+struct LogLrAdamSettings {
+  acc_t beta1;
+  acc_t beta2;
+  acc_t eps;
+  acc_t lr_min;
+  acc_t lr_max;
+};
+
 // The settings of the HD rule (hyperlr_ext/functional/_hd_rule.py, hd_rule_).
 template <typename acc_t>
 struct HdRuleSettings {
-  acc_t hyper_lr;
+  acc_t hyper_lr;       // beta, or Adam's step size on log eta
   acc_t prev_lr_scale;  // s_{t-1}
   acc_t lr_scale;       // s_t
   bool multiplicative;
   bool lr_lag;  // the step applies eta_{t-1}, not eta_t
+  bool adam;    // the Adam step on log eta (adam_settings) instead of the additive or
+                // multiplicative rule
+  LogLrAdamSettings<acc_t> adam_settings;
 };
+
+// ---- Deterministic exponential -----------------------------------------------------------------
+// e^x in double from exact operations (floor, ldexp) and the correctly rounded add_rn / mul_rn
+// only, so that the host and the device (whose exp differ in the last bits) give the same bits:
+// x = k ln2 + r with |r| <= ln2/2 (ln2 split in two so that k ln2_hi is exact), e^r by its Taylor
+// polynomial to degree 13 (truncation below 1e-17 relative), then the exact scaling by 2^k.
+// Relative error a few ulps of double; x is clamped to [-700, 700].
+HYPERLR_INLINE double exp_det(double x) {
+  constexpr double kLog2e = 1.4426950408889634;
+  constexpr double kLn2Hi = 6.93147180369123816490e-01;  // 32 significant bits
+  constexpr double kLn2Lo = 1.90821492927058770002e-10;
+  x = x < -700.0 ? -700.0 : (x > 700.0 ? 700.0 : x);
+#if defined(__CUDA_ARCH__)
+  const double k = ::floor(add_rn(mul_rn(x, kLog2e), 0.5));
+#else
+  const double k = std::floor(add_rn(mul_rn(x, kLog2e), 0.5));
+#endif
+  const double r = add_rn(add_rn(x, -mul_rn(k, kLn2Hi)), -mul_rn(k, kLn2Lo));
+  // 1/n! for n = 13 down to 1.
+  constexpr double kInvFactorial[13] = {
+      1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+      1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,      1.0 / 720.0,
+      1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,         0.5,
+      1.0};
+  double p = kInvFactorial[0];
+  for (int i = 1; i < 13; ++i) {
+    p = add_rn(mul_rn(p, r), kInvFactorial[i]);
+  }
+  p = add_rn(mul_rn(p, r), 1.0);
+#if defined(__CUDA_ARCH__)
+  return ::ldexp(p, static_cast<int>(k));
+#else
+  return std::ldexp(p, static_cast<int>(k));
+#endif
+}
+
+// One Adam step on log eta (hyper_optimizer="adam"): the hypergradient of log eta,
+// q = eta_{t-1} dE/d eta = eta_{t-1} hypergrad, drives Adam's moments
+// m = b1 m + (1 - b1) q, v = b2 v + (1 - b2) q^2, kept with the running products p1 = b1^n,
+// p2 = b2^n in state[0..3] (n: the steps with a hypergradient; state starts at {0, 0, 1, 1});
+// then log eta_t = log eta_{t-1} - alpha m^ / (sqrt(v^) + eps), m^ = m / (1 - p1),
+// v^ = v / (1 - p2), i.e. eta_t = eta_{t-1} exp(-alpha m^ / (sqrt(v^) + eps)), clamped to
+// [lr_min, lr_max] (NaN stays NaN). Returns eta_t.
+template <typename acc_t>
+HYPERLR_INLINE acc_t log_lr_adam_step(acc_t lr, acc_t hypergrad, acc_t alpha, acc_t* state,
+                                      const LogLrAdamSettings<acc_t>& s) {
+  const acc_t q = mul_rn(lr, hypergrad);
+  const acc_t one = acc_t(1);
+  state[0] = add_rn(mul_rn(s.beta1, state[0]), mul_rn(add_rn(one, -s.beta1), q));
+  state[1] = add_rn(mul_rn(s.beta2, state[1]), mul_rn(add_rn(one, -s.beta2), mul_rn(q, q)));
+  state[2] = mul_rn(state[2], s.beta1);
+  state[3] = mul_rn(state[3], s.beta2);
+  const acc_t m_hat = div_rn(state[0], add_rn(one, -state[2]));
+  const acc_t v_hat = div_rn(state[1], add_rn(one, -state[3]));
+  const acc_t step = mul_rn(alpha, div_rn(m_hat, add_rn(sqrt_rn(v_hat), s.eps)));
+  const acc_t factor = static_cast<acc_t>(exp_det(-static_cast<double>(step)));
+  const acc_t new_lr = mul_rn(lr, factor);
+  return new_lr < s.lr_min ? s.lr_min : (new_lr > s.lr_max ? s.lr_max : new_lr);
+}
 
 // The smallest positive normal number (torch.finfo(dtype).tiny).
 template <typename acc_t>
@@ -196,14 +270,23 @@ HYPERLR_INLINE double tiny_normal<double>() {
 
 // One slot's LR update from its reduced sums: h = s_{t-1} <g^, d_{t-1}>;
 // additive eta + beta h, multiplicative eta (1 + beta h / (|g^| |s_{t-1} d_{t-1}|)); clamp at 0
-// (NaN stays NaN, like clamp_min); hypergrad = -h; the applied LR times s_t is the effective LR.
+// (NaN stays NaN, like clamp_min); or, with r.adam, log_lr_adam_step on the slot's Adam state
+// (4 values) when the previous step moved the slot (else eta and the state stay); hypergrad = -h;
+// the applied LR times s_t is the effective LR.
 template <typename acc_t>
 HYPERLR_INLINE void hd_rule(acc_t& lr, acc_t& hypergrad, acc_t& effective_lr,
-                            const HdSums<acc_t>& sums, const HdRuleSettings<acc_t>& r) {
+                            const HdSums<acc_t>& sums, const HdRuleSettings<acc_t>& r,
+                            acc_t* adam_state = nullptr) {
   const acc_t old_lr = lr;
   const acc_t h = mul_rn(sums.dot, r.prev_lr_scale);
   acc_t new_lr;
-  if (r.multiplicative) {
+  if (r.adam) {
+    // Only a slot that the previous step moved (|s_{t-1} d_{t-1}| > 0) has a hypergradient.
+    const bool moved = sums.dir_sq > acc_t(0) && r.prev_lr_scale != acc_t(0);
+    new_lr = adam_state != nullptr && moved
+                 ? log_lr_adam_step(old_lr, -h, r.hyper_lr, adam_state, r.adam_settings)
+                 : old_lr;
+  } else if (r.multiplicative) {
     const acc_t abs_scale = r.prev_lr_scale < acc_t(0) ? -r.prev_lr_scale : r.prev_lr_scale;
     acc_t norms = mul_rn(mul_rn(sqrt_rn(sums.grad_sq), sqrt_rn(sums.dir_sq)), abs_scale);
     norms = norms < tiny_normal<acc_t>() ? tiny_normal<acc_t>() : norms;

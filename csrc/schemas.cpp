@@ -19,7 +19,8 @@ void define_ops(torch::Library& m) {
       "int[] has_buffer, Tensor(c!) lrs, Tensor(d!) hypergrads, Tensor(e!) effective_lrs, "
       "float lr_scale, float prev_lr_scale, float hyper_lr, float weight_decay, "
       "float momentum, float dampening, bool nesterov, bool maximize, bool multiplicative, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()",
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(f!)? hyper_state=None, "
+      "float[] hyper_adam=[]) -> ()",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "sgd_hd_param_step_(Tensor(a!)[] params, Tensor[] directions, Tensor effective_lrs, "
@@ -31,7 +32,8 @@ void define_ops(torch::Library& m) {
       "int[] has_buffer, Tensor(d!) lrs, Tensor(e!) hypergrads, Tensor(f!) effective_lrs, "
       "float lr_scale, float prev_lr_scale, float hyper_lr, float weight_decay, "
       "float momentum, float dampening, bool nesterov, bool maximize, bool multiplicative, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()",
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(g!)? hyper_state=None, "
+      "float[] hyper_adam=[]) -> ()",
       {at::Tag::pt2_compliant_tag});
   // Fused Adam-HD (csrc/adam_hd.h; hyperlr_ext/functional/_adam_hd_fused.py). Exact mode:
   // adam_hd_moments_ then adam_hd_param_step_; lr_lag=1: adam_hd_lagged_step_.
@@ -42,7 +44,8 @@ void define_ops(torch::Library& m) {
       "Tensor(f!) effective_lrs, float lr_scale, float prev_lr_scale, float hyper_lr, "
       "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
       "bool amsgrad, bool maximize, bool multiplicative, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()",
+      "Tensor? found_inf=None, Tensor(g!)? hyper_state=None, "
+      "float[] hyper_adam=[]) -> ()",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "adam_hd_param_step_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] second_moments, "
@@ -56,7 +59,8 @@ void define_ops(torch::Library& m) {
       "Tensor(g!) effective_lrs, float lr_scale, float prev_lr_scale, float hyper_lr, "
       "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
       "bool amsgrad, bool maximize, bool multiplicative, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()",
+      "Tensor? found_inf=None, Tensor(h!)? hyper_state=None, "
+      "float[] hyper_adam=[]) -> ()",
       {at::Tag::pt2_compliant_tag});
   // The fused tangent step of MARTHE / RTHO (csrc/tangent.h; hyperlr_ext/functional/
   // _marthe_fused.py): the inner step and the tangent update of every state buffer, one pass.

@@ -24,6 +24,7 @@
 #pragma once
 
 #include "sgd_hd_math.h"
+#include "log_lr_adam_args.h"
 
 #include <ATen/core/Tensor.h>
 
@@ -57,6 +58,7 @@ struct SgdHdArgs {
   bool nesterov = false;
   bool maximize = false;
   bool multiplicative = false;
+  LogLrAdamArgs log_lr_adam;  // the Adam hyper-optimizer on log eta, when given
 };
 
 // Contiguous versions of the tensor lists (the same tensors when already contiguous).
@@ -82,8 +84,8 @@ math::SgdSettings<acc_t> sgd_settings(const SgdHdArgs& a) {
 
 template <typename acc_t>
 math::HdRuleSettings<acc_t> rule_settings(const SgdHdArgs& a, bool lr_lag) {
-  return {static_cast<acc_t>(a.hyper_lr), static_cast<acc_t>(a.prev_lr_scale),
-          static_cast<acc_t>(a.lr_scale), a.multiplicative, lr_lag};
+  return hd_rule_settings<acc_t>(a.hyper_lr, a.prev_lr_scale, a.lr_scale, a.multiplicative,
+                                   lr_lag, a.log_lr_adam);
 }
 
 using SgdHdKernel = void (*)(SgdHdMode, const SgdHdArgs&);
@@ -99,7 +101,9 @@ void sgd_hd_reducing_op(at::TensorList params, at::TensorList grads,
                         double weight_decay, double momentum, double dampening, bool nesterov,
                         bool maximize, bool multiplicative,
                         const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
+                        const std::optional<at::Tensor>& found_inf,
+                        const std::optional<at::Tensor>& hyper_state,
+                        at::ArrayRef<double> hyper_adam) {
   SgdHdArgs a;
   a.params = params;
   a.grads = grads;
@@ -122,6 +126,7 @@ void sgd_hd_reducing_op(at::TensorList params, at::TensorList grads,
   a.nesterov = nesterov;
   a.maximize = maximize;
   a.multiplicative = multiplicative;
+  a.log_lr_adam = {hyper_state, hyper_adam.vec()};
   kernel(kMode, a);
 }
 

@@ -197,14 +197,15 @@ void run_cpu(SgdHdMode mode, const SgdHdArgs& a) {
     PassSettings<acc_t> chunk_ps = ps;
     chunk_ps.lr = applied[single_slot ? 0 : chunk.tensor];
     if (lagged) {
-      direction_chunk<true>(state, objective, rule.multiplicative, c, chunk.size, chunk_ps,
+      direction_chunk<true>(state, objective, rule.multiplicative || rule.adam, c, chunk.size, chunk_ps,
                             lanes);
     } else {
-      direction_chunk<false>(state, objective, rule.multiplicative, c, chunk.size, chunk_ps,
+      direction_chunk<false>(state, objective, rule.multiplicative || rule.adam, c, chunk.size, chunk_ps,
                              lanes);
     }
   };
-  cpu::reduce_chunks(list, chunk_pass, a.lrs, a.hypergrads, a.effective_lrs, rule);
+  cpu::reduce_chunks(list, chunk_pass, a.lrs, a.hypergrads, a.effective_lrs, rule,
+                     log_lr_adam_state<acc_t>(a.log_lr_adam));
   copy_back(a, t);
 }
 

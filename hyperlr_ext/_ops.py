@@ -225,14 +225,28 @@ def _check_sgd_hd_slots(op: str, params: list[Tensor], *slot_tensors: Tensor) ->
         )
 
 
+def _check_log_lr_adam(op: str, lrs: Tensor, state: Tensor | None, settings) -> None:
+    """The Adam hyper-optimizer's arguments: both absent, or 4 state values per slot and the 5
+    settings."""
+    if state is None:
+        torch._check(len(settings) == 0, lambda: f"{op}: hyper_adam needs hyper_state")
+        return
+    torch._check(len(settings) == 5, lambda: f"{op}: hyper_adam must hold 5 values")
+    torch._check(
+        state.numel() == 4 * lrs.numel(),
+        lambda: f"{op}: hyper_state must hold 4 values per LR slot",
+    )
+
+
 def _sgd_hd_reducing_fake(op: str):
     def fake(
         params, grads, objective_grads, momentum_buffers, prev_directions, has_previous,
         has_buffer, lrs, hypergrads, effective_lrs, lr_scale, prev_lr_scale, hyper_lr,
         weight_decay, momentum, dampening, nesterov, maximize, multiplicative,
-        grad_scale=None, found_inf=None,
+        grad_scale=None, found_inf=None, hyper_state=None, hyper_adam=(),
     ) -> None:  # fmt: skip
         _check_sgd_hd_slots(op, params, lrs, hypergrads, effective_lrs)
+        _check_log_lr_adam(op, lrs, hyper_state, hyper_adam)
 
     return fake
 
@@ -255,9 +269,10 @@ def _adam_hd_reducing_fake(op: str):
         params, grads, objective_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
         has_previous, lrs, hypergrads, effective_lrs, lr_scale, prev_lr_scale, hyper_lr, beta1,
         beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, multiplicative,
-        grad_scale=None, found_inf=None,
+        grad_scale=None, found_inf=None, hyper_state=None, hyper_adam=(),
     ) -> None:  # fmt: skip
         _check_sgd_hd_slots(op, params, lrs, hypergrads, effective_lrs)
+        _check_log_lr_adam(op, lrs, hyper_state, hyper_adam)
 
     return fake
 

@@ -43,6 +43,15 @@ COMMON_INVALID = [
     (dict(maximize=None), "maximize"),
     (dict(foreach="yes"), "foreach"),
     (dict(differentiable=True), "differentiable"),
+    (dict(hyper_optimizer="lbfgs"), "hyper_optimizer"),
+    (dict(hyper_optimizer="adam", multiplicative=True), "multiplicative"),
+    (dict(hyper_betas=(0.9, 0.99)), "hyper_betas"),
+    (dict(lr_bounds=(1e-6, 1.0)), "lr_bounds"),
+    (dict(hyper_optimizer="adam", hyper_betas=(0.9, 1.0)), "hyper_betas"),
+    (dict(hyper_optimizer="adam", hyper_eps=0.0), "hyper_eps"),
+    (dict(hyper_optimizer="adam", lr_bounds=(0.0, 1.0)), "lr_bounds"),
+    (dict(hyper_optimizer="adam", lr_bounds=(1.0, 0.1)), "lr_bounds"),
+    (dict(hyper_optimizer="adam", lr=100.0), "lr_bounds"),
 ]
 
 SGD_ROW = OptimizerRow(
@@ -53,6 +62,7 @@ SGD_ROW = OptimizerRow(
         dict(lr=0.05, hyper_lr=0.01, momentum=0.9, nesterov=True, per_tensor=True),
         dict(lr=0.05, hyper_lr=0.1, multiplicative=True, momentum=0.5, dampening=0.2),
         dict(lr=0.05, hyper_lr=0.01, momentum=0.9, lr_lag=1, maximize=True),
+        dict(lr=0.05, hyper_optimizer="adam", hyper_lr=0.1, momentum=0.9, per_tensor=True),
     ],
     torch_equivalents=[
         (torch.optim.SGD, dict(lr=0.05)),
@@ -82,6 +92,7 @@ ADAM_ROW = OptimizerRow(
         ),
         dict(lr=0.01, hyper_lr=0.1, multiplicative=True, lr_lag=1),
         dict(lr=0.01, hyper_lr=1e-3, maximize=True, betas=(0.8, 0.9)),
+        dict(lr=0.01, hyper_optimizer="adam", hyper_lr=0.1, weight_decay=0.01),
     ],
     torch_equivalents=[
         (torch.optim.Adam, dict(lr=0.01)),

@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 from optim_table import gpu_branch
+from test_sgd_hd_ops import log_lr_adam_sample
 from torch.library import opcheck
 
 from hyperlr_ext import _ops
@@ -152,6 +153,11 @@ def _op_samples(device, dtype, shapes=SHAPES):
             (ops.adam_hd_param_step_.default, (*param_step, amp[1])),
             (ops.adam_hd_lagged_step_.default, reducing),
             (ops.adam_hd_lagged_step_.default, (*reducing, *amp)),
+        ]
+        adam = log_lr_adam_sample(slots[0])  # the Adam step on log eta
+        yield from [
+            (ops.adam_hd_moments_.default, (*reducing, None, None, *adam)),
+            (ops.adam_hd_lagged_step_.default, (*reducing, *amp, *adam)),
         ]
 
 

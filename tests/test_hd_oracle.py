@@ -35,7 +35,20 @@ ADAM_CONFIGS = [
     dict(hyper_lr=0.2, multiplicative=True, weight_decay=0.1, decoupled_weight_decay=True),
     dict(hyper_lr=1e-4, maximize=True, eps=1e-6),
 ]
-CASES = [("sgd", c) for c in SGD_CONFIGS] + [("adam", c) for c in ADAM_CONFIGS]
+# hyper_optimizer="adam": the Adam step on log eta, with its settings written out (the oracle
+# takes them from here, not from the package's preset; its warm-up is tested in
+# test_hyper_optimizer.py); the last of each kind hits lr_bounds.
+LOG_ADAM = dict(hyper_optimizer="adam", hyper_betas=(0.9, 0.999), hyper_eps=1e-20, lr_warmup=0,
+                lr_bounds=(1e-4, 1.0))  # fmt: skip
+LOG_ADAM_CASES = [
+    ("sgd", dict(LOG_ADAM, hyper_lr=0.05)),
+    ("sgd", dict(LOG_ADAM, hyper_lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("sgd", dict(LOG_ADAM, hyper_lr=0.5, momentum=0.9, lr_bounds=(0.04, 0.12))),
+    ("adam", dict(LOG_ADAM, hyper_lr=0.05)),
+    ("adam", dict(LOG_ADAM, hyper_lr=0.05, weight_decay=0.05, decoupled_weight_decay=True)),
+    ("adam", dict(LOG_ADAM, hyper_lr=0.5, amsgrad=True, lr_bounds=(0.008, 0.025))),
+]
+CASES = [("sgd", c) for c in SGD_CONFIGS] + [("adam", c) for c in ADAM_CONFIGS] + LOG_ADAM_CASES
 LR = {"sgd": 0.05, "adam": 0.01}
 STEPS = 12
 
@@ -141,7 +154,9 @@ def test_matches_oracle(kind, cfg, per_tensor, lr_lag):
     )
 
 
-@pytest.mark.parametrize("kind,cfg", [CASES[2], CASES[4], CASES[9], CASES[10], CASES[12]])
+@pytest.mark.parametrize(
+    "kind,cfg", [CASES[2], CASES[4], CASES[9], CASES[10], CASES[12], *LOG_ADAM_CASES[1::3]]
+)
 @pytest.mark.parametrize("foreach", [False, True])
 def test_matches_oracle_with_validation_and_schedule(kind, cfg, foreach):
     """First-order (Val) with a scheduler writing group["lr"] (including a step at lr = 0)."""

@@ -80,10 +80,17 @@ MODES = [
     pytest.param(dict(lr_lag=1), id="lag"),
     pytest.param(dict(multiplicative=True), id="mult"),
     pytest.param(dict(per_tensor=True, lr_lag=1), id="per_tensor-lag"),
+    pytest.param(dict(hyper_optimizer="adam", hyper_lr=0.05, lr_bounds=(1e-4, 1.0)), id="log-adam"),
+    pytest.param(
+        dict(hyper_optimizer="adam", hyper_lr=0.05, per_tensor=True, lr_lag=1),
+        id="log-adam-per_tensor-lag",
+    ),  # fmt: skip
 ]
 
 
 def _hd_kwargs(mode, additive, multiplicative):
+    if "hyper_lr" in mode:
+        return dict(mode)
     beta = multiplicative if mode.get("multiplicative") else additive
     return dict(hyper_lr=beta, **mode)
 
@@ -274,7 +281,11 @@ def test_grad_scaler_skips_change_nothing_for_both_kinds_of_optimizer():
         torch.testing.assert_close(eta1, eta0, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", [dict(), dict(lr_lag=1, per_tensor=True)], ids=["exact", "lag"])
+@pytest.mark.parametrize(
+    "mode",
+    [dict(), dict(lr_lag=1, per_tensor=True), dict(hyper_optimizer="adam", lr_bounds=(1e-4, 1.0))],
+    ids=["exact", "lag", "log-adam"],
+)
 def test_state_dict_resumes_bit_identically_and_loads_weights_only(mode):
     batches = _batches(10)
     model = _model()

@@ -102,6 +102,18 @@ def test_fused_matches_reference(setting, lr_lag, multiplicative, per_tensor, ob
     torch.testing.assert_close(_flat(fused), _flat(ref), rtol=1e-11, atol=1e-12)
 
 
+def log_lr_adam_sample(lrs):
+    """The hyper_state / hyper_adam arguments of the Adam step on log eta for the slots ``lrs``:
+    a state some steps in ((m, v, beta1^n, beta2^n) per slot) and its settings, with bounds
+    that the samples' LRs can reach."""
+    state = torch.tensor([2e-3, 1e-5, 0.9**3, 0.99**3], dtype=lrs.dtype, device=lrs.device)
+    state = (
+        state * torch.linspace(1.0, 2.0, lrs.numel(), dtype=lrs.dtype, device=lrs.device)[:, None]
+    )
+    state[:, 2:] = torch.tensor([0.9**3, 0.99**3], dtype=lrs.dtype)
+    return state.contiguous(), [0.9, 0.99, 1e-20, 1e-4, 0.5]
+
+
 def _op_samples(device, dtype, shapes=SHAPES):
     """(op, args) for opcheck: each op in each mode of its lists."""
     for setting, per_tensor, objective in [
@@ -143,6 +155,12 @@ def _op_samples(device, dtype, shapes=SHAPES):
             (ops.sgd_hd_param_step_.default, (params, new_directions, slots[2], amp[1])),
             (ops.sgd_hd_lagged_step_.default, reducing),
             (ops.sgd_hd_lagged_step_.default, (*reducing, *amp)),
+        ]
+        # The Adam step on log eta (the multiplicative flag of these samples is ignored then).
+        adam = log_lr_adam_sample(slots[0])
+        yield from [
+            (ops.sgd_hd_direction_.default, (*reducing, None, None, *adam)),
+            (ops.sgd_hd_lagged_step_.default, (*reducing, *amp, *adam)),
         ]
 
 

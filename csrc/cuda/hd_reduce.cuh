@@ -13,6 +13,7 @@
 #include "cuda/block_reduce.cuh"
 #include "cuda/multi_tensor_apply.cuh"
 #include "fused_args.h"
+#include "log_lr_adam_args.h"
 #include "sgd_hd_math.h"
 
 #include <ATen/Functions.h>
@@ -40,6 +41,7 @@ struct HdReduction : SlotReduction<acc_t> {
   acc_t* lrs;
   acc_t* hypergrads;
   acc_t* effective_lrs;
+  acc_t* adam_state;  // 4 values per slot (the Adam step on log eta), or null
 };
 
 template <typename acc_t>
@@ -114,7 +116,9 @@ __device__ void finish_reduction(const Chunk<kDepth>& chunk, const HdReduction<a
   reduce_slots_in_last_block(chunk, p, block_sums,
                              [&p](int64_t slot, const math::HdSums<acc_t>& sums) {
                                math::hd_rule(p.lrs[slot], p.hypergrads[slot],
-                                             p.effective_lrs[slot], sums, p.rule);
+                                             p.effective_lrs[slot], sums, p.rule,
+                                             p.adam_state == nullptr ? nullptr
+                                                                     : p.adam_state + 4 * slot);
                              });
 }
 
@@ -185,6 +189,7 @@ void run_hd_op(const Args& a, bool param_step, bool lagged, int64_t total_blocks
   }
   r.lrs = a.lrs.template mutable_data_ptr<acc_t>();
   r.hypergrads = a.hypergrads.template mutable_data_ptr<acc_t>();
+  r.adam_state = log_lr_adam_state<acc_t>(a.log_lr_adam);
   const at::Tensor scratch = prepare_reduction(r, a.params[0].options());
   launch_reducing();
   copy_back();

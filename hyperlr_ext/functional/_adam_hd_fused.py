@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from hyperlr_ext._common.sharded import SumReducer
-from hyperlr_ext.functional._fused_common import copy_back_slots, slot_tensors
+from hyperlr_ext.functional._fused_common import HdSlots, slot_tensors
+from hyperlr_ext.functional._hd_rule import LogLrAdam
 
 __all__ = ["_fused_adam_hd"]
 
@@ -47,6 +48,7 @@ def _fused_adam_hd(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     sum_reducer: SumReducer | None = None,
+    log_lr_adam: LogLrAdam | None = None,
 ) -> None:
     """Adam-HD with the compiled kernels; same signature and results as the reference."""
     if sum_reducer is not None:
@@ -71,19 +73,18 @@ def _fused_adam_hd(
     flags = [1 if f else 0 for f in has_previous]
     objective = list(objective_grads) if objective_grads is not None else []
     max_sqs = list(max_exp_avg_sqs) if amsgrad else []
-    slots = slot_tensors(lrs, hypergrads, effective_lrs)
-    lr_t, hypergrad_t, effective_t = (t for t, _ in slots)
+    slots = HdSlots(lrs, hypergrads, effective_lrs, log_lr_adam)
     ops = torch.ops.hyperlr_ext
     step = ops.adam_hd_lagged_step_ if lr_lag else ops.adam_hd_moments_
     step(
         params, grads, objective, exp_avgs, exp_avg_sqs, max_sqs, steps, flags,
-        lr_t, hypergrad_t, effective_t, lr_scale, prev_lr_scale, hyper_lr,
+        slots.lrs, slots.hypergrads, slots.effective_lrs, lr_scale, prev_lr_scale, hyper_lr,
         beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
-        multiplicative, grad_scale, found_inf,
+        multiplicative, grad_scale, found_inf, slots.hyper_state, slots.hyper_adam,
     )  # fmt: skip
     if not lr_lag:
         ops.adam_hd_param_step_(
-            params, exp_avgs, max_sqs if amsgrad else exp_avg_sqs, steps, effective_t,
+            params, exp_avgs, max_sqs if amsgrad else exp_avg_sqs, steps, slots.effective_lrs,
             beta1, beta2, eps, weight_decay, decoupled_weight_decay, found_inf,
         )  # fmt: skip
-    copy_back_slots((lrs, hypergrads, effective_lrs), slots)
+    slots.copy_back()

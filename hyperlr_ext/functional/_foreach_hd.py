@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -25,7 +26,7 @@ from torch import Tensor
 from hyperlr_ext._common.sharded import SumReducer
 from hyperlr_ext.functional import _hd_rule
 from hyperlr_ext.functional._fused_common import copy_back_slots, slot_tensors
-from hyperlr_ext.functional._hd_rule import hd_rule_
+from hyperlr_ext.functional._hd_rule import LogLrAdam, hd_rule_
 
 # Devices on which a kernel launch costs more than a pass over a tensor (GPUs): there the foreach
 # paths reduce and step with list ops whose number does not grow with the number of tensors, at
@@ -219,25 +220,32 @@ def update_slots_(
     lr_lag: int,
     sum_reducer: SumReducer | None = None,
     skip: SkipFold | None = None,
+    log_lr_adam: LogLrAdam | None = None,
 ) -> list[Tensor]:
     """``update_learned_lrs_`` of :mod:`._hd_rule` with list ops: the same arguments, the sums of
     :func:`slot_sums`, the rule on the slots' 1-D tensors. Returns the LRs the step applies:
     ``effective_lrs``, or with ``skip`` their values times ``skip.keep`` (0 on a skipped step,
     when the slots keep their values)."""
-    slots = slot_tensors(lrs, hypergrads, effective_lrs)
-    lr, hypergrad, effective = (t for t, _ in slots)
-    saved = [t.clone() for t in (lr, hypergrad, effective)] if skip is not None else None
+    slot_lists = (lrs, hypergrads, effective_lrs)
+    if log_lr_adam is not None:
+        slot_lists += (log_lr_adam.states,)
+    slots = slot_tensors(*slot_lists)
+    lr, hypergrad, effective = (t for t, _ in slots[:3])
+    adam = None if log_lr_adam is None else replace(log_lr_adam, states=[slots[3][0]])
+    mutated = [t for t, _ in slots]
+    saved = [t.clone() for t in mutated] if skip is not None else None
     applied = lr.clone() if lr_lag else lr
-    sums = slot_sums(objective, previous, lr.numel(), lr.dtype, multiplicative)
+    sums = slot_sums(objective, previous, lr.numel(), lr.dtype, multiplicative or adam is not None)
     dots, grad_sq, dir_sq = _hd_rule.reduce_sums(
         *(None if s is None else [s] for s in sums), sum_reducer
     )
     hd_rule_([lr], [hypergrad], dots, grad_sq, dir_sq, hyper_lr=hyper_lr,
-             multiplicative=multiplicative, prev_lr_scale=prev_lr_scale)  # fmt: skip
+             multiplicative=multiplicative, prev_lr_scale=prev_lr_scale,
+             log_lr_adam=adam)  # fmt: skip
     torch.mul(applied, lr_scale, out=effective)
     if skip is not None:
-        skip.restore_([lr, hypergrad, effective], saved)
-    copy_back_slots((lrs, hypergrads, effective_lrs), slots)
+        skip.restore_(mutated, saved)
+    copy_back_slots(slot_lists, slots)
     if skip is None:
         return effective_lrs
     masked = effective * skip.keep

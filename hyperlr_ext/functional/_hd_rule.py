@@ -13,9 +13,22 @@ and the LR moves against it:
 
 One LR "slot" serves either a whole param group (the default) or one tensor (``per_tensor=True``);
 the reduction over every tensor of a slot completes before the slot's LR changes.
+
+With ``hyper_optimizer="adam"`` (:class:`LogLrAdam`) the hypergradient of log eta,
+``q_t = eta_{t-1} * dE/d eta = -eta_{t-1} h_t``, drives an Adam step on log eta instead:
+
+    m = b1 m + (1 - b1) q,   v = b2 v + (1 - b2) q^2,   p1 = b1 p1,   p2 = b2 p2
+    eta_t = clamp(eta_{t-1} * exp(-alpha * (m / (1 - p1)) / (sqrt(v / (1 - p2)) + eps)),
+                  lr_min, lr_max)
+
+with alpha the hyper-LR; each slot keeps (m, v, p1, p2), starting at (0, 0, 1, 1), in the last
+axis of its Adam state tensor. A slot that the previous step did not move (|s_{t-1} d_{t-1}| = 0,
+as at an optimizer's first step) keeps eta and its Adam state: it has no hypergradient.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -24,6 +37,8 @@ from hyperlr_ext._common.sharded import SumReducer
 
 __all__ = [
     "FoundInfGuard",
+    "LogLrAdam",
+    "log_lr_adam_",
     "nonfinite_check_",
     "apply_steps_",
     "decayed_grads",
@@ -76,6 +91,44 @@ def tensor_sq_norms(a: list[Tensor | None], acc_dtype: torch.dtype, device) -> l
     return out
 
 
+@dataclass
+class LogLrAdam:
+    """The Adam hyper-optimizer on log eta for one step: its settings (the hyper-LR is its step
+    size) and the Adam state of every LR slot (``states[i]``: slot i's (m, v, b1^n, b2^n) in the
+    last axis)."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    lr_min: float
+    lr_max: float
+    states: list[Tensor]
+
+    def settings(self) -> list[float]:
+        """The settings in the order the fused kernels take them (``hyper_adam``)."""
+        return [self.beta1, self.beta2, self.eps, self.lr_min, self.lr_max]
+
+
+def log_lr_adam_(lr: Tensor, hypergrad: Tensor, state: Tensor, active: Tensor, *, alpha: float,
+                 adam: LogLrAdam) -> None:  # fmt: skip
+    """One Adam step on log eta for the slots of ``lr`` (0-dim or 1-D) where ``active`` (the
+    slots the previous step moved; the others keep eta and their state), in place: ``hypergrad``
+    holds dE/d eta, ``state`` (``lr.shape + (4,)``) the slots' (m, v, b1^n, b2^n)."""
+    new_state = state.clone()
+    m, v, p1, p2 = new_state.unbind(-1)
+    q = lr * hypergrad
+    m.mul_(adam.beta1).add_(q * (1.0 - adam.beta1))
+    v.mul_(adam.beta2).add_(q * q * (1.0 - adam.beta2))
+    p1.mul_(adam.beta1)
+    p2.mul_(adam.beta2)
+    m_hat = m / (1.0 - p1)
+    v_hat = v / (1.0 - p2)
+    step = m_hat.div_(v_hat.sqrt_().add_(adam.eps)).mul_(alpha)
+    new_lr = (lr * step.neg_().exp_()).clamp_(adam.lr_min, adam.lr_max)
+    state.copy_(torch.where(active.unsqueeze(-1), new_state, state))
+    lr.copy_(torch.where(active, new_lr, lr))
+
+
 def hd_rule_(
     lrs: list[Tensor],
     hypergrads: list[Tensor],
@@ -86,15 +139,22 @@ def hd_rule_(
     hyper_lr: float,
     multiplicative: bool,
     prev_lr_scale: float,
+    log_lr_adam: LogLrAdam | None = None,
 ) -> None:
     """Update every LR slot in place from its reduced sums; all arguments are per slot.
 
     ``dots`` holds <g_hat_t, d_{t-1}> (unscaled), ``grad_sq``/``dir_sq`` the squared norms of
-    g_hat_t and d_{t-1} (needed by the multiplicative rule only); ``prev_lr_scale`` is s_{t-1}.
-    ``hypergrads`` receives dE/d eta = -h_t.
+    g_hat_t and d_{t-1} (needed by the multiplicative rule and the Adam step); ``prev_lr_scale``
+    is s_{t-1}. ``hypergrads`` receives dE/d eta = -h_t. With ``log_lr_adam`` the slots take the
+    Adam step on log eta, those the previous step moved (|s_{t-1} d_{t-1}| > 0) only.
     """
     for i, (lr, hypergrad, dot) in enumerate(zip(lrs, hypergrads, dots)):
         torch.mul(dot, -prev_lr_scale, out=hypergrad)  # -h
+        if log_lr_adam is not None:
+            moved = dir_sq[i] > 0 if prev_lr_scale != 0 else torch.zeros_like(lr, dtype=torch.bool)
+            log_lr_adam_(lr, hypergrad, log_lr_adam.states[i], moved, alpha=hyper_lr,
+                         adam=log_lr_adam)  # fmt: skip
+            continue
         if multiplicative:
             # |g||s d| as a product of square roots: the product of squares can overflow fp32.
             norms = grad_sq[i].sqrt().mul_(dir_sq[i].sqrt()).mul_(abs(prev_lr_scale))
@@ -172,14 +232,17 @@ def update_learned_lrs_(
     lr_scale: float,
     lr_lag: int,
     sum_reducer: SumReducer | None = None,
+    log_lr_adam: LogLrAdam | None = None,
 ) -> None:
     """The HD half of a step: reduce <g_hat, d_{t-1}> (and the norms) over every tensor of each
     slot, update the learned LRs, and write into ``effective_lrs`` the LR this step applies
     (``lr_scale`` times eta_t, or eta_{t-1} with ``lr_lag=1``). A ``None`` in ``previous`` is a
     tensor without d_{t-1}. ``sum_reducer``: for the local shards of DTensor parameters (FSDP2),
-    sums the partial sums of every rank (all of them in one call) before the rule."""
+    sums the partial sums of every rank (all of them in one call) before the rule.
+    ``log_lr_adam``: the Adam step on log eta instead of the additive or multiplicative rule."""
     applied = [lr.clone() for lr in lrs] if lr_lag else lrs
-    sums = slot_sums_per_tensor(objective, previous, len(lrs), lrs[0].dtype, multiplicative)
+    norms = multiplicative or log_lr_adam is not None
+    sums = slot_sums_per_tensor(objective, previous, len(lrs), lrs[0].dtype, norms)
     dots, grad_sq, dir_sq = reduce_sums(*sums, sum_reducer)
     hd_rule_(
         lrs,
@@ -190,6 +253,7 @@ def update_learned_lrs_(
         hyper_lr=hyper_lr,
         multiplicative=multiplicative,
         prev_lr_scale=prev_lr_scale,
+        log_lr_adam=log_lr_adam,
     )
     for effective, lr in zip(effective_lrs, applied):
         effective.copy_(lr * lr_scale)

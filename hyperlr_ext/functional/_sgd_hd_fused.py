@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from hyperlr_ext._common.sharded import SumReducer
-from hyperlr_ext.functional._fused_common import copy_back_slots, slot_tensors
+from hyperlr_ext.functional._fused_common import HdSlots
+from hyperlr_ext.functional._hd_rule import LogLrAdam
 
 __all__ = ["_fused_sgd_hd"]
 
@@ -57,6 +58,7 @@ def _fused_sgd_hd(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     sum_reducer: SumReducer | None = None,
+    log_lr_adam: LogLrAdam | None = None,
 ) -> None:
     """SGD-HD with the compiled kernels; same signature and results as the reference."""
     if sum_reducer is not None:
@@ -73,17 +75,16 @@ def _fused_sgd_hd(
     flags = [int(bool(f)) for f in has_previous]
     objective = list(objective_grads) if objective_grads is not None else []
 
-    slots = slot_tensors(lrs, hypergrads, effective_lrs)
-    lr_t, hypergrad_t, effective_t = (t for t, _ in slots)
+    slots = HdSlots(lrs, hypergrads, effective_lrs, log_lr_adam)
     ops = torch.ops.hyperlr_ext
     step = ops.sgd_hd_lagged_step_ if lr_lag else ops.sgd_hd_direction_
     step(
         params, grads, objective, buffers, directions, flags, has_buffer,
-        lr_t, hypergrad_t, effective_t, lr_scale, prev_lr_scale, hyper_lr,
+        slots.lrs, slots.hypergrads, slots.effective_lrs, lr_scale, prev_lr_scale, hyper_lr,
         weight_decay, momentum, dampening, nesterov, maximize, multiplicative,
-        grad_scale, found_inf,
+        grad_scale, found_inf, slots.hyper_state, slots.hyper_adam,
     )  # fmt: skip
     if not lr_lag:
         new_directions = buffers if momentum != 0 and not nesterov else directions
-        ops.sgd_hd_param_step_(params, new_directions, effective_t, found_inf)
-    copy_back_slots((lrs, hypergrads, effective_lrs), slots)
+        ops.sgd_hd_param_step_(params, new_directions, slots.effective_lrs, found_inf)
+    slots.copy_back()

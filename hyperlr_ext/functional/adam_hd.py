@@ -25,6 +25,7 @@ from hyperlr_ext.functional._foreach_hd import apply_steps_ as foreach_apply_ste
 from hyperlr_ext.functional._foreach_hd import skip_fold, unscale_, update_slots_
 from hyperlr_ext.functional._hd_rule import (
     FoundInfGuard,
+    LogLrAdam,
     apply_steps_,
     decayed_grads,
     slot_of,
@@ -113,6 +114,7 @@ def _single_tensor_adam_hd(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     sum_reducer: SumReducer | None = None,
+    log_lr_adam: LogLrAdam | None = None,
 ) -> None:
     """For-loop Adam-HD, the readable reference: one tensor at a time."""
     if not params:
@@ -122,7 +124,7 @@ def _single_tensor_adam_hd(
     guard = FoundInfGuard(
         found_inf,
         [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lrs, hypergrads,
-         effective_lrs],
+         effective_lrs, *([] if log_lr_adam is None else [log_lr_adam.states])],
     )  # fmt: skip
     grads = unscaled_grads(grads, grad_scale)
 
@@ -145,7 +147,7 @@ def _single_tensor_adam_hd(
     update_learned_lrs_(
         objective, previous, lrs, hypergrads, effective_lrs, hyper_lr=hyper_lr,
         multiplicative=multiplicative, prev_lr_scale=prev_lr_scale, lr_scale=lr_scale,
-        lr_lag=lr_lag, sum_reducer=sum_reducer,
+        lr_lag=lr_lag, sum_reducer=sum_reducer, log_lr_adam=log_lr_adam,
     )  # fmt: skip
     del previous
 
@@ -203,6 +205,7 @@ def _foreach_adam_hd(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     sum_reducer: SumReducer | None = None,
+    log_lr_adam: LogLrAdam | None = None,
 ) -> None:
     """Adam-HD with list ops: a number of ATen ops per step that does not grow with the number
     of tensors (:mod:`._foreach_hd`); an inf/NaN step is folded into the step, nothing is
@@ -215,7 +218,7 @@ def _foreach_adam_hd(
     guard = FoundInfGuard(
         found_inf if skip is None else None,
         [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lrs, hypergrads,
-         effective_lrs],
+         effective_lrs, *([] if log_lr_adam is None else [log_lr_adam.states])],
     )  # fmt: skip
     grads = unscale_(grads, grad_scale)
     l2 = 0.0 if decoupled_weight_decay else weight_decay
@@ -240,7 +243,7 @@ def _foreach_adam_hd(
     step_lrs = update_slots_(
         objective, previous, lrs, hypergrads, effective_lrs, hyper_lr=hyper_lr,
         multiplicative=multiplicative, prev_lr_scale=prev_lr_scale, lr_scale=lr_scale,
-        lr_lag=lr_lag, sum_reducer=sum_reducer, skip=skip,
+        lr_lag=lr_lag, sum_reducer=sum_reducer, skip=skip, log_lr_adam=log_lr_adam,
     )  # fmt: skip
     del previous, found
 
@@ -300,6 +303,7 @@ def adam_hd(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     sum_reducer: SumReducer | None = None,
+    log_lr_adam: LogLrAdam | None = None,
 ) -> None:
     """One Adam-HD step over tensors sharing ``lrs`` (one slot, or one per tensor).
 
@@ -345,4 +349,5 @@ def adam_hd(
         grad_scale=grad_scale,
         found_inf=found_inf,
         sum_reducer=sum_reducer,
+        log_lr_adam=log_lr_adam,
     )

@@ -19,11 +19,13 @@ kernel of csrc/hyper_lr*.{h,cpp} and csrc/cuda/hyper_lr.cu with the same argumen
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
 from hyperlr_ext.functional._foreach_hd import slot_sums
-from hyperlr_ext.functional._hd_rule import hd_rule_
+from hyperlr_ext.functional._hd_rule import LogLrAdam, hd_rule_
 
 __all__ = [
     "foreach_hyper_lr_sums_",
@@ -175,28 +177,36 @@ def hyper_lr_rule_(
     hyper_lr: float,
     multiplicative: bool,
     found_inf: Tensor | None = None,
+    log_lr_adam: LogLrAdam | None = None,
 ) -> None:
     """The HD rule of every slot (1-D tensors of the slots' count, or 0-dim for one slot) from
     the pass's sums, in place on the device.
 
     ``prev_lrs`` holds eta_{t-1}, the learned LR the previous step applied, so that
     ``(snapshot - w_t) / eta_{t-1} = s_{t-1} d_{t-1}`` as the rule wants; where it is 0 the
-    previous step did not move the weights and h_t = 0. ``found_inf`` nonzero leaves ``lrs``
-    and ``hypergrads`` as they were.
+    previous step did not move the weights and h_t = 0. ``found_inf`` nonzero leaves ``lrs``,
+    ``hypergrads`` and the Adam state as they were. ``log_lr_adam`` (its one state tensor:
+    ``lrs.shape + (4,)``): the Adam step on log eta instead of the additive or multiplicative
+    rule.
     """
     inverse = torch.where(prev_lrs > 0, prev_lrs, 1.0).reciprocal()
     inverse = torch.where(prev_lrs > 0, inverse, 0.0).reshape(-1)
+    norms = multiplicative or log_lr_adam is not None
     dots = sums[0] * inverse
-    grad_sq = sums[1] if multiplicative else None
-    dir_sq = sums[2] * inverse * inverse if multiplicative else None
-    old = None if found_inf is None else (lrs.clone(), hypergrads.clone())
+    grad_sq = sums[1] if norms else None
+    dir_sq = sums[2] * inverse * inverse if norms else None
+    mutated = [lrs, hypergrads] + ([] if log_lr_adam is None else log_lr_adam.states)
+    old = None if found_inf is None else [t.clone() for t in mutated]
+    adam = None
+    if log_lr_adam is not None:
+        adam = replace(log_lr_adam, states=[log_lr_adam.states[0].view(-1, 4)])
     flat_lrs, flat_hypergrads = lrs.view(-1), hypergrads.view(-1)
     hd_rule_(
         [flat_lrs], [flat_hypergrads], [dots], None if grad_sq is None else [grad_sq],
         None if dir_sq is None else [dir_sq], hyper_lr=hyper_lr, multiplicative=multiplicative,
-        prev_lr_scale=1.0,
+        prev_lr_scale=1.0, log_lr_adam=adam,
     )  # fmt: skip
     if old is not None:
         skip = found_inf.reshape(()) != 0
-        lrs.copy_(torch.where(skip, old[0], lrs))
-        hypergrads.copy_(torch.where(skip, old[1], hypergrads))
+        for t, saved in zip(mutated, old):
+            t.copy_(torch.where(skip, saved, t))

@@ -22,6 +22,7 @@ from hyperlr_ext.functional._foreach_hd import apply_steps_ as foreach_apply_ste
 from hyperlr_ext.functional._foreach_hd import skip_fold, unscale_, update_slots_
 from hyperlr_ext.functional._hd_rule import (
     FoundInfGuard,
+    LogLrAdam,
     apply_steps_,
     decayed_grads,
     unscaled_grads,
@@ -130,14 +131,16 @@ def _single_tensor_sgd_hd(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     sum_reducer: SumReducer | None = None,
+    log_lr_adam: LogLrAdam | None = None,
 ) -> None:
     """For-loop SGD-HD, the readable reference: one tensor at a time."""
     if not params:
         return
     guard = FoundInfGuard(
         found_inf,
-        [params, momentum_buffers, prev_directions, lrs, hypergrads, effective_lrs],
-    )
+        [params, momentum_buffers, prev_directions, lrs, hypergrads, effective_lrs,
+         *([] if log_lr_adam is None else [log_lr_adam.states])],
+    )  # fmt: skip
     grads = unscaled_grads(grads, grad_scale)
     # 1. The training gradient with L2 decay (the objective when there is no validation loss).
     decayed = decayed_grads(grads, params, weight_decay, maximize, foreach=False)
@@ -150,7 +153,7 @@ def _single_tensor_sgd_hd(
     update_learned_lrs_(
         objective, previous, lrs, hypergrads, effective_lrs, hyper_lr=hyper_lr,
         multiplicative=multiplicative, prev_lr_scale=prev_lr_scale, lr_scale=lr_scale,
-        lr_lag=lr_lag, sum_reducer=sum_reducer,
+        lr_lag=lr_lag, sum_reducer=sum_reducer, log_lr_adam=log_lr_adam,
     )  # fmt: skip
 
     # 3. torch.optim.SGD's step with the learned LR.
@@ -185,6 +188,7 @@ def _foreach_sgd_hd(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     sum_reducer: SumReducer | None = None,
+    log_lr_adam: LogLrAdam | None = None,
 ) -> None:
     """SGD-HD with list ops: a number of ATen ops per step that does not grow with the number of
     tensors (:mod:`._foreach_hd`); an inf/NaN step is folded into the step, nothing is copied."""
@@ -193,8 +197,9 @@ def _foreach_sgd_hd(
     skip = skip_fold(found_inf, params, lrs[0].dtype)
     guard = FoundInfGuard(
         found_inf if skip is None else None,
-        [params, momentum_buffers, prev_directions, lrs, hypergrads, effective_lrs],
-    )
+        [params, momentum_buffers, prev_directions, lrs, hypergrads, effective_lrs,
+         *([] if log_lr_adam is None else [log_lr_adam.states])],
+    )  # fmt: skip
     grads = unscale_(grads, grad_scale)
     decayed = decayed_grads(grads, params, weight_decay, maximize, foreach=True)
     if skip is not None:
@@ -206,7 +211,7 @@ def _foreach_sgd_hd(
     step_lrs = update_slots_(
         objective, previous, lrs, hypergrads, effective_lrs, hyper_lr=hyper_lr,
         multiplicative=multiplicative, prev_lr_scale=prev_lr_scale, lr_scale=lr_scale,
-        lr_lag=lr_lag, sum_reducer=sum_reducer, skip=skip,
+        lr_lag=lr_lag, sum_reducer=sum_reducer, skip=skip, log_lr_adam=log_lr_adam,
     )  # fmt: skip
     directions = _directions_foreach(
         decayed, momentum_buffers, prev_directions, momentum, dampening, nesterov, skip
@@ -241,6 +246,7 @@ def sgd_hd(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     sum_reducer: SumReducer | None = None,
+    log_lr_adam: LogLrAdam | None = None,
 ) -> None:
     """One SGD-HD step over a list of tensors that share ``lrs`` (one slot, or one per tensor).
 
@@ -281,4 +287,5 @@ def sgd_hd(
         grad_scale=grad_scale,
         found_inf=found_inf,
         sum_reducer=sum_reducer,
+        log_lr_adam=log_lr_adam,
     )

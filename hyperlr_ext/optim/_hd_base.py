@@ -7,8 +7,10 @@ Where things live (docs/design.md, "Public API and state"):
   ``effective LR = learned LR * group["lr"] / group["initial_lr"]`` (scale 1 when initial_lr is 0).
 - Per group: ``learned_lr`` (0-dim, or one entry per tensor with ``per_tensor=True``),
   ``hypergrad`` (dE/d eta of the last step) and ``effective_lr`` (the LR the last step applied), all
-  device tensors in float32 (float64 for float64 parameters); ``hd_prev_scale`` (s_{t-1}) and
-  ``hd_stale`` (indices of tensors that were skipped at the last step, whose d_{t-1} is 0).
+  device tensors in float32 (float64 for float64 parameters); with ``hyper_optimizer="adam"``
+  ``hyper_adam_state`` (the Adam state of log eta, 4 values per slot: optim/_hyper_optimizer.py);
+  ``hd_prev_scale`` (s_{t-1}) and ``hd_stale`` (indices of tensors that were skipped at the last
+  step, whose d_{t-1} is 0).
 - Per parameter: the inner optimizer's buffers, as in torch.optim.
 """
 
@@ -30,6 +32,13 @@ from hyperlr_ext._common.checks import (
 from hyperlr_ext._common.devices import hyper_device_dtype, placed_like_params
 from hyperlr_ext._dispatch import check_fused_params, check_fused_request
 from hyperlr_ext.functional._hd_rule import nonfinite_check_
+from hyperlr_ext.optim._hyper_optimizer import (
+    check_lr_in_bounds,
+    count_warmup_step,
+    ensure_adam_state,
+    group_warmup_factor,
+    log_lr_adam,
+)
 from hyperlr_ext.optim._lr_learner import LRLearner
 from hyperlr_ext.optim._state_check import check_state_matches_params
 
@@ -74,7 +83,8 @@ def check_hd_arguments(
 
 
 def _lr_scale(group: dict[str, Any]) -> float:
-    """s_t = group["lr"] / group["initial_lr"]: how much a scheduler scales the learned LR."""
+    """s_t = group["lr"] / group["initial_lr"]: how much a scheduler scales the learned LR, times
+    the built-in warm-up's factor while it lasts (``lr_warmup``)."""
     lr = group["lr"]
     if isinstance(lr, Tensor):
         raise TypeError(
@@ -82,7 +92,9 @@ def _lr_scale(group: dict[str, Any]) -> float:
             "(the learned LR is already a device tensor)"
         )
     initial = group.get("initial_lr", lr)
-    return 1.0 if initial == 0 else lr / initial
+    scale = 1.0 if initial == 0 else lr / initial
+    warmup = group_warmup_factor(group)
+    return scale if warmup == 1.0 else scale * warmup
 
 
 def _initial_lr(group: dict[str, Any]) -> float:
@@ -97,7 +109,7 @@ class HDOptimizer(LRLearner):
     # Group keys every state_dict of the subclass has, and the per-parameter state it keeps
     # (load_state_dict refuses others: _state_check.py).
     _IDENTITY_KEYS: tuple[str, ...] = ("hyper_lr", "lr_lag")
-    _STRUCTURAL_KEYS = ("per_tensor",)
+    _STRUCTURAL_KEYS = ("per_tensor", "hyper_optimizer")
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -120,6 +132,14 @@ class HDOptimizer(LRLearner):
         check_number("lr", group["lr"], label="learning rate")
         check_number("hyper_lr", group["hyper_lr"])
         check_choice("lr_lag", group["lr_lag"], (0, 1))
+        if group.get("hyper_optimizer", "sgd") != self.defaults.get("hyper_optimizer", "sgd"):
+            raise ValueError(
+                f"Invalid hyper_optimizer value in a param group: {group['hyper_optimizer']!r}; "
+                "hyper_optimizer is set for the whole optimizer "
+                f"({self.defaults.get('hyper_optimizer', 'sgd')!r}), not per group"
+            )
+        if group.get("hyper_optimizer") == "adam":
+            check_lr_in_bounds(group["lr"], group["lr_bounds"])
         devices = {p.device for p in group["params"]}
         if group["fused"]:
             if any(p.is_meta for p in group["params"]):
@@ -143,6 +163,8 @@ class HDOptimizer(LRLearner):
         group["learned_lr"] = torch.full(shape, _initial_lr(group), dtype=dtype, device=device)
         group["hypergrad"] = torch.zeros(shape, dtype=dtype, device=device)
         group["effective_lr"] = torch.full(shape, float(group["lr"]), dtype=dtype, device=device)
+        group.pop("hyper_adam_state", None)
+        ensure_adam_state(group, shape, device, dtype)
         group["hd_prev_scale"] = 1.0
         group["hd_stale"] = []
 
@@ -163,6 +185,7 @@ class HDOptimizer(LRLearner):
                     f"{group['per_tensor']} with {len(group['params'])} params needs {expected}"
                 )
             group[key] = placed_like_params(value, device, dtype, initial[key])
+        ensure_adam_state(group, expected, device, dtype)
         group.setdefault("hd_prev_scale", 1.0)
         group.setdefault("hd_stale", [])
 
@@ -324,6 +347,8 @@ class HDOptimizer(LRLearner):
 
     def _finish_group(self, group: dict[str, Any], indices: list[int], lr_scale: float) -> None:
         group["hd_prev_scale"] = lr_scale
+        if group.get("lr_warmup", 0) > group.get("warmup_steps_done", 0):
+            count_warmup_step(group)
         if len(indices) == len(group["params"]):  # every tensor stepped: none is stale
             group["hd_stale"] = []
             return
@@ -337,11 +362,21 @@ class HDOptimizer(LRLearner):
     def _step_group(self, group: dict[str, Any], objective_grads) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def _hd_kwargs(self, group: dict[str, Any], lr_scale: float, reducer) -> dict[str, Any]:
+    def _log_lr_adam(self, group: dict[str, Any], indices: list[int]):
+        """The Adam step on log eta of the stepped tensors' slots (None for "sgd")."""
+        if group.get("hyper_optimizer") != "adam":
+            return None
+        state = group["hyper_adam_state"]
+        states = [state] if not group["per_tensor"] else [state[i] for i in indices]
+        return log_lr_adam(group, states)
+
+    def _hd_kwargs(self, group: dict[str, Any], indices: list[int], lr_scale: float,
+                   reducer) -> dict[str, Any]:  # fmt: skip
         """The keywords every functional HD step takes from the group (DTensor groups, which
         have a ``reducer``, step on the pure-PyTorch for-loop)."""
         sharded = reducer is not None
         return dict(
+            log_lr_adam=self._log_lr_adam(group, indices),
             foreach=False if sharded else group["foreach"],
             fused=False if sharded else group["fused"],
             lr_scale=lr_scale,

@@ -11,6 +11,7 @@ from hyperlr_ext._common.checks import check_bool, check_number
 from hyperlr_ext._common.sharded import local_view, sum_reducer
 from hyperlr_ext.functional.adam_hd import adam_hd
 from hyperlr_ext.optim._hd_base import HDOptimizer, _lr_scale, check_hd_arguments
+from hyperlr_ext.optim._hyper_optimizer import hyper_settings
 
 __all__ = ["AdamHD"]
 
@@ -38,10 +39,12 @@ class AdamHD(HDOptimizer):
     Args:
         params: parameters or param groups.
         lr: initial learning rate eta_0 (float >= 0).
-        hyper_lr: beta, the hypergradient step size (float >= 0; 0 gives torch.optim.Adam).
+        hyper_lr: beta, the hypergradient step size (float >= 0; 0 gives torch.optim.Adam);
+            default 1e-7, or the robust preset's with ``hyper_optimizer="adam"``.
         betas, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.Adam``.
         decoupled_weight_decay: AdamW's decoupled decay instead of L2.
         multiplicative, per_tensor, lr_lag, foreach, fused: as in :class:`SGDHD`.
+        hyper_optimizer, hyper_betas, hyper_eps, lr_bounds, lr_warmup: as in :class:`SGDHD`.
         differentiable: must be False. capturable: accepted; every path is already sync-free.
 
     Example:
@@ -59,7 +62,7 @@ class AdamHD(HDOptimizer):
         self,
         params,
         lr: float = 1e-3,
-        hyper_lr: float = 1e-7,
+        hyper_lr: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -75,10 +78,21 @@ class AdamHD(HDOptimizer):
         differentiable: bool = False,
         capturable: bool = False,
         skip_nonfinite: bool = False,
+        hyper_optimizer: str = "sgd",
+        hyper_betas: tuple[float, float] | None = None,
+        hyper_eps: float | None = None,
+        lr_bounds: tuple[float, float] | None = None,
+        lr_warmup: int | None = None,
     ) -> None:
+        hyper = hyper_settings(
+            hyper_optimizer=hyper_optimizer, hyper_lr=hyper_lr, hyper_betas=hyper_betas,
+            hyper_eps=hyper_eps, lr_bounds=lr_bounds, lr_warmup=lr_warmup,
+            sgd_hyper_lr=1e-7,
+            multiplicative=multiplicative,
+        )  # fmt: skip
         hd_settings = dict(
             lr=lr,
-            hyper_lr=hyper_lr,
+            hyper_lr=hyper["hyper_lr"],
             weight_decay=weight_decay,
             multiplicative=multiplicative,
             per_tensor=per_tensor,
@@ -107,6 +121,7 @@ class AdamHD(HDOptimizer):
         check_bool("amsgrad", amsgrad)
         defaults = dict(
             hd_settings,
+            **hyper,
             betas=tuple(float(b) for b in betas),
             eps=eps,
             decoupled_weight_decay=decoupled_weight_decay,
@@ -170,6 +185,6 @@ class AdamHD(HDOptimizer):
             eps=group["eps"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
             amsgrad=group["amsgrad"],
-            **self._hd_kwargs(group, lr_scale, reducer),
+            **self._hd_kwargs(group, indices, lr_scale, reducer),
         )
         self._finish_group(group, indices, lr_scale)

@@ -19,11 +19,19 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hyperlr_ext._common.checks import check_bool, check_choice, check_number, check_optional_bool
+from hyperlr_ext._common.checks import check_bool, check_choice, check_optional_bool
 from hyperlr_ext._common.devices import hyper_device_dtype
 from hyperlr_ext._common.sharded import distribute_like, local_shards, mesh_group, sum_reducer
 from hyperlr_ext._dispatch import check_fused_params, check_fused_request, choose_implementation
 from hyperlr_ext.functional.hyper_lr import hyper_lr_rule_, pass_implementation
+from hyperlr_ext.optim._hyper_optimizer import (
+    check_lr_in_bounds,
+    count_warmup_step,
+    hyper_settings,
+    initial_adam_state,
+    log_lr_adam,
+    warmup_factor,
+)
 from hyperlr_ext.optim._lr_learner import LRLearner
 
 __all__ = ["HyperLR"]
@@ -100,6 +108,8 @@ class HyperLR:
             not one of ours, which learn their LR already.
         hyper_lr: beta >= 0. The scale of h = <g, d> is the optimizer's: about 1e-3 for SGD and
             1e-7 for Adam-like directions (whose entries are about 1) are where to start.
+            Required with ``hyper_optimizer="sgd"``; the robust preset's by default with
+            ``"adam"``.
         multiplicative: the multiplicative rule eta <- eta (1 + beta h / (|g||d|)) instead of the
             additive eta <- max(eta + beta h, 0).
         per_tensor: one learned LR per parameter tensor: the optimizer steps with the group's
@@ -112,6 +122,10 @@ class HyperLR:
         decoupled_weight_decay: whether the optimizer's ``weight_decay`` is decoupled (then not
             part of the objective's gradient) or an L2 term (added to it); None infers it for
             torch's optimizers and asks for it otherwise.
+        hyper_optimizer, hyper_betas, hyper_eps, lr_bounds, lr_warmup: ``"sgd"`` (the default:
+            the rule above) or ``"adam"``, an Adam step on log eta whose hyper-arguments default
+            to the robust preset (as in :class:`hyperlr_ext.SGDHD`, warm-up included); the
+            initial LR must lie in ``lr_bounds``.
         foreach, fused: the implementation of the pre-step pass (hyperlr_ext._dispatch: the
             compiled one-pass kernel where it is the default, ``torch._foreach_*`` ops, or the
             for-loop reference).
@@ -138,7 +152,7 @@ class HyperLR:
     def __init__(
         self,
         optimizer: Optimizer,
-        hyper_lr: float,
+        hyper_lr: float | None = None,
         *,
         multiplicative: bool = False,
         per_tensor: bool = False,
@@ -147,6 +161,11 @@ class HyperLR:
         foreach: bool | None = None,
         fused: bool | None = None,
         allow_low_precision: bool = False,
+        hyper_optimizer: str = "sgd",
+        hyper_betas: tuple[float, float] | None = None,
+        hyper_eps: float | None = None,
+        lr_bounds: tuple[float, float] | None = None,
+        lr_warmup: int | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -159,8 +178,20 @@ class HyperLR:
             )
         if getattr(optimizer, _ATTRIBUTE, None) is not None:
             raise ValueError("this optimizer already has a HyperLR; call .remove() on it first")
-        self.hyper_lr = check_number("hyper_lr", hyper_lr)
+        if hyper_lr is None and hyper_optimizer == "sgd":
+            raise ValueError(
+                "HyperLR needs hyper_lr with hyper_optimizer='sgd' (its scale is the wrapped "
+                "optimizer's: about 1e-3 for SGD, 1e-7 for Adam), or hyper_optimizer='adam', "
+                "whose hyper-arguments have defaults"
+            )
         self.multiplicative = check_bool("multiplicative", multiplicative)
+        self.hyper = hyper_settings(
+            hyper_optimizer=hyper_optimizer, hyper_lr=hyper_lr, hyper_betas=hyper_betas,
+            hyper_eps=hyper_eps, lr_bounds=lr_bounds, lr_warmup=lr_warmup,
+            sgd_hyper_lr=0.0,
+            multiplicative=multiplicative,
+        )  # fmt: skip
+        self.hyper_lr = self.hyper["hyper_lr"]
         self.per_tensor = check_bool("per_tensor", per_tensor)
         self.lr_lag = check_choice("lr_lag", lr_lag, (0, 1))
         self.decoupled_weight_decay = check_optional_bool(
@@ -197,6 +228,8 @@ class HyperLR:
                 f"HyperLR: param group {index} has initial LR {initial}; it must be > 0 (the "
                 "update is measured from the weights, and a zero LR moves none)"
             )
+        if self.hyper["hyper_optimizer"] == "adam":
+            check_lr_in_bounds(initial, self.hyper["lr_bounds"])
         params = group["params"]
         if len({p.device for p in params}) > 1:
             raise ValueError(
@@ -244,8 +277,16 @@ class HyperLR:
             "effective_lr": torch.full(shape, eta, dtype=dtype, device=device),
             "has_previous": [0] * len(group["params"]),
             "host_lr": None,  # lr_lag with a float LR: the next step's eta, read ahead
+            "warmup_steps_done": 0,  # the lr_warmup count
         }
+        if self.hyper["hyper_optimizer"] == "adam":
+            state["hyper_adam_state"] = initial_adam_state(shape, dtype, device)
         return state
+
+    def _group_tensors(self) -> tuple[str, ...]:
+        """The keys of a group's hyper-state tensors."""
+        adam = self.hyper["hyper_optimizer"] == "adam"
+        return _GROUP_TENSORS + (("hyper_adam_state",) if adam else ())
 
     @property
     def learned_lr(self) -> list[Tensor]:
@@ -351,6 +392,7 @@ class HyperLR:
         hyper_lr_rule_(
             lrs, state["hypergrad"], sums, state["prev_lr"], hyper_lr=self.hyper_lr,
             multiplicative=self.multiplicative, found_inf=found_inf,
+            log_lr_adam=log_lr_adam(self.hyper, [state.get("hyper_adam_state")]),
         )  # fmt: skip
         applied = before if before is not None else lrs
         self._set_step_lr(index, group, applied, stepped, found_inf)
@@ -361,6 +403,8 @@ class HyperLR:
         state = self.groups[index]
         scheduled = group["lr"]
         scale = _scale(scheduled, group["initial_lr"])
+        warmup = warmup_factor(self.hyper["lr_warmup"], state["warmup_steps_done"])
+        scale = scale if warmup == 1.0 else scale * warmup
         reference = applied.max() if self.per_tensor else applied
         pending: dict[str, Any] = {"applied": applied, "found_inf": found_inf}
         if isinstance(scheduled, Tensor):
@@ -386,6 +430,8 @@ class HyperLR:
             self._pending[index] = None
             state = self.groups[index]
             self._restore_lr(group, pending)
+            if state["warmup_steps_done"] < self.hyper["lr_warmup"]:
+                count_warmup_step(state)
             applied, found_inf = pending["applied"], pending["found_inf"]
             if found_inf is None:
                 state["prev_lr"] = applied.clone()
@@ -458,17 +504,20 @@ class HyperLR:
                           for ts in self.snapshots],
         }  # fmt: skip
 
-    @staticmethod
-    def _group_state_dict(state: dict[str, Any]) -> dict[str, Any]:
-        out = {key: state[key].clone() for key in _GROUP_TENSORS}
+    def _group_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        out = {key: state[key].clone() for key in self._group_tensors()}
         out["has_previous"] = list(state["has_previous"])
         ahead = state["host_lr"]
         out["host_lr"] = None if ahead is None else _host_value(ahead)
+        out["warmup_steps_done"] = state["warmup_steps_done"]
         return out
 
     def _settings(self) -> dict[str, Any]:
-        return {"hyper_lr": self.hyper_lr, "multiplicative": self.multiplicative,
-                "per_tensor": self.per_tensor, "lr_lag": self.lr_lag}  # fmt: skip
+        settings = {"hyper_lr": self.hyper_lr, "multiplicative": self.multiplicative,
+                    "per_tensor": self.per_tensor, "lr_lag": self.lr_lag}  # fmt: skip
+        if self.hyper["hyper_optimizer"] == "adam" or self.hyper["lr_warmup"]:
+            settings.update(self.hyper)  # absent otherwise: older state_dicts load
+        return settings
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores a :meth:`state_dict` of a HyperLR with the same settings on an optimizer with
@@ -491,7 +540,7 @@ class HyperLR:
         self._restore_pending()
         for index, (group, saved) in enumerate(zip(self.optimizer.param_groups, groups)):
             fresh = self._new_group_state(group)
-            for key in _GROUP_TENSORS:
+            for key in self._group_tensors():
                 value = saved[key]
                 if tuple(value.shape) != tuple(fresh[key].shape):
                     raise ValueError(
@@ -501,6 +550,7 @@ class HyperLR:
                 fresh[key] = value.to(device=fresh[key].device, dtype=fresh[key].dtype, copy=True)
             fresh["has_previous"] = [int(h) for h in saved["has_previous"]]
             fresh["host_lr"] = saved.get("host_lr")
+            fresh["warmup_steps_done"] = int(saved.get("warmup_steps_done", 0))
             self.groups[index] = fresh
             self.snapshots[index] = [
                 None if t is None else distribute_like(t, p)

@@ -18,7 +18,7 @@ from hyperlr_ext._common.devices import hyper_device_dtype, placed_like_params
 from hyperlr_ext._common.sharded import local_shards
 from hyperlr_ext._common.sharded import mesh_group as mesh_group_or_none
 from hyperlr_ext._dispatch import check_fused_request
-from hyperlr_ext.functional._hd_rule import FoundInfGuard, nonfinite_check_
+from hyperlr_ext.functional._hd_rule import FoundInfGuard, log_lr_adam_, nonfinite_check_
 from hyperlr_ext.functional._marthe_fused import (
     fused_tangent_adam_step_,
     fused_tangent_sgd_step_,
@@ -30,6 +30,13 @@ from hyperlr_ext.functional.marthe import (
 )
 from hyperlr_ext.optim._hd_base import _lr_scale
 from hyperlr_ext.optim._hyper_lr_search import find_hyper_lr
+from hyperlr_ext.optim._hyper_optimizer import (
+    check_lr_in_bounds,
+    count_warmup_step,
+    ensure_adam_state,
+    hyper_settings,
+    log_lr_adam,
+)
 from hyperlr_ext.optim._lr_learner import LRLearner
 from hyperlr_ext.optim._marthe_args import algorithm_of, check_marthe_arguments, check_marthe_group
 from hyperlr_ext.optim._marthe_grads import (
@@ -65,14 +72,15 @@ class MARTHE(LRLearner):
     Args:
         params: parameters or param groups.
         lr: initial learned LR eta_0 (>= 0; the paper suggests 0 without prior knowledge).
-        hyper_lr: beta_0, the hyper-LR (>= 0).
+        hyper_lr: beta_0, the hyper-LR (>= 0; default 1e-3, or the robust preset's with
+            ``hyper_optimizer="adam"``).
         inner: the inner optimizer: ``"sgd"`` (torch.optim.SGD), ``"adam"`` (torch.optim.Adam,
             L2 decay in the gradient) or ``"adamw"`` (torch.optim.AdamW, decoupled decay).
         momentum, dampening, nesterov: as torch.optim.SGD (``inner="sgd"`` only).
         betas, eps: as torch.optim.Adam (``inner="adam"``/``"adamw"`` only).
         weight_decay: lambda, L2 for SGD and Adam, decoupled for AdamW.
         mu: ``"adaptive"`` (MARTHE's rule) or a fixed number in [0, 1] (1: RTHO, 0: HD).
-        hyper_hyper_lr: beta', the step of HD on beta (0 keeps beta fixed).
+        hyper_hyper_lr: beta', the step of HD on beta (0 keeps beta fixed; "sgd" only).
         hvp: ``"autograd"`` (double backward), ``"finite_difference"`` (two extra gradient
             evaluations at w +- e Z, for models without double-backward support) or
             ``"forward_difference"`` (one, at w + e Z, against the step's own gradient).
@@ -96,6 +104,10 @@ class MARTHE(LRLearner):
         skip_nonfinite: check the gradients and Hessian products for inf/NaN on the device and
             skip a step that has any (nothing changes; ``nonfinite_step`` holds the flag). Always
             on when ``step`` is given a ``scaler``.
+        hyper_optimizer, hyper_betas, hyper_eps, lr_bounds, lr_warmup: ``"sgd"`` (the default:
+            eta moves by -beta Delta) or ``"adam"``: an Adam step on log eta from eta Delta,
+            with the robust preset's defaults (as in :class:`hyperlr_ext.SGDHD`); then lr must
+            lie in ``lr_bounds`` (it cannot start at 0) and hyper_hyper_lr must be 0.
 
     ``step(closure, val_closure=None, *, hvp_closure=None, scaler=None)``: ``closure()``
     returns the training loss on the current batch and must not call ``backward()``;
@@ -113,14 +125,14 @@ class MARTHE(LRLearner):
 
     _IDENTITY_KEYS = ("hyper_lr", "inner", "mu", "hvp")
     _PUBLIC_ATTRS = ("nonfinite_step", "distributed")
-    _STRUCTURAL_KEYS = ("inner",)
+    _STRUCTURAL_KEYS = ("inner", "hyper_optimizer")
     _STATE_KEYS = ("z_param", "direction", "step", *_BUFFERS["sgd"], *_BUFFERS["adam"])
 
     def __init__(
         self,
         params,
         lr: float = 0.0,
-        hyper_lr: float = 1e-3,
+        hyper_lr: float | None = None,
         *,
         inner: str = "sgd",
         momentum: float = 0.0,
@@ -138,7 +150,23 @@ class MARTHE(LRLearner):
         fused: bool | None = None,
         distributed: bool | None = None,
         skip_nonfinite: bool = False,
+        hyper_optimizer: str = "sgd",
+        hyper_betas: tuple[float, float] | None = None,
+        hyper_eps: float | None = None,
+        lr_bounds: tuple[float, float] | None = None,
+        lr_warmup: int | None = None,
     ) -> None:
+        hyper = hyper_settings(
+            hyper_optimizer=hyper_optimizer, hyper_lr=hyper_lr, hyper_betas=hyper_betas,
+            hyper_eps=hyper_eps, lr_bounds=lr_bounds, lr_warmup=lr_warmup,
+            sgd_hyper_lr=1e-3, multiplicative=False,
+        )  # fmt: skip
+        hyper_lr = hyper["hyper_lr"]
+        if hyper_optimizer == "adam" and hyper_hyper_lr != 0:
+            raise ValueError(
+                "hyper_hyper_lr adapts the hyper-LR of hyper_optimizer='sgd'; with 'adam' the "
+                "step on log eta is already normalised: leave hyper_hyper_lr at 0"
+            )
         check_marthe_arguments(
             lr=lr, hyper_lr=hyper_lr, inner=inner, momentum=momentum, dampening=dampening,
             nesterov=nesterov, betas=betas, eps=eps, weight_decay=weight_decay, mu=mu,
@@ -147,11 +175,11 @@ class MARTHE(LRLearner):
         )  # fmt: skip
         check_fused_request(algorithm_of(inner), foreach, fused)
         defaults = dict(
-            lr=lr, hyper_lr=hyper_lr, inner=inner, momentum=momentum, dampening=dampening,
+            lr=lr, inner=inner, momentum=momentum, dampening=dampening,
             nesterov=nesterov, betas=tuple(float(b) for b in betas), eps=eps,
             weight_decay=weight_decay, mu=mu, hyper_hyper_lr=hyper_hyper_lr, hvp=hvp,
             hvp_every=hvp_every, fd_eps=fd_eps, foreach=foreach, fused=fused,
-            skip_nonfinite=skip_nonfinite,
+            skip_nonfinite=skip_nonfinite, **hyper,
         )  # fmt: skip
         super().__init__(params, defaults)
         self.distributed = distributed
@@ -160,6 +188,13 @@ class MARTHE(LRLearner):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         check_marthe_group(group, self.param_groups[:-1])
+        if group.get("hyper_optimizer", "sgd") != self.defaults["hyper_optimizer"]:
+            raise ValueError(
+                "Invalid hyper_optimizer value in a param group; hyper_optimizer is set for the "
+                f"whole optimizer ({self.defaults['hyper_optimizer']!r}), not per group"
+            )
+        if group["hyper_optimizer"] == "adam":
+            check_lr_in_bounds(group["lr"], group["lr_bounds"])
         self._init_group(group)
 
     @staticmethod
@@ -178,6 +213,7 @@ class MARTHE(LRLearner):
                 group[key] = torch.full((), float(initial[key]), dtype=dtype, device=device)
             else:
                 group[key] = placed_like_params(value, device, dtype, initial[key])
+        ensure_adam_state(group, (), device, dtype)
         group.setdefault("hd_prev_scale", 1.0)
         group.setdefault("skip_nonfinite", False)
         group.setdefault("hvp_every", 1)
@@ -321,7 +357,12 @@ class MARTHE(LRLearner):
             beta.copy_(
                 (beta + group["hyper_hyper_lr"] * delta * group["prev_hypergrad"]).clamp_min(0)
             )
-        lr.copy_((lr - beta * delta).clamp_min(0))
+        adam = log_lr_adam(group, [group.get("hyper_adam_state")])
+        if adam is None:
+            lr.copy_((lr - beta * delta).clamp_min(0))
+        else:  # every step with tangents has a hypergradient
+            log_lr_adam_(lr, delta, adam.states[0], torch.ones_like(lr, dtype=torch.bool),
+                         alpha=float(group["hyper_lr"]), adam=adam)  # fmt: skip
         group["hypergrad"].copy_(delta)
         group["prev_hypergrad"].copy_(delta)
 
@@ -340,7 +381,8 @@ class MARTHE(LRLearner):
                 self._init_state(group, params)
             # The group's hyper-state, put back on a skipped step (the tangent step leaves the
             # per-parameter tensors alone itself, and Adam's step counts add 0).
-            guard = FoundInfGuard(found_inf, [[group[key] for key in _GROUP_TENSORS]])
+            hyper_state = [group[key] for key in _GROUP_TENSORS] + _adam_state(group)
+            guard = FoundInfGuard(found_inf, [hyper_state])
             if span.started:
                 self._hyper_update(group, sums)
             self._inner_step(group, params, step_grads, hvps, states, lr_scale, span.started,
@@ -348,6 +390,8 @@ class MARTHE(LRLearner):
             group["effective_lr"].copy_(group["learned_lr"] * lr_scale)
             guard.restore()
             group["hd_prev_scale"] = lr_scale
+            if group.get("lr_warmup", 0) > group.get("warmup_steps_done", 0):
+                count_warmup_step(group)
 
     def _inner_step(self, group, params, grads, hvps, states, lr_scale, started, implementation,
                     found_inf):  # fmt: skip
@@ -403,11 +447,18 @@ class MARTHE(LRLearner):
     find_hyper_lr = classmethod(find_hyper_lr)
 
 
+def _adam_state(group: dict[str, Any]) -> list[Tensor]:
+    """The group's Adam state of log eta, as a list (empty with hyper_optimizer="sgd")."""
+    state = group.get("hyper_adam_state")
+    return [] if state is None else [state]
+
+
 class RTHO(MARTHE):
     """Real-time hyperparameter optimisation of the LR (Franceschi et al.): MARTHE with mu = 1
     and a fixed hyper-LR. With ``step(closure, val_closure=...)`` it is RT-HPO."""
 
-    def __init__(self, params, lr: float = 0.0, hyper_lr: float = 1e-3, **kwargs: Any) -> None:
+    def __init__(self, params, lr: float = 0.0, hyper_lr: float | None = None,
+                 **kwargs: Any) -> None:  # fmt: skip
         for name in ("mu", "hyper_hyper_lr"):
             if name in kwargs:
                 raise ValueError(f"RTHO fixes {name}; use MARTHE to set it")

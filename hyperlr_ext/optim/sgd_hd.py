@@ -8,6 +8,7 @@ from hyperlr_ext._common.checks import check_bool, check_number
 from hyperlr_ext._common.sharded import local_view, shard_like, sum_reducer
 from hyperlr_ext.functional.sgd_hd import sgd_hd
 from hyperlr_ext.optim._hd_base import HDOptimizer, _lr_scale, check_hd_arguments
+from hyperlr_ext.optim._hyper_optimizer import hyper_settings
 
 __all__ = ["SGDHD"]
 
@@ -32,13 +33,25 @@ class SGDHD(HDOptimizer):
     Args:
         params: parameters or param groups.
         lr: initial learning rate eta_0 (float >= 0).
-        hyper_lr: beta, the hypergradient step size (float >= 0; 0 gives torch.optim.SGD).
+        hyper_lr: beta, the hypergradient step size (float >= 0; 0 gives torch.optim.SGD);
+            default 1e-3, or the robust preset's with ``hyper_optimizer="adam"``.
         momentum, dampening, nesterov, weight_decay, maximize: as in ``torch.optim.SGD``.
         multiplicative: use the multiplicative rule instead of the additive one.
         per_tensor: learn one LR per parameter tensor instead of one per group.
         lr_lag: 0 = exact (the LR learned at step t is used at step t); 1 = the step uses the LR
             learned up to step t-1 (one step of delay; one pass in the fused kernels).
         foreach, fused: implementation choice (see ``hyperlr_ext._dispatch``).
+        hyper_optimizer: ``"sgd"`` (the default: the rule above, step ``hyper_lr``) or
+            ``"adam"``: an Adam step on log eta from its hypergradient eta * dE/d eta, so the LR
+            moves by about ``hyper_lr`` in log per step whatever the scale of the gradients; its
+            hyper-arguments (``hyper_lr``, ``hyper_betas``, ``hyper_eps``, ``lr_bounds``) default
+            to the robust preset (``hyperlr_ext.optim.ROBUST_PRESET``).
+        hyper_betas, hyper_eps: Adam's moment decays and epsilon on log eta ("adam" only).
+        lr_bounds: (low, high), 0 < low <= lr <= high: where eta may go ("adam" only).
+        lr_warmup: steps of a linear warm-up of the applied LR (the k-th step applies
+            (k + 1) / lr_warmup of it, on top of any scheduler; the hypergradient sees the
+            scale, so the learned LR already moves during it); default 0, or the preset's 10
+            with ``"adam"``.
         differentiable: must be False. capturable: accepted; every path is already sync-free.
 
     Each param group exposes ``effective_lr`` (the LR the last step applied) and ``hypergrad``
@@ -59,7 +72,7 @@ class SGDHD(HDOptimizer):
         self,
         params,
         lr: float = 0.01,
-        hyper_lr: float = 1e-3,
+        hyper_lr: float | None = None,
         momentum: float = 0.0,
         dampening: float = 0.0,
         nesterov: bool = False,
@@ -74,10 +87,21 @@ class SGDHD(HDOptimizer):
         differentiable: bool = False,
         capturable: bool = False,
         skip_nonfinite: bool = False,
+        hyper_optimizer: str = "sgd",
+        hyper_betas: tuple[float, float] | None = None,
+        hyper_eps: float | None = None,
+        lr_bounds: tuple[float, float] | None = None,
+        lr_warmup: int | None = None,
     ) -> None:
+        hyper = hyper_settings(
+            hyper_optimizer=hyper_optimizer, hyper_lr=hyper_lr, hyper_betas=hyper_betas,
+            hyper_eps=hyper_eps, lr_bounds=lr_bounds, lr_warmup=lr_warmup,
+            sgd_hyper_lr=1e-3,
+            multiplicative=multiplicative,
+        )  # fmt: skip
         hd_settings = dict(
             lr=lr,
-            hyper_lr=hyper_lr,
+            hyper_lr=hyper["hyper_lr"],
             weight_decay=weight_decay,
             multiplicative=multiplicative,
             per_tensor=per_tensor,
@@ -97,7 +121,7 @@ class SGDHD(HDOptimizer):
                 f"(got momentum={momentum}, dampening={dampening})"
             )
         defaults = dict(
-            hd_settings, momentum=momentum, dampening=dampening, nesterov=nesterov,
+            hd_settings, **hyper, momentum=momentum, dampening=dampening, nesterov=nesterov,
             skip_nonfinite=check_bool("skip_nonfinite", skip_nonfinite),
         )  # fmt: skip
         super().__init__(params, defaults)
@@ -128,7 +152,7 @@ class SGDHD(HDOptimizer):
             momentum=group["momentum"],
             dampening=group["dampening"],
             nesterov=group["nesterov"],
-            **self._hd_kwargs(group, lr_scale, reducer),
+            **self._hd_kwargs(group, indices, lr_scale, reducer),
         )
         for p, state, buf, direction in zip(params, states, momentum_buffers, prev_directions):
             # Buffers the step created; under FSDP2 DTensors like their params (the existing

@@ -9,6 +9,12 @@ code with hyperlr_ext.
     additive:       eta_t = max(eta_{t-1} + beta * h_t, 0)
     multiplicative: eta_t = max(eta_{t-1} * (1 + beta * h_t / (|g_hat_t| |s_{t-1} d_{t-1}|)), 0)
     lr_lag = 1:     the step uses eta_{t-1}, then eta_t is computed.
+
+hyper_optimizer="adam" (an Adam step on log eta, from its hypergradient q = eta_{t-1} * (-h_t)),
+on the steps where the previous step moved the slot (|s_{t-1} d_{t-1}| > 0), n counting them:
+    m = b1 m + (1 - b1) q,  v = b2 v + (1 - b2) q^2
+    eta_t = min(max(eta_{t-1} * exp(-beta * (m / (1 - b1^n)) / (sqrt(v / (1 - b2^n)) + eps)),
+                    low), high)
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ class HDSlotOracle:
         self.k = 0
         self.hypergrad = 0.0
         self.applied = lr
+        self.adam_m = self.adam_v = 0.0  # hyper_optimizer="adam": moments of q, and their count
+        self.adam_n = 0
 
     def _direction(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         c = self.cfg
@@ -92,7 +100,10 @@ class HDSlotOracle:
             h = float(g_hat @ prev)
             norms = float(g_hat.norm()) * float(prev.norm())
             cosine = h / norms if norms > 0 else 0.0
-        if c.get("multiplicative", False):
+        if c.get("hyper_optimizer", "sgd") == "adam":
+            moved = self.d_prev is not None and float((self.s_prev * self.d_prev).norm()) > 0
+            new_eta = self._log_lr_adam(-h) if moved else self.eta
+        elif c.get("multiplicative", False):
             new_eta = max(self.eta * (1 + beta * cosine), 0.0)
         else:
             new_eta = max(self.eta + beta * h, 0.0)
@@ -105,3 +116,17 @@ class HDSlotOracle:
         self.s_prev = scale
         assert math.isfinite(self.eta)
         return w - scale * used * d
+
+    def _log_lr_adam(self, hypergrad: float) -> float:
+        """eta_t from the Adam step on log eta (hyper_optimizer="adam")."""
+        c = self.cfg
+        b1, b2 = c["hyper_betas"]
+        q = self.eta * hypergrad
+        self.adam_n += 1
+        self.adam_m = b1 * self.adam_m + (1 - b1) * q
+        self.adam_v = b2 * self.adam_v + (1 - b2) * q * q
+        m_hat = self.adam_m / (1 - b1**self.adam_n)
+        v_hat = self.adam_v / (1 - b2**self.adam_n)
+        eta = self.eta * math.exp(-c["hyper_lr"] * m_hat / (math.sqrt(v_hat) + c["hyper_eps"]))
+        low, high = c["lr_bounds"]
+        return min(max(eta, low), high)
