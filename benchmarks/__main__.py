@@ -34,8 +34,9 @@ from benchmarks.report import environment, write_report
 
 RESULTS = Path(__file__).parent / "results"
 EXPERIMENTS = ("robustness", "toys", "schedulers", "overhead", "marthe")
-# Overhead on CPU: every size x count fits the budget; add (size, count) pairs here to skip some.
-CPU_SKIP: tuple[tuple[int, int], ...] = ()
+# The overhead configurations (total parameters, tensors) of the default run (the README's
+# columns; the steady loop runs at 10M x 100 too); --full times every size x count.
+OVERHEAD_DEFAULT = ((1_000_000, 10), (10_000_000, 100), (10_000_000, 1000), (50_000_000, 10))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument(
         "--full",
         action="store_true",
-        help="paper-scale robustness study: every task, 5 seeds, 4x the epochs (hours on a CPU)",
+        help="paper-scale robustness study (every task, 5 seeds, 4x the epochs) and every "
+        "overhead configuration (hours on a CPU)",
     )
     parser.add_argument("--out", type=Path, help=f"output directory (default {RESULTS})")
     parser.add_argument(
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     written: list[Path] = []
     if "toys" in selected:
-        written += toys.write_toys(toys.run_toys(steps=50 if args.quick else toys.STEPS), args.out)
+        result = toys.run_toys(steps=50 if args.quick else toys.STEPS, workers=args.workers)
+        written += toys.write_toys(result, args.out)
     if "schedulers" in selected:
         cfg = schedulers.QUICK if args.quick else schedulers.SchedulerConfig()
         written += schedulers.write_schedulers(schedulers.run_schedulers(cfg, args.workers),
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
                 args.device, sizes=(1_000_000,), counts=(10, 1000), min_time_s=0.3
             )
         else:
-            skip = CPU_SKIP if args.device == "cpu" else ()
+            every = [(size, count) for size in overhead.SIZES for count in overhead.COUNTS]
+            skip = () if args.full else tuple(c for c in every if c not in OVERHEAD_DEFAULT)
             result = overhead.run_overhead(args.device, skip=skip)
         written += write_overhead(result, args.out)
     if "marthe" in selected:

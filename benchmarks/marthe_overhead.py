@@ -57,10 +57,10 @@ class MartheConfig:
     n_batches: int = 16  # distinct synthetic batches, cycled
     warmup: int = 5
     steps: tuple[tuple[str, int], ...] = (("mlp", 40), ("cnn", 25))
-    repeats: int = 5  # round-robin rounds (blocks of ``steps`` steps per method)
+    repeats: int = 3  # round-robin rounds (blocks of ``steps`` steps per method)
     min_repeats: int = 2
     # No new round after this many seconds (past min_repeats): keeps a loaded machine in budget.
-    max_seconds_per_model: float = 60.0
+    max_seconds_per_model: float = 20.0
     seed: int = 0
 
 

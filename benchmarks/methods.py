@@ -373,9 +373,7 @@ AMORTISED_SETTINGS: dict[str, dict[str, Any]] = {
     "HVP every 2": dict(hvp_every=2),
     "HVP every 4": dict(hvp_every=4),
     "HVP every 8": dict(hvp_every=8),
-    "HVP on 1/2 batch": dict(hvp_fraction=0.5),
     "HVP on 1/4 batch": dict(hvp_fraction=0.25),
-    "HVP every 4 on 1/4 batch": dict(hvp_every=4, hvp_fraction=0.25),
     "forward difference": dict(hvp="forward_difference"),
 }
 AMORTISED: tuple[Method, ...] = tuple(

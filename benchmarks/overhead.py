@@ -323,7 +323,7 @@ def run_overhead(
     device: str = "cpu",
     sizes: tuple[int, ...] = SIZES,
     counts: tuple[int, ...] = COUNTS,
-    min_time_s: float = 3.0,
+    min_time_s: float = 1.5,
     skip: tuple[tuple[int, int], ...] = (),
     steady: tuple[int, int] | None = STEADY,
     families: tuple[str, ...] = FAMILIES,

@@ -61,8 +61,8 @@ TASKS = {
     "digits-cnn": Task("digits-cnn", "digits", "cnn", 10, 64),
     "mnist-cnn": Task("mnist-cnn", "mnist", "cnn", 5, 128),
     "digits-logreg": Task("digits-logreg", "digits", "logreg", 10, 64),
-    # 218 steps of 32 windows of 32 characters: 30% of an epoch of the training text.
-    "text-gpt": Task("text-gpt", "text", "gpt", 0.3, 32),
+    # 145 steps of 32 windows of 32 characters: 20% of an epoch of the training text.
+    "text-gpt": Task("text-gpt", "text", "gpt", 0.2, 32),
 }
 
 
@@ -104,7 +104,7 @@ class BenchConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     epoch_scale: float = 1.0
     lr_points: int = 4  # how many of each grid's initial LRs (all 4 = three decades)
-    log_points: int = 40  # logged train-loss / LR points per run
+    log_points: int = 20  # logged train-loss / LR / validation points per run
 
     def shared(self) -> dict[str, Any]:
         """What a run's result depends on besides its task, method, LR and seed (which name its

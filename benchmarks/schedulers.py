@@ -45,7 +45,7 @@ class Task:
 
 
 TASKS = (
-    Task("mnist-mlp", "mnist", "mlp", epochs=15, batch_size=100),
+    Task("mnist-mlp", "mnist", "mlp", epochs=10, batch_size=100),
     Task("digits-logreg", "digits", "logreg", epochs=30, batch_size=64),
 )
 LR_METHODS = ("fixed", "step", "cosine", "TLR", "fixed, plain SGD", "TLR, plain SGD")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 import hyperlr_ext as hx
+from benchmarks.pool import run_all
 
 STEPS = 500
 BETAS = (1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 1e-4, 5e-4, 1e-3, 1e-2, 1e-1)
@@ -77,14 +78,23 @@ def run_one(name: str, mu: str | float, beta: float, steps: int = STEPS,
     }  # fmt: skip
 
 
-def run_toys(steps: int = STEPS, betas: tuple[float, ...] = BETAS) -> dict[str, Any]:
-    runs = [
-        run_one(fn, mu, beta, steps, lr0)
+def _run(item: tuple[str, str | float, float, int, float]) -> dict[str, Any]:
+    return run_one(*item)
+
+
+def run_toys(steps: int = STEPS, betas: tuple[float, ...] = BETAS,
+             workers: int = 1) -> dict[str, Any]:  # fmt: skip
+    """Every run, ``workers`` at a time (benchmarks/pool.py; nothing here is timed)."""
+    items = [
+        (fn, mu, beta, steps, lr0)
         for fn in FUNCTIONS
         for lr0 in initial_lrs(fn)
         for mu in METHODS.values()
         for beta in betas
     ]
+    runs: list[Any] = [None] * len(items)
+    for index, result in run_all(_run, items, workers):
+        runs[index] = result
     return {"steps": steps, "betas": list(betas), "bukin_eps": BUKIN_EPS, "runs": runs}
 
 

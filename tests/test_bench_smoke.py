@@ -46,6 +46,8 @@ def test_tiny_run_report_and_resume(tmp_path, monkeypatch):
     for m in logreg:
         assert f"| {m.name} | {m.family} |" in headline
     assert "### digits-logreg" in md and "## Extra section" in md
+    preset = md.split("## The robust preset against the learning-rate-free optimizers", 1)[1]
+    assert "| digits-logreg | Adam-HD robust: **" in preset and "Target: " in preset
     data = json.loads((out / "report.json").read_text())
     assert set(data) == {"environment", "config", "summary", "time_to_target", "runs"}
     assert all(len(r["val"]) == len(r["val_steps"]) == len(r["train_loss"]) for r in results)
@@ -54,6 +56,24 @@ def test_tiny_run_report_and_resume(tmp_path, monkeypatch):
     for name in ("report_robustness.png", "report_loss_digits-logreg.png",
                  "report_lr_digits-logreg.png"):  # fmt: skip
         assert (out / name).stat().st_size > 1000
+
+
+def test_worker_processes_train_the_same_runs(tmp_path):
+    """Two spawned workers give every run the result one process gives (only the timings and
+    the thread count may differ)."""
+    cfg = robustness.BenchConfig(tasks=("digits-logreg",), seeds=(0, 1), epoch_scale=0.1,
+                                 lr_points=1, log_points=5)  # fmt: skip
+    runs = [("digits-logreg", name, 0.01, seed) for name in ("Adam-HD robust", "Adam")
+            for seed in (0, 1)]  # fmt: skip
+    one = robustness.run_benchmark(cfg, "cpu", tmp_path / "a", progress=False, runs=runs)
+    two = robustness.run_benchmark(cfg, "cpu", tmp_path / "b", progress=False, runs=runs,
+                                   workers=2)  # fmt: skip
+    timed = {"seconds_per_epoch", "seconds_per_step", "val_seconds", "torch_threads"}
+    for a, b in zip(one, two):
+        assert {k: v for k, v in a.items() if k not in timed} == {
+            k: v for k, v in b.items() if k not in timed
+        }
+    assert [r["method"] for r in two] == [name for _, name, _, _ in runs]
 
 
 def test_amortised_marthe_study(tmp_path):
