@@ -45,21 +45,28 @@ def fixed_lr(name: str) -> float:
     return method(name).lrs[1]
 
 
-def run_beta_axis(cfg: BenchConfig, device: str, cache_root: Path = CACHE, fresh: bool = False,
-                  progress: bool = True, workers: int = 1) -> dict[str, Any]:  # fmt: skip
-    """The beta-axis runs on the tasks of ``cfg`` among BETA_TASKS (the first task of ``cfg``
-    when none is), and the initial-LR axis of the same methods from the main study."""
-    tasks = tuple(t for t in cfg.tasks if t in BETA_TASKS) or cfg.tasks[:1]
-    runs = [
+def _tasks(cfg: BenchConfig) -> tuple[str, ...]:
+    return tuple(t for t in cfg.tasks if t in BETA_TASKS) or cfg.tasks[:1]
+
+
+def beta_runs(cfg: BenchConfig) -> list[tuple[str, str, float, int, float]]:
+    """The runs of the beta axis: (task, method, its fixed initial LR, seed, hyper-LR scale)."""
+    return [
         (task, name, fixed_lr(name), seed, scale)
-        for task in tasks
+        for task in _tasks(cfg)
         for name in axis_methods(task, cfg)
         for scale in SCALES
         for seed in cfg.seeds[:BETA_SEEDS]
     ]
-    results = run_benchmark(
-        cfg, device, cache_root, fresh=fresh, progress=progress, runs=runs, workers=workers
-    )
+
+
+def run_beta_axis(cfg: BenchConfig, device: str, cache_root: Path = CACHE, fresh: bool = False,
+                  progress: bool = True, workers: int = 1) -> dict[str, Any]:  # fmt: skip
+    """The beta-axis runs on the tasks of ``cfg`` among BETA_TASKS (the first task of ``cfg``
+    when none is), and the initial-LR axis of the same methods from the main study."""
+    tasks = _tasks(cfg)
+    results = run_benchmark(cfg, device, cache_root, fresh=fresh, progress=progress,
+                            runs=beta_runs(cfg), workers=workers)  # fmt: skip
     rows = []
     for task in tasks:
         metric = TASKS[task].metric

@@ -47,7 +47,7 @@ EXACT = "exact (HVP every step)"
 ERROR_SETTINGS: dict[str, dict[str, Any]] = {EXACT: {}, **AMORTISED_SETTINGS}
 ERROR_LR, ERROR_STEPS, ERROR_MOMENTUM = 0.1, 100, 0.9
 # The side-by-side step timing: rounds of one block of steps per method, at a middle LR.
-ROUNDS, BLOCK, TIMING_LR = 8, 16, 0.1
+ROUNDS, BLOCK, TIMING_LR = 6, 16, 0.1
 
 
 def _kwargs_and_fraction(setting: dict[str, Any]) -> tuple[dict[str, Any], float | None]:

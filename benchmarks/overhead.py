@@ -279,8 +279,8 @@ def steady_rows(
     total: int,
     count: int,
     device: torch.device,
-    steps: int = 21,
-    repeats: int = 5,
+    steps: int = 11,
+    repeats: int = 3,
     families: tuple[str, ...] = FAMILIES,
 ) -> list[dict]:
     """Every variant of ``families`` timed in a steady loop (one optimizer stepped ``steps`` times
@@ -293,7 +293,8 @@ def steady_rows(
     timer, rows, optimizers = Timer(device), [], []
     for v in variants(families):
         row = {"total_params": total, "n_tensors": count, "variant": v.name, "impl": v.impl,
-               "family": v.family, "bytes_per_elem": v.bytes_per_elem, "loops_ms": []}  # fmt: skip
+               "family": v.family, "bytes_per_elem": v.bytes_per_elem, "loop_steps": steps,
+               "loops_ms": []}  # fmt: skip
         rows.append(row)
         try:
             optimizer = v.make(params)

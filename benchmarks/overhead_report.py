@@ -170,14 +170,17 @@ def markdown(result: dict[str, Any]) -> str:
     targets = target_lines(rows) + target_lines(result.get("steady", []), "steady loop")
     if targets:
         total, count = TARGET_CONFIG
+        steady = result.get("steady", [])
+        turns = max((len(r.get("loops_ms", [])) for r in steady), default=0)
+        steps = max((r.get("loop_steps", 21) for r in steady), default=0)
         lines += [
             "",
             f"## Targets: fused, {_fmt_size(total)} params in {count} tensors, vs torch fused",
             "",
             "Round-robin: the median step of the table below. Steady loop: one optimizer "
-            "stepped 21 times in a row after 3 warm-up steps, as a training loop runs it "
+            f"stepped {steps} times in a row after 3 warm-up steps, as a training loop runs it "
             "(torch's own step is then not slowed by another optimizer evicting its state), "
-            "the median step; the variants' loops take turns five times, the time is the "
+            f"the median step; the variants' loops take turns {turns} times, the time is the "
             "median loop and the ratio the median over the turns of ours / torch's loop of "
             "the same turn.",
             "",

@@ -19,7 +19,7 @@ PRESET = {"image": "Adam-HD robust", "gpt": "AdamW-HD robust"}
 # (hyper_optimizer="sgd", additive and multiplicative) of the same optimizer.
 ALSO = {
     "image": ("SGD-HD robust", "Adam-HD", "Adam-HD (mult)", "SGD-HD"),
-    "gpt": ("Adam-HD robust", "AdamW-HD", "AdamW-HD (mult)"),
+    "gpt": ("AdamW-HD", "AdamW-HD (mult)"),
 }
 LR_FREE = ("Prodigy", "D-Adapt Adam")
 TIME_LIMIT = 1.3

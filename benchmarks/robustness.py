@@ -34,9 +34,9 @@ from benchmarks.text import CharGPT, load_text
 
 CACHE = Path(__file__).parent / ".cache"
 # The fields of a run's result (2: seconds_per_step; 3: the validation curve; 4: torch_threads,
-# runs trained in parallel workers); a new one reruns all.
-RESULT_FORMAT = 4
-VAL_EVAL = 256  # validation examples evaluated at each log point (the time-to-target curve)
+# runs trained in parallel workers; 5: the language model's validation points on 128 windows);
+# a new one reruns all.
+RESULT_FORMAT = 5
 
 
 # ---------------------------------------------------------------------- tasks
@@ -47,6 +47,9 @@ class Task:
     model: str  # "logreg" | "mlp" | "cnn" | "gpt"
     epochs: float  # under 1: the first part of one epoch
     batch_size: int
+    # Validation examples evaluated at each log point (the time-to-target curve): the first
+    # ones of the validation split.
+    val_examples: int = 256
 
     @property
     def metric(self) -> str:
@@ -61,8 +64,9 @@ TASKS = {
     "digits-cnn": Task("digits-cnn", "digits", "cnn", 10, 64),
     "mnist-cnn": Task("mnist-cnn", "mnist", "cnn", 5, 128),
     "digits-logreg": Task("digits-logreg", "digits", "logreg", 10, 64),
-    # 145 steps of 32 windows of 32 characters: 20% of an epoch of the training text.
-    "text-gpt": Task("text-gpt", "text", "gpt", 0.2, 32),
+    # 145 steps of 32 windows of 32 characters: 20% of an epoch of the training text; its
+    # validation points on 128 windows (4,096 characters), as costly as 2 training steps.
+    "text-gpt": Task("text-gpt", "text", "gpt", 0.2, 32, val_examples=128),
 }
 
 
@@ -160,10 +164,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 def validation_point(task: Task, model: nn.Module, trainer: Any,
                      data: dict[str, torch.Tensor]) -> float:  # fmt: skip
-    """The task's metric on the first VAL_EVAL validation examples, in the weights the method
-    would evaluate (schedule-free: its averaged iterate); NaN when not finite."""
+    """The task's metric on its first ``val_examples`` validation examples, in the weights the
+    method would evaluate (schedule-free: its averaged iterate); NaN when not finite."""
     trainer.eval_mode()
-    accuracy, loss = evaluate(model, data["x_val"][:VAL_EVAL], data["y_val"][:VAL_EVAL])
+    n = task.val_examples
+    accuracy, loss = evaluate(model, data["x_val"][:n], data["y_val"][:n])
     value = accuracy if task.metric == "accuracy" else loss
     return value if math.isfinite(loss) else float("nan")
 
@@ -245,13 +250,13 @@ Run = tuple  # (task, method, initial LR, seed[, hyper-LR scale]): one training 
 
 
 def _cache_path(cache_dir: Path, run: Run) -> Path:
-    task, name, lr, seed, scale = _unpack(run)
+    task, name, lr, seed, scale = unpack_run(run)
     slug = name.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "-")
     beta = "" if scale == 1.0 else f"__beta{scale:g}"
     return cache_dir / f"{task}__{slug}__{lr:g}__{seed}{beta}.json"
 
 
-def _unpack(run: Run) -> tuple[str, str, float, int, float]:
+def unpack_run(run: Run) -> tuple[str, str, float, int, float]:
     """A run's fields; the hyper-LR scale (the beta axis) is 1 unless given."""
     return (*run, 1.0) if len(run) == 4 else tuple(run)
 
@@ -266,7 +271,7 @@ class _Runner:
         self.warm: set[str] = set()
 
     def __call__(self, run: Run) -> dict[str, Any]:
-        task_name, name, lr, seed, scale = _unpack(run)
+        task_name, name, lr, seed, scale = unpack_run(run)
         task = TASKS[task_name]
         if task.data not in self.data:
             self.data[task.data] = load_data(task.data, self.device)

@@ -1,15 +1,15 @@
 """Time to target (AlgoPerf's measure) over the robustness study's runs, and the performance
 profile across tasks.
 
-Each run records its validation metric (the first ``VAL_EVAL`` validation examples) at its log
-points, with the training steps and seconds spent so far (evaluation excluded). A task's
-target is what its time reference (torch SGD with momentum, AdamW for the language model)
-reaches at the end at its best initial LR, mean of the seeds, relaxed by ``SLACK`` (accuracy
-times 0.99, loss times 1.02). A method's time to target on a task is taken at its best initial
-LR (what tuning gets; the methods without an LR have one run per seed): the median over the
-seeds that reach the target, and "not reached" unless most seeds do. The performance profile
-gives, for every method, the fraction of tasks on which it reaches the target within tau times
-the fastest method's time.
+Each run records its validation metric (the task's first ``val_examples`` validation examples)
+at its log points, with the training steps and seconds spent so far (evaluation excluded). A
+task's target is what its time reference (torch SGD with momentum, AdamW for the language
+model) reaches at the end at its best initial LR, mean of the seeds, relaxed by ``SLACK``
+(accuracy times 0.99, loss times 1.02). A method's time to target on a task is taken at its
+best initial LR (what tuning gets; the methods without an LR have one run per seed): the
+median over the seeds that reach the target, and "not reached" unless most seeds do. The
+performance profile gives, for every method, the fraction of tasks on which it reaches the
+target within tau times the fastest method's time.
 """
 
 from __future__ import annotations
