@@ -391,18 +391,11 @@ PRESET_ALPHAS = (0.03, 0.1, 0.3)
 PRESET_WARMUPS = (0, 10, 30)
 
 
-def _warmed(opt: torch.optim.Optimizer, warmup: int) -> Any:
-    """A linear warm-up of ``warmup`` steps from 1/warmup of the LR (None: no warm-up)."""
-    if warmup == 0:
-        return None
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-
-
 def _preset_candidate(cls, alpha: float, warmup: int, **kw: Any):
     def build(model: nn.Module, c: Context) -> Trainer:
         opt = cls(model.parameters(), lr=c.lr, hyper_optimizer="adam",
-                  hyper_lr=c.beta(alpha), **kw)  # fmt: skip
-        return Trainer(opt, "backward", _warmed(opt, warmup))
+                  hyper_lr=c.beta(alpha), lr_warmup=warmup, **kw)  # fmt: skip
+        return Trainer(opt, "backward")
 
     return build
 
