@@ -30,12 +30,37 @@ c10::IValue list(const Tensors& tensors) {
   return c10::IValue(c10::List<at::Tensor>(tensors));
 }
 
+// Calls an op boxed; the trailing arguments not given take their schema defaults (a boxed call
+// reads every argument of the schema from the stack).
 std::vector<c10::IValue> call(const std::string& name, std::vector<c10::IValue> args) {
   const c10::OperatorHandle op =
       c10::Dispatcher::singleton().findSchemaOrThrow(("hyperlr_ext_emu::" + name).c_str(), "");
+  const std::vector<c10::Argument>& schema = op.schema().arguments();
+  for (size_t i = args.size(); i < schema.size(); ++i) {
+    if (!schema[i].default_value().has_value()) {
+      cuda_emu::fail("%s: argument %s not given", name.c_str(), schema[i].name().c_str());
+    }
+    args.push_back(*schema[i].default_value());
+  }
   torch::jit::Stack stack(std::move(args));
   op.callBoxed(&stack);
   return stack;
+}
+
+// The Adam hyper-optimizer on log eta (hyper_state, hyper_adam) for `slots` LR slots, or the
+// absent pair of the additive rule.
+std::vector<c10::IValue> log_lr_adam(bool on, int64_t slots, at::ScalarType acc) {
+  if (!on) {
+    return {c10::IValue(), c10::IValue(std::vector<double>{})};
+  }
+  at::Tensor state = at::zeros({slots, 4}, acc);
+  state.narrow(1, 2, 2).fill_(1.0);  // (m, v, beta1^0, beta2^0)
+  return {state, c10::IValue(std::vector<double>{0.9, 0.999, 1e-20, 1e-8, 10.0})};
+}
+
+std::vector<c10::IValue> operator+(std::vector<c10::IValue> a, const std::vector<c10::IValue>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
 }
 
 // Sizes that reach the launcher's paths: empty, partial chunk, exactly one chunk, two chunks;
@@ -85,7 +110,7 @@ void run_multi_tensor_dot(at::ScalarType dtype, bool many) {
   }
 }
 
-void run_sgd_hd(at::ScalarType dtype, bool many, bool momentum, bool amp) {
+void run_sgd_hd(at::ScalarType dtype, bool many, bool momentum, bool amp, bool log_adam) {
   const auto sizes = layout(many);
   const size_t n = sizes.size();
   const int64_t slots = many ? static_cast<int64_t>(n) : 1;
@@ -100,16 +125,18 @@ void run_sgd_hd(at::ScalarType dtype, bool many, bool momentum, bool amp) {
   const c10::IValue grad_scale = amp ? c10::IValue(at::full({1}, 4.0)) : c10::IValue();
   const c10::IValue found_inf = amp ? c10::IValue(at::zeros({1})) : c10::IValue();
   for (const char* op : {"sgd_hd_direction_", "sgd_hd_lagged_step_"}) {
-    call(op, {list(params), list(grads), list(Tensors{}), list(buffers), list(directions),
-              ones(n), std::vector<int64_t>(n, 1), lrs, hypergrads, effective_lrs, 0.5, 0.8,
-              0.05, 0.01, momentum ? 0.9 : 0.0, 0.0, false, false, many, grad_scale,
-              found_inf});
+    call(op, std::vector<c10::IValue>{list(params), list(grads), list(Tensors{}), list(buffers),
+                                      list(directions), ones(n), std::vector<int64_t>(n, 1), lrs,
+                                      hypergrads, effective_lrs, 0.5, 0.8, 0.05, 0.01,
+                                      momentum ? 0.9 : 0.0, 0.0, false, false,
+                                      many && !log_adam, grad_scale, found_inf} +
+                 log_lr_adam(log_adam, slots, acc));
   }
   call("sgd_hd_param_step_",
        {list(params), list(momentum ? buffers : directions), effective_lrs, found_inf});
 }
 
-void run_adam_hd(at::ScalarType dtype, bool many, bool amsgrad, bool amp) {
+void run_adam_hd(at::ScalarType dtype, bool many, bool amsgrad, bool amp, bool log_adam) {
   const auto sizes = layout(many);
   const size_t n = sizes.size();
   const int64_t slots = many ? static_cast<int64_t>(n) : 1;
@@ -126,9 +153,12 @@ void run_adam_hd(at::ScalarType dtype, bool many, bool amsgrad, bool amp) {
   const c10::IValue grad_scale = amp ? c10::IValue(at::full({1}, 4.0)) : c10::IValue();
   const c10::IValue found_inf = amp ? c10::IValue(at::zeros({1})) : c10::IValue();
   for (const char* op : {"adam_hd_moments_", "adam_hd_lagged_step_"}) {
-    call(op, {list(params), list(grads), list(grads), list(exp_avgs), list(exp_avg_sqs),
-              list(max_sqs), steps, ones(n), lrs, hypergrads, effective_lrs, 0.5, 0.8, 1e-4,
-              0.9, 0.99, 1e-8, 0.01, !amsgrad, amsgrad, false, many, grad_scale, found_inf});
+    call(op, std::vector<c10::IValue>{list(params), list(grads), list(grads), list(exp_avgs),
+                                      list(exp_avg_sqs), list(max_sqs), steps, ones(n), lrs,
+                                      hypergrads, effective_lrs, 0.5, 0.8, 1e-4, 0.9, 0.99, 1e-8,
+                                      0.01, !amsgrad, amsgrad, false, many && !log_adam,
+                                      grad_scale, found_inf} +
+                 log_lr_adam(log_adam, slots, acc));
   }
   call("adam_hd_param_step_", {list(params), list(exp_avgs),
                                list(amsgrad ? max_sqs : exp_avg_sqs), steps, effective_lrs, 0.9,
@@ -215,9 +245,11 @@ int main(int argc, char** argv) {
   for (at::ScalarType dtype : dtypes) {
     for (bool many : layouts) {
       run_multi_tensor_dot(dtype, many);
-      run_sgd_hd(dtype, many, /*momentum=*/many, /*amp=*/!many);
-      run_sgd_hd(dtype, many, /*momentum=*/!many, /*amp=*/many);
-      run_adam_hd(dtype, many, /*amsgrad=*/many, /*amp=*/!many);
+      run_sgd_hd(dtype, many, /*momentum=*/many, /*amp=*/!many, /*log_adam=*/false);
+      run_sgd_hd(dtype, many, /*momentum=*/!many, /*amp=*/many, /*log_adam=*/false);
+      run_sgd_hd(dtype, many, /*momentum=*/true, /*amp=*/many, /*log_adam=*/true);
+      run_adam_hd(dtype, many, /*amsgrad=*/many, /*amp=*/!many, /*log_adam=*/false);
+      run_adam_hd(dtype, many, /*amsgrad=*/false, /*amp=*/!many, /*log_adam=*/true);
       run_tangent(dtype, many, /*adam=*/false, /*amp=*/many);
       run_tangent(dtype, many, /*adam=*/true, /*amp=*/!many);
       run_tlr(dtype, many);
