@@ -249,14 +249,13 @@ void run_cpu(AdamHdMode mode, const AdamHdArgs& a) {
   }
 
   const bool objective = !t.objective_grads.empty();
+  const bool norms = math::reads_norms(rule);
   const auto chunk_pass = [&](const cpu::ChunkRef& chunk, LaneSums<acc_t>& lanes) {
     const ChunkData<scalar_t> c = chunk_data<scalar_t>(t, chunk, a);
     if (lagged) {
-      moments_chunk<true>(objective, rule.multiplicative || rule.adam, a.amsgrad, c, chunk.size,
-                          settings_of(chunk), lanes);
+      moments_chunk<true>(objective, norms, a.amsgrad, c, chunk.size, settings_of(chunk), lanes);
     } else {
-      moments_chunk<false>(objective, rule.multiplicative || rule.adam, a.amsgrad, c, chunk.size,
-                           settings_of(chunk), lanes);
+      moments_chunk<false>(objective, norms, a.amsgrad, c, chunk.size, settings_of(chunk), lanes);
     }
   };
   cpu::reduce_chunks(list, chunk_pass, a.lrs, a.hypergrads, a.effective_lrs, rule,

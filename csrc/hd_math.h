@@ -197,6 +197,13 @@ struct HdRuleSettings {
   LogLrAdamSettings<acc_t> adam_settings;
 };
 
+// Whether the rule reads the squared norms |g^|^2 and |d_{t-1}|^2 of the reduction: the
+// multiplicative rule divides by them, the Adam step on log eta skips a slot whose |d_{t-1}| is 0.
+template <typename acc_t>
+HYPERLR_INLINE bool reads_norms(const HdRuleSettings<acc_t>& r) {
+  return r.multiplicative || r.adam;
+}
+
 // ---- Deterministic exponential -----------------------------------------------------------------
 // e^x in double from exact operations (floor, ldexp) and the correctly rounded add_rn / mul_rn
 // only, so that the host and the device (whose exp differ in the last bits) give the same bits:

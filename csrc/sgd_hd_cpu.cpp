@@ -192,16 +192,15 @@ void run_cpu(SgdHdMode mode, const SgdHdArgs& a) {
     }
   }
   const bool objective = !t.objective_grads.empty();
+  const bool norms = math::reads_norms(rule);
   const auto chunk_pass = [&](const cpu::ChunkRef& chunk, LaneSums<acc_t>& lanes) {
     const ChunkData<scalar_t> c = chunk_data<scalar_t>(t, chunk, a);
     PassSettings<acc_t> chunk_ps = ps;
     chunk_ps.lr = applied[single_slot ? 0 : chunk.tensor];
     if (lagged) {
-      direction_chunk<true>(state, objective, rule.multiplicative || rule.adam, c, chunk.size, chunk_ps,
-                            lanes);
+      direction_chunk<true>(state, objective, norms, c, chunk.size, chunk_ps, lanes);
     } else {
-      direction_chunk<false>(state, objective, rule.multiplicative || rule.adam, c, chunk.size, chunk_ps,
-                             lanes);
+      direction_chunk<false>(state, objective, norms, c, chunk.size, chunk_ps, lanes);
     }
   };
   cpu::reduce_chunks(list, chunk_pass, a.lrs, a.hypergrads, a.effective_lrs, rule,

@@ -93,8 +93,7 @@ def _lr_scale(group: dict[str, Any]) -> float:
         )
     initial = group.get("initial_lr", lr)
     scale = 1.0 if initial == 0 else lr / initial
-    warmup = group_warmup_factor(group)
-    return scale if warmup == 1.0 else scale * warmup
+    return scale * group_warmup_factor(group)
 
 
 def _initial_lr(group: dict[str, Any]) -> float:
@@ -347,8 +346,7 @@ class HDOptimizer(LRLearner):
 
     def _finish_group(self, group: dict[str, Any], indices: list[int], lr_scale: float) -> None:
         group["hd_prev_scale"] = lr_scale
-        if group.get("lr_warmup", 0) > group.get("warmup_steps_done", 0):
-            count_warmup_step(group)
+        count_warmup_step(group, group.get("lr_warmup", 0))
         if len(indices) == len(group["params"]):  # every tensor stepped: none is stale
             group["hd_stale"] = []
             return

@@ -161,10 +161,12 @@ def group_warmup_factor(group: dict[str, Any]) -> float:
     return warmup_factor(group.get("lr_warmup", 0), group.get("warmup_steps_done", 0))
 
 
-def count_warmup_step(state: dict[str, Any]) -> None:
-    """One more step for the warm-up of ``state`` (a param group, or HyperLR's group state with
-    ``lr_warmup`` given apart); nothing once it is over."""
-    state["warmup_steps_done"] = state.get("warmup_steps_done", 0) + 1
+def count_warmup_step(state: dict[str, Any], lr_warmup: int) -> None:
+    """One more step for the warm-up of ``lr_warmup`` steps counted in ``state`` (a param group,
+    or HyperLR's group state); nothing once it is over."""
+    done = state.get("warmup_steps_done", 0)
+    if done < lr_warmup:
+        state["warmup_steps_done"] = done + 1
 
 
 def log_lr_adam(group: dict[str, Any], states: list[Tensor]) -> LogLrAdam | None:

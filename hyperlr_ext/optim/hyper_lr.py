@@ -430,8 +430,7 @@ class HyperLR:
             self._pending[index] = None
             state = self.groups[index]
             self._restore_lr(group, pending)
-            if state["warmup_steps_done"] < self.hyper["lr_warmup"]:
-                count_warmup_step(state)
+            count_warmup_step(state, self.hyper["lr_warmup"])
             applied, found_inf = pending["applied"], pending["found_inf"]
             if found_inf is None:
                 state["prev_lr"] = applied.clone()

@@ -390,8 +390,7 @@ class MARTHE(LRLearner):
             group["effective_lr"].copy_(group["learned_lr"] * lr_scale)
             guard.restore()
             group["hd_prev_scale"] = lr_scale
-            if group.get("lr_warmup", 0) > group.get("warmup_steps_done", 0):
-                count_warmup_step(group)
+            count_warmup_step(group, group.get("lr_warmup", 0))
 
     def _inner_step(self, group, params, grads, hvps, states, lr_scale, started, implementation,
                     found_inf):  # fmt: skip
